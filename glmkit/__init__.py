@@ -1,0 +1,23 @@
+"""glmkit: the GLM model lineage, built piece by piece.
+
+GLM-2021 blank infilling → GLM-130B / ChatGLM → GLM-4 → GLM-4.5 MoE → MLA and DSA (GLM-5) → DeltaNet
+hybrids → multi-token prediction. Each lesson in ``lessons/`` teaches one module of this package, and
+each module has a plain-torch reference that its Triton kernel (in ``glmkit.kernels``) is tested against.
+
+Modules so far:
+    glmkit.tokenizer        byte-level tokenizer with GLM's special tokens
+    glmkit.corpus           the built-in corpus (no download) and loading your own text
+    glmkit.blank_infilling  GLM's objective: span sampling, Part A / Part B, 2D positions, the mask
+    glmkit.attention        attention under the GLM mask: the torch reference and the kernel dispatch
+    glmkit.models.glm2021   the GLM-2021 transformer and its presets
+    glmkit.train            training loop: progress bar, live loss plot, safetensors checkpoints, resume
+    glmkit.generate         filling blanks and [gMASK] generation
+    glmkit.backend          which attention implementation runs, and how to override it
+    glmkit.doctor           `python -m glmkit doctor`: is this machine ready for the course?
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from glmkit.backend import get_backend, set_backend, use_backend  # noqa: E402,F401

@@ -1,0 +1,97 @@
+"""Which implementation runs: the Triton kernels or the plain-torch path.
+
+The rule is the one the course promises: on a CUDA tensor glmkit uses its Triton kernel, anywhere else
+the torch path. The choice is visible (``get_backend()``, ``describe()``) and can be overridden:
+
+    glmkit.set_backend("torch")            # everywhere, from now on
+    with glmkit.use_backend("triton"): ... # inside a block only (on CPU: the Triton interpreter)
+    GLMKIT_BACKEND=torch python train.py   # from the environment
+
+"auto" (the default) picks "triton" for CUDA tensors and "torch" otherwise. "triton" on CPU tensors runs
+the kernels under the Triton interpreter, which is slow but exact: the lessons use it at small sizes to
+show that the very same kernel runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, Literal
+
+import torch
+
+Backend = Literal["auto", "torch", "triton"]
+_VALID = ("auto", "torch", "triton")
+_backend: str = os.environ.get("GLMKIT_BACKEND", "auto").strip().lower() or "auto"
+if _backend not in _VALID:
+    raise ValueError(f"GLMKIT_BACKEND={_backend!r} is not one of {_VALID}")
+
+
+def set_backend(name: Backend) -> None:
+    """Set the backend for every later call: "auto", "torch" or "triton"."""
+    global _backend
+    if name not in _VALID:
+        raise ValueError(f"backend must be one of {_VALID}, got {name!r}")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("backend 'triton' asked for, but triton is not installed: " + TRITON_FIX)
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend setting ("auto", "torch" or "triton")."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: Backend) -> Iterator[None]:
+    """Use a backend inside a ``with`` block, then restore the previous one."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+TRITON_FIX = (
+    "pip install 'triton>=3.6,<3.7' (Linux x86-64; CUDA builds of torch already bring their own). "
+    "Without it the torch path runs everywhere and the kernels are skipped."
+)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve(t: torch.Tensor) -> str:
+    """The backend that actually runs for tensor ``t``: "torch" or "triton"."""
+    if _backend == "torch" or not triton_available():
+        return "torch"
+    if _backend == "triton":
+        return "triton"
+    return "triton" if t.is_cuda else "torch"
+
+
+def describe() -> str:
+    """One line saying what runs where, for notebooks and logs."""
+    if not triton_available():
+        return "backend: torch everywhere (triton not installed)"
+    mode = "interpreter (CPU)" if interpreter_active() else "native"
+    cuda = torch.cuda.is_available()
+    where = {
+        "auto": "Triton kernels on CUDA tensors, torch elsewhere",
+        "torch": "torch everywhere (kernels off)",
+        "triton": "Triton kernels for every tensor",
+    }[_backend]
+    return f"backend={_backend}: {where}; CUDA {'available' if cuda else 'not available'}; triton mode: {mode}"

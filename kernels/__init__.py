@@ -1,0 +1,21 @@
+"""glmkit.kernels: the course's Triton kernels.
+
+Installed as ``glmkit.kernels`` (the folder is ``kernels/`` at the top of the repository). Each kernel
+module has a plain-torch reference elsewhere in glmkit and a test against it.
+
+On a machine without CUDA, importing this package switches Triton to its CPU interpreter
+(TRITON_INTERPRET=1) unless the variable is already set, so the same kernels run on a laptop, slowly.
+That has to happen before ``triton.jit`` decorates the kernels, which is why it happens here.
+
+    primer         lesson 00: a first kernel (fused scale-and-add), to learn the programming model
+    glm_attention  lesson 01: flash attention forward under the GLM blank-infilling mask
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
