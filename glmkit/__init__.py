@@ -21,3 +21,26 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from glmkit.backend import get_backend, set_backend, use_backend  # noqa: E402,F401
+
+
+def _map_kernels_folder() -> None:
+    """From a source checkout that was not pip-installed (e.g. ``PYTHONPATH=.`` on a GPU box), the
+    installed mapping of ``kernels/`` onto ``glmkit.kernels`` does not exist: set it up by hand."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    if importlib.util.find_spec("glmkit.kernels") is not None:
+        return
+    folder = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "glmkit.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["glmkit.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_map_kernels_folder()
