@@ -1,0 +1,40 @@
+"""Graded exercises: author, validate, release, self-check, autograde — with untrusted student code.
+
+Commands (``python -m glmkit.grading <command> --help`` for each; ``glmkit.grading.main(argv)``)::
+
+    validate   every master solution passes all its public and hidden checks; every stub fails them
+    release    the student version (stubs, public checks, notebook) into a folder, verified leak-free
+    check      a learner's self-check: the public checks, saying plainly that hidden ones come later
+    autograde  a folder of submissions -> gradebook.csv + one feedback file per student
+
+How it differs from nbgrader/otter (shared/reference/course-anchors.md §1.10-1.11): checks are Python
+functions beside their points, time limit and teaching message; the student's code runs in its own
+sandboxed process and only *answers* (plain data) cross back, so hidden checks' source, inputs and
+expected values never reach the student, and comparisons cannot be monkeypatched from student code; the
+self-check never says "all tests passed" without saying that hidden checks remain. No Docker.
+
+The pieces: :mod:`.api` (Check, Ctx — what a checks file is written with), :mod:`.exercise` (folders,
+solution markers, finding a student's file), :mod:`.sandbox` (the student process and its limits),
+:mod:`.runner` (running checks), :mod:`.commands` (the CLI). See docs/instructor-guide.md.
+"""
+
+from __future__ import annotations
+
+from glmkit.grading.api import Check, CheckFailed, Ctx  # noqa: F401
+from glmkit.grading.exercise import load_sibling  # noqa: F401
+
+
+def main(argv=None) -> int:
+    """The command-line tool; returns the exit status."""
+    from glmkit.grading.commands import main as _main
+
+    return _main(argv)
+
+
+def self_check(path=None, *, seed=None) -> bool:
+    """Run the public checks of the exercise in ``path`` (default: the current folder, i.e. the
+    notebook's) on the *saved* student file, print a report, and return True if all public checks pass.
+    Hidden checks are run only when the work is graded."""
+    from glmkit.grading.commands import self_check as _self_check
+
+    return _self_check(path, seed=seed)

@@ -1,0 +1,2 @@
+def part_a_b(tokens, spans, order:
+    return tokens

@@ -1,0 +1,4 @@
+import sys
+
+x = 1
+sys.exit(0)
