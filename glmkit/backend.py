@@ -21,6 +21,12 @@ from typing import Iterator, Literal
 
 import torch
 
+# Without CUDA, Triton kernels can only run under its CPU interpreter, and triton decides interpreter vs
+# compiler when a kernel is decorated. So the switch is set here, before anything in glmkit imports triton
+# (kernels/__init__.py does the same for code that imports glmkit.kernels directly).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 Backend = Literal["auto", "torch", "triton"]
 _VALID = ("auto", "torch", "triton")
 _backend: str = os.environ.get("GLMKIT_BACKEND", "auto").strip().lower() or "auto"
