@@ -28,7 +28,8 @@ Two implementations live here:
   flash-attention kernel (``glmkit.kernels.glm_attention``) for CUDA tensors, or anywhere the backend is
   forced to "triton" (on CPU: the Triton interpreter, slow but exact), and otherwise torch's
   ``F.scaled_dot_product_attention`` with the boolean mask. ``attention_path`` says which one a call
-  would take.
+  would take. On the Triton path gradients come from the flash-attention backward kernels
+  (``glmkit.kernels.glm_attention_bwd``) through the autograd op ``GLMAttentionFunction``.
 
 Shapes: q ``[B, H, T, D]``, k/v ``[B, H_kv, T, D]`` with ``H % H_kv == 0`` (grouped-query attention:
 query head h reads key/value head ``h // (H // H_kv)``; ``H_kv == H`` is ordinary multi-head attention),
@@ -128,14 +129,42 @@ def _grad_needed(*tensors: torch.Tensor) -> bool:
 
 
 def attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """Which implementation ``glm_attention(q, k, v, ...)`` would run: "triton", "torch", or
-    "torch (autograd fallback)" when the backend says triton but gradients are needed (the kernel is
-    forward-only until the backward lesson)."""
+    """Which implementation ``glm_attention(q, k, v, ...)`` would run: "triton" (the flash-attention
+    forward kernel, and when autograd needs gradients — grad mode on and any of q/k/v requiring grad —
+    also the backward kernels, through ``GLMAttentionFunction``) or "torch" (SDPA, differentiable by
+    torch's own autograd)."""
     if backend.resolve(q) != "triton":
         return "torch"
-    if _grad_needed(q, k, v):
-        return "torch (autograd fallback)"
     return "triton"
+
+
+class GLMAttentionFunction(torch.autograd.Function):
+    """The Triton kernels as one differentiable op: forward = ``glm_attention_fwd`` (which also returns
+    the per-row log-sum-exp), backward = ``glm_attention_bwd`` (dq, dk, dv from dO, o and that lse).
+
+    Saves q, k, v, o, lse and sep for the backward (O(T·D) per head, no T×T attention matrix). Only first
+    derivatives: a second backward through this op raises.
+    ``GLMAttentionFunction.apply(q, k, v, sep, scale)`` with the arguments of ``glm_attention``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sep, scale):
+        from glmkit.kernels.glm_attention import glm_attention_fwd
+
+        o, lse = glm_attention_fwd(q, k, v, sep, scale=scale, return_lse=True, check=False)
+        ctx.save_for_backward(q, k, v, o, lse, sep)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        from glmkit.kernels.glm_attention_bwd import glm_attention_bwd
+
+        q, k, v, o, lse, sep = ctx.saved_tensors
+        dq, dk, dv = glm_attention_bwd(do, q, k, v, o, lse, sep, scale=ctx.scale, check=False)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None)
 
 
 def _torch_attention(q, k, v, sep, scale) -> torch.Tensor:
@@ -159,14 +188,16 @@ def glm_attention(
 
     Dispatch (see ``glmkit.backend``; ``attention_path`` tells which one runs):
       * backend resolves to "triton" (CUDA tensors by default, or forced with ``glmkit.use_backend``):
-        the Triton flash-attention forward kernel ``glmkit.kernels.glm_attention.glm_attention_fwd``.
-        The kernel is FORWARD ONLY for now: when autograd needs gradients (grad mode on and any of
-        q/k/v requires grad) this falls back to the torch path, which is differentiable. The kernel's
-        backward comes with a later lesson.
+        the Triton flash-attention forward kernel ``glmkit.kernels.glm_attention.glm_attention_fwd``;
+        when autograd needs gradients (grad mode on and any of q/k/v requires grad) it runs through
+        ``GLMAttentionFunction``, whose backward is the Triton kernels of
+        ``glmkit.kernels.glm_attention_bwd`` (dq, dk, dv; GQA, the GLM mask).
       * otherwise: ``F.scaled_dot_product_attention`` with the boolean mask.
     """
     _check_inputs(q, k, v, sep, scale)
     if attention_path(q, k, v) == "triton":
+        if _grad_needed(q, k, v):
+            return GLMAttentionFunction.apply(q, k, v, sep, scale)
         from glmkit.kernels.glm_attention import glm_attention_fwd
 
         return glm_attention_fwd(q, k, v, sep, scale=scale, check=False)

@@ -7,8 +7,9 @@ On a machine without CUDA, importing this package switches Triton to its CPU int
 (TRITON_INTERPRET=1) unless the variable is already set, so the same kernels run on a laptop, slowly.
 That has to happen before ``triton.jit`` decorates the kernels, which is why it happens here.
 
-    primer         lesson 00: a first kernel (fused scale-and-add), to learn the programming model
-    glm_attention  lesson 01: flash attention forward under the GLM blank-infilling mask
+    primer             lesson 00: a first kernel (fused scale-and-add), to learn the programming model
+    glm_attention      lesson 01: flash attention forward under the GLM blank-infilling mask
+    glm_attention_bwd  lessons 02-03: its backward (dq, dk, dv), so GPU training runs on our kernels
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """glmkit.attention: the torch reference against a naive loop, the mask's special cases, and the dispatch
-of glm_attention (backend choice, the autograd fallback, errors)."""
+of glm_attention (backend choice, gradients on both paths, errors)."""
 
 from __future__ import annotations
 
@@ -96,23 +96,37 @@ def test_triton_backend_runs_the_kernel(monkeypatch):
     assert_close("triton via dispatch", attention_reference(q, k, v, sep), o)
 
 
-def test_grad_falls_back_to_torch(monkeypatch):
+def test_grad_on_triton_path_uses_the_kernels(monkeypatch):
+    """Gradients needed on the triton path: the forward kernel runs inside the autograd op (no torch
+    fallback any more) and the backward kernels give the reference's gradients."""
     import glmkit.kernels.glm_attention as kmod
 
-    def boom(*a, **kw):
-        raise AssertionError("the forward-only kernel must not run when gradients are needed")
-
-    monkeypatch.setattr(kmod, "glm_attention_fwd", boom)
+    calls = []
+    real = kmod.glm_attention_fwd
+    monkeypatch.setattr(kmod, "glm_attention_fwd", lambda *a, **kw: calls.append(kw.get("return_lse")) or real(*a, **kw))
     q, k, v = _qkv(1, 2, 1, 9, 16, requires_grad=True)
     sep = torch.tensor([4])
     with glmkit.use_backend("triton"):
-        assert attention_path(q, k, v) == "torch (autograd fallback)"
+        assert attention_path(q, k, v) == "triton"
         o = glm_attention(q, k, v, sep)
         o.square().sum().backward()
         assert q.grad is not None and k.grad is not None and torch.isfinite(v.grad).all()
         with torch.no_grad():
             assert attention_path(q, k, v) == "triton"
+    assert calls == [True]  # one forward, asked for the lse the backward needs
     # gradients agree with the reference's
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    attention_reference(q2, k2, v2, sep).square().sum().backward()
+    for name, a, b in (("dq", q2.grad, q.grad), ("dk", k2.grad, k.grad), ("dv", v2.grad, v.grad)):
+        assert_close(name, a, b, 1e-5)
+
+
+def test_torch_path_stays_differentiable():
+    q, k, v = _qkv(2, 4, 2, 11, 8, requires_grad=True)
+    sep = torch.tensor([3, 11])
+    with glmkit.use_backend("torch"):
+        assert attention_path(q, k, v) == "torch"
+        glm_attention(q, k, v, sep).square().sum().backward()
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     attention_reference(q2, k2, v2, sep).square().sum().backward()
     for name, a, b in (("dq", q2.grad, q.grad), ("dk", k2.grad, k.grad), ("dv", v2.grad, v.grad)):
@@ -176,9 +190,11 @@ def test_gpu_dispatch_uses_kernel(dtype, tol, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_grad_fallback():
+def test_gpu_grad_through_kernels():
     q, k, v = _qkv(1, 4, 4, 300, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     sep = torch.tensor([100], device="cuda")
-    assert attention_path(q, k, v) == "torch (autograd fallback)"
-    glm_attention(q, k, v, sep).float().sum().backward()
+    assert attention_path(q, k, v) == "triton"
+    out = glm_attention(q, k, v, sep)
+    assert "GLMAttentionFunction" in type(out.grad_fn).__name__
+    out.float().sum().backward()
     assert torch.isfinite(q.grad.float()).all()
