@@ -10,6 +10,9 @@ That has to happen before ``triton.jit`` decorates the kernels, which is why it 
     primer             lesson 00: a first kernel (fused scale-and-add), to learn the programming model
     glm_attention      lesson 01: flash attention forward under the GLM blank-infilling mask
     glm_attention_bwd  lessons 02-03: its backward (dq, dk, dv), so GPU training runs on our kernels
+    rmsnorm            lesson 03: fused RMSNorm forward and backward (dx, dweight)
+    swiglu             lesson 03: fused SwiGLU on the gate||up layout, forward and backward
+    rope               lesson 02: partial RoPE (interleaved or half-split pairs) on q and k, in place or not
 """
 
 from __future__ import annotations

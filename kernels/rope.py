@@ -1,0 +1,260 @@
+"""Fused partial RoPE on q and k, both pairings, in place or out of place, forward and backward
+(lesson 02's kernel).
+
+What it computes: ``glmkit.rope.apply_rope_reference`` for q [B, H, T, D] and k [B, H_kv, T, D] in one
+launch: the first R = rotary_dim dims of every head are rotated pairwise by the angles whose cos/sin
+are given ([T, R/2] or [B, T, R/2], one entry per frequency), the last D - R dims pass through.
+Compared with its predecessors in the lineage: GLM-2021 *added* learned position embeddings once, at
+the input; ChatGLM-6B rotated both halves of each head (by position and by block position); ChatGLM2
+onwards rotates only the first half, which is what this kernel is for (R = D recovers full RoPE).
+
+Pairings (``INTERLEAVED`` constexpr): plane i is (x[2i], x[2i+1]) — ChatGLM2/3, GLM-4 — or
+(x[i], x[i + R/2]) — GLM-4.5, GPT-NeoX. Rotation of a plane by angle a:
+
+    x1' = x1·cos a - x2·sin a,      x2' = x2·cos a + x1·sin a
+
+Grid: (T blocks, B, H + H_kv). A program loads one [BLOCK_T, R/2] tile of cos/sin, then rotates one
+head's [BLOCK_T, R] slice of q (program head index < H) or of k (the rest) — q and k share the tile
+loads, and one launch serves both. Out of place, the program also copies the pass-through dims; in
+place it leaves them alone, so in-place RoPE touches only R/D of the tensor.
+
+Backward: a rotation is orthogonal, so its transpose is its inverse — the rotation by -a. dq and dk are
+the same kernel with sin negated (``INVERSE``); the pass-through dims' gradient passes through.
+
+Inputs may be strided views (e.g. q = qkv.view(B, T, H, D).transpose(1, 2)) as long as the last dim is
+contiguous. Runs natively on CUDA and under the Triton interpreter on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _rotate_head(
+    X, O, stride_xt, stride_ot,
+    c, s, offs_t, offs_h, mask,
+    T, D,
+    HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+):
+    """Rotate one head's [BLOCK_T, R] tile of X (base pointer of that (b, h)) into O."""
+    if INTERLEAVED:
+        i1 = 2 * offs_h
+        i2 = 2 * offs_h + 1
+    else:
+        i1 = offs_h
+        i2 = offs_h + HALF
+    rows_x = X + offs_t[:, None] * stride_xt
+    rows_o = O + offs_t[:, None] * stride_ot
+    x1 = tl.load(rows_x + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(rows_x + i2[None, :], mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * c - x2 * s
+    o2 = x2 * c + x1 * s
+    tl.store(rows_o + i1[None, :], o1.to(O.dtype.element_ty), mask=mask)
+    tl.store(rows_o + i2[None, :], o2.to(O.dtype.element_ty), mask=mask)
+    if COPY_PASS:
+        offs_p = 2 * HALF + tl.arange(0, BLOCK_PASS)
+        pmask = (offs_t[:, None] < T) & (offs_p[None, :] < D)
+        xp = tl.load(rows_x + offs_p[None, :], mask=pmask, other=0.0)
+        tl.store(rows_o + offs_p[None, :], xp.to(O.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q, K, QO, KO, COS, SIN,
+    sq_b, sq_h, sq_t,
+    sk_b, sk_h, sk_t,
+    sqo_b, sqo_h, sqo_t,
+    sko_b, sko_h, sko_t,
+    sc_b, sc_t,                  # cos/sin strides; sc_b = 0 when one table serves the whole batch
+    T, H, D,
+    HALF: tl.constexpr,          # R / 2: rotated planes per head
+    BLOCK_HALF: tl.constexpr,    # next power of two >= HALF
+    BLOCK_T: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,    # next power of two >= D - R (unused unless COPY_PASS)
+    INTERLEAVED: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+    INVERSE: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.arange(0, BLOCK_HALF)
+    mask = (offs_t[:, None] < T) & (offs_h[None, :] < HALF)
+    cs_off = b * sc_b + offs_t[:, None] * sc_t + offs_h[None, :]
+    c = tl.load(COS + cs_off, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(SIN + cs_off, mask=mask, other=0.0).to(tl.float32)
+    if INVERSE:
+        s = -s
+    if h < H:
+        _rotate_head(Q + b * sq_b + h * sq_h, QO + b * sqo_b + h * sqo_h, sq_t, sqo_t,
+                     c, s, offs_t, offs_h, mask, T, D, HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS)
+    else:
+        hk = h - H
+        _rotate_head(K + b * sk_b + hk * sk_h, KO + b * sko_b + hk * sko_h, sk_t, sko_t,
+                     c, s, offs_t, offs_h, mask, T, D, HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS)
+
+
+def _check_x(name: str, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if ref is not None:
+        if x.dtype != ref.dtype or x.device != ref.device:
+            raise ValueError(f"{name} must have q's dtype and device ({ref.dtype}, {ref.device}), got {x.dtype}, {x.device}")
+        if x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
+            raise ValueError(f"{name} must be [B, H_kv, T, D] matching q {tuple(ref.shape)}, got {tuple(x.shape)}")
+
+
+def _check_out(name: str, o: torch.Tensor, x: torch.Tensor) -> None:
+    if o.shape != x.shape or o.dtype != x.dtype or o.device != x.device or o.stride(-1) != 1:
+        raise ValueError(f"{name} must be a {tuple(x.shape)} tensor of {x.dtype} on {x.device} with contiguous last dim")
+
+
+def rope_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_dim: int | None = None,
+    pairing: str = "interleaved",
+    *,
+    inplace: bool = False,
+    q_out: torch.Tensor | None = None,
+    k_out: torch.Tensor | None = None,
+    inverse: bool = False,
+    block_t: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Partial RoPE on q [B, H, T, D] and k [B, H_kv, T, D] (or None) in one launch.
+
+    cos, sin: [T, R/2] or [B, T, R/2], any float dtype (read as fp32); R = rotary_dim (default
+    2 · cos.shape[-1]), even, ≤ D. pairing: "interleaved" or "half".
+    inplace: rotate q and k where they are (their last dim must be contiguous) and return them.
+    q_out / k_out: out-of-place destination buffers (tests pass NaN-poisoned ones); default new tensors.
+    inverse: rotate by -angle (the backward). block_t: rows of T per program (power of two).
+    Returns (q', k') in q's dtype.
+    """
+    _check_x("q", q)
+    if k is not None:
+        _check_x("k", k, q)
+    if pairing not in ("interleaved", "half"):
+        raise ValueError(f"pairing must be 'interleaved' or 'half', got {pairing!r}")
+    B, H, T, D = q.shape
+    for name, c in (("cos", cos), ("sin", sin)):
+        if not isinstance(c, torch.Tensor) or c.dtype not in _FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} must be a floating tensor, got {getattr(c, 'dtype', type(c))}")
+        if c.device != q.device:
+            raise ValueError(f"{name} is on {c.device} but q is on {q.device}")
+    if cos.shape != sin.shape or cos.dim() not in (2, 3):
+        raise ValueError(f"cos and sin must share a shape [T, R/2] or [B, T, R/2], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    R = 2 * cos.shape[-1] if rotary_dim is None else rotary_dim
+    if not isinstance(R, int) or R <= 0 or R % 2 or R > D:
+        raise ValueError(f"rotary_dim must be a positive even int <= D={D}, got {R!r}")
+    if cos.shape[-2:] != (T, R // 2) or (cos.dim() == 3 and cos.shape[0] != B):
+        raise ValueError(f"cos/sin must be [T, R/2] = [{T}, {R // 2}] or [B, T, R/2] = [{B}, {T}, {R // 2}], got {tuple(cos.shape)}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    if cos.dtype == torch.float64:
+        cos, sin = cos.float(), sin.float()
+    cos, sin = cos.contiguous(), sin.contiguous()  # small tables; one stride set serves both
+    sc_b = cos.stride(0) if cos.dim() == 3 else 0
+
+    if inplace:
+        if q_out is not None or k_out is not None:
+            raise ValueError("inplace=True writes into q and k: do not pass q_out/k_out")
+        for name, t in (("q", q), ("k", k)):
+            if t is not None and t.stride(-1) != 1:
+                raise ValueError(f"inplace RoPE needs {name} with a contiguous last dim, got strides {t.stride()}")
+        qo, ko = q, k
+    else:
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if k is not None and k.stride(-1) != 1:
+            k = k.contiguous()
+        qo = torch.empty_like(q, memory_format=torch.contiguous_format) if q_out is None else q_out
+        _check_out("q_out", qo, q)
+        if k is None:
+            if k_out is not None:
+                raise ValueError("k_out given without k")
+            ko = None
+        else:
+            ko = torch.empty_like(k, memory_format=torch.contiguous_format) if k_out is None else k_out
+            _check_out("k_out", ko, k)
+    H_kv = 0 if k is None else k.shape[1]
+    if B * T * (H + H_kv) == 0:
+        return qo, ko
+    kk, kko = (q, qo) if k is None else (k, ko)  # unused pointers when H_kv = 0
+
+    half = R // 2
+    block_half = triton.next_power_of_2(half)
+    interp = q.device.type != "cuda"
+    if block_t is None:
+        block_t = 16 if interp else max(1, min(64, 4096 // (2 * block_half)))
+        block_t = min(block_t, triton.next_power_of_2(T))
+    if block_t < 1 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two, got {block_t}")
+    copy_pass = (not inplace) and R < D
+    block_pass = triton.next_power_of_2(D - R) if R < D else 1
+    grid = (triton.cdiv(T, block_t), B, H + H_kv)
+    _rope_kernel[grid](
+        q, kk, qo, kko, cos, sin,
+        q.stride(0), q.stride(1), q.stride(2),
+        kk.stride(0), kk.stride(1), kk.stride(2),
+        qo.stride(0), qo.stride(1), qo.stride(2),
+        kko.stride(0), kko.stride(1), kko.stride(2),
+        sc_b, cos.stride(-2),
+        T, H, D,
+        HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, BLOCK_PASS=block_pass,
+        INTERLEAVED=(pairing == "interleaved"), COPY_PASS=copy_pass, INVERSE=inverse,
+        **({} if interp else {"num_warps": 4}),
+    )
+    return qo, ko
+
+
+class RopeFunction(torch.autograd.Function):
+    """Autograd wrapper: saves cos/sin; the backward is the inverse rotation of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, rotary_dim, pairing, inplace):
+        qo, ko = rope_fwd(q, k, cos, sin, rotary_dim, pairing, inplace=inplace)
+        if inplace:
+            ctx.mark_dirty(*(t for t in (q, k) if t is not None))
+        ctx.save_for_backward(cos, sin)
+        ctx.rope = (rotary_dim, pairing, k is not None)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        rotary_dim, pairing, has_k = ctx.rope
+        dq_in = dk_in = None
+        if dq is not None and dk is not None:  # both rotated back in one launch
+            dq_in, dk_in = rope_fwd(dq, dk, cos, sin, rotary_dim, pairing, inverse=True)
+        elif dq is not None:
+            dq_in = rope_fwd(dq, None, cos, sin, rotary_dim, pairing, inverse=True)[0]
+        elif dk is not None:
+            dk_in = rope_fwd(dk, None, cos, sin, rotary_dim, pairing, inverse=True)[0]
+        return dq_in, dk_in, None, None, None, None, None
+
+
+def rope_triton(
+    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    rotary_dim: int | None = None, pairing: str = "interleaved", inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Differentiable fused partial RoPE on q and k (k may be None); see ``rope_fwd``."""
+    return RopeFunction.apply(q, k, cos, sin, rotary_dim, pairing, inplace)
