@@ -12,6 +12,8 @@ That has to happen before ``triton.jit`` decorates the kernels, which is why it 
     glm_attention_bwd  lessons 02-03: its backward (dq, dk, dv), so GPU training runs on our kernels
     rmsnorm            lesson 03: fused RMSNorm forward and backward (dx, dweight)
     swiglu             lesson 03: fused SwiGLU on the gate||up layout, forward and backward
+    moe_align          lesson 04: token permutation (counts, padding to the block, sorted slot ids)
+    moe_gemm           lesson 04: grouped GEMM gathering rows by token id, SwiGLU epilogue, combine; fwd+bwd
     rope               lesson 02: partial RoPE (interleaved or half-split pairs) on q and k, in place or not
 """
 

@@ -1,0 +1,612 @@
+"""Grouped GEMMs for the MoE experts, gathering rows by token id, with a SwiGLU epilogue, the weighted
+combine, and the backward (lesson 04's kernels).
+
+What it computes: the routed experts of a GLM-4.5 MoE layer, ``moe_experts(x, topk_idx, topk_weight,
+w_gate_up, w_down)`` = for each token t,
+
+    y[t] = Σ_j  w[t, j] · down_e( silu(gate_e(x[t])) · up_e(x[t]) ),   e = topk_idx[t, j]
+
+with the HF ``glm4_moe`` weight layout: ``w_gate_up [E, 2I, H]`` (gate rows first, then up) and
+``w_down [E, H, I]``, each used as ``x @ W[e]ᵀ``. The plain-torch loop over experts in glmkit.moe is the
+reference; this is the fast path that replaces its E small matmuls by one launch per GEMM.
+
+How (the design of vLLM's fused MoE, re-derived): ``moe_align`` lists the S = N·k slots expert by expert,
+padded to blocks of BLOCK_M rows that each belong to one expert. One GEMM program owns one such block
+and a BLOCK_N slice of output columns:
+
+          sorted_token_ids (block b, expert e = expert_ids[b])
+          [ s0 s1 s2 ... s15 ]   ──►  rows of x: s // k (a gather: x is never copied k times)
+                 │
+    x [N, H] ────┤ gather rows            W[e] [Nout, K]: tile loaded transposed
+                 ▼                         │
+        A tile [BM, BK]  @  W[e] tileᵀ [BK, BN]  (fp32 accumulate, loop over K)
+                 │
+      epilogue:  plain   → C[s, n]                          (optionally · w[s])
+                 swiglu  → two accumulators, gate cols n and up cols n + I:
+                           C[s, n] = silu(g)·u,  and the pre-activation h[s, n], h[s, n + I] if kept
+                 ▼
+      stored by SLOT id s (not by sorted position): C [S, ·] is in the router's order, so the next GEMM
+      and the combine index it directly. Sentinel rows (s == S) are masked off; blocks past
+      num_tokens_post_pad exit at once (the grid is the fixed worst case, no host sync).
+
+Forward of ``moe_experts``: GEMM 1 (x gathered, w_gate_up, SwiGLU epilogue) → a [S, I]; GEMM 2 (a by slot,
+w_down) → z [S, H]; combine y[t] = Σ_j w[t, j] · z[t·k + j] (fp32 sum, deterministic: no atomics).
+
+Backward, with dy [N, H] (s a slot of token t, expert e; h = the saved pre-activation [S, 2I]):
+
+    g[s]   = dy[t] @ w_down[e]                 a grouped GEMM gathering dy by token (weights read as
+                                               [E, I, H] through strides: no transpose copy)
+    dw[s]  = g[s] · a[s]                       (= dy[t] · z[s]: z is never stored) — epilogue
+    dh[s]  = swiglu_bwd(w[s] · g[s], h[s])     [S, 2I] — same epilogue
+    dx[t]  = Σ_j dh[t·k+j] @ w_gate_up[e]      a grouped GEMM by slot, then the combine without weights
+    dW_down[e]    = Σ_{s∈e} (w[s]·dy[t])ᵀ a[s]   ┐ ``_moe_wgrad_kernel``: one program per (expert, output
+    dW_gate_up[e] = Σ_{s∈e} dh[s]ᵀ x[t]          ┘ tile) walks its expert's run of sorted slots
+
+Decode (a handful of tokens, e.g. N ≤ 16): the same kernels with BLOCK_M = 16 (the smallest ``tl.dot``
+tile), chosen automatically when experts average ≤ 16 slots. vLLM's one-pair-per-block shortcut needs
+1-row tiles, which ``tl.dot`` does not take; with 16-row blocks a decode step wastes rows, not launches.
+
+Public API: ``moe_experts`` (differentiable layer), ``experts_triton`` (the ``impl=`` of glmkit.moe.Experts),
+and the pieces ``moe_gemm``, ``moe_combine``, ``moe_weight_grad`` (with ``moe_align`` from moe_align.py).
+Not done yet: split-K over slots in the weight gradient (one hot expert runs on M·N/(BM·BN) programs only),
+TMA loads, and measured (rather than guessed) CUDA tile lists.
+
+Runs natively on CUDA (autotuned BLOCK_N/BLOCK_K/warps/stages per shape) and under the Triton
+interpreter on CPU tensors (fixed 16/32/32 tiles). Under the 3.6 interpreter ``tl.dot`` on bf16 is
+wrong, so CPU tests use fp32/fp16; bf16 is tested on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe_align import moe_align
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# epilogues of _moe_gemm_kernel
+PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    A, W, C, SORTED, EXPERT_IDS, NTPP, TOPW, PRE, DWP,
+    N_OUT, K, S, A_DIV, NUM_PID_M,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_cm, stride_cn,
+    stride_pm, stride_pn,
+    stride_dwp,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EPILOGUE: tl.constexpr,     # PLAIN, SWIGLU or SWIGLU_BWD (see the module docstring)
+    MUL_W: tl.constexpr,        # PLAIN: multiply row s by TOPW[s]
+    STORE_PRE: tl.constexpr,    # SWIGLU: also store the pre-activation into PRE [S, 2·N_OUT]
+    DOT_PRECISION: tl.constexpr,
+):
+    # 1-D grid in "grouped" order: GROUP_M row blocks share each column slice of W while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(NUM_PID_M - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    if pid_m * BLOCK_M >= tl.load(NTPP):
+        return                                   # the empty tail of the worst-case grid
+    e = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(SORTED + offs_m)              # slot ids; S marks padding
+    valid = slot < S
+    slot = tl.where(valid, slot, 0).to(tl.int64)
+    rows = slot // A_DIV                         # the gather: row of A this slot reads
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_OUT
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = W + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk   # [BK, BN] = W[e]ᵀ
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if EPILOGUE == 1:
+        u_ptrs = w_ptrs + N_OUT * stride_wn      # the up half: rows I.. 2I of W[e]
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if EPILOGUE == 1:
+            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PRECISION)
+            u_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    mask = valid[:, None] & n_ok[None, :]
+    c_ptrs = C + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if EPILOGUE == 0:
+        if MUL_W:
+            acc = acc * tl.load(TOPW + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
+        tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 1:
+        if STORE_PRE:
+            p_ptrs = PRE + slot[:, None] * stride_pm + offs_n[None, :] * stride_pn
+            tl.store(p_ptrs, acc.to(PRE.dtype.element_ty), mask=mask)
+            tl.store(p_ptrs + N_OUT * stride_pn, acc_u.to(PRE.dtype.element_ty), mask=mask)
+            # the backward sees the rounded h: compute the activation from it, as it will
+            acc = acc.to(PRE.dtype.element_ty).to(tl.float32)
+            acc_u = acc_u.to(PRE.dtype.element_ty).to(tl.float32)
+        act = acc * tl.sigmoid(acc) * acc_u
+        tl.store(c_ptrs, act.to(C.dtype.element_ty), mask=mask)
+    else:
+        # acc = g = dy[t] @ w_down[e] (columns n of I). PRE = h [S, 2I]; TOPW = routing weights.
+        p_ptrs = PRE + slot[:, None] * stride_pm + offs_n[None, :] * stride_pn
+        hg = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+        hu = tl.load(p_ptrs + N_OUT * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(hg)
+        silu = hg * sig
+        act = (silu * hu).to(C.dtype.element_ty).to(tl.float32)   # the a that GEMM 2 read
+        # partial d weight over this column slice; the wrapper sums the slices (deterministic)
+        tl.store(DWP + slot * stride_dwp + pid_n, tl.sum(acc * act, axis=1), mask=valid)
+        da = acc * tl.load(TOPW + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
+        d_gate = da * hu * sig * (1.0 + hg * (1.0 - sig))
+        d_up = da * silu
+        tl.store(c_ptrs, d_gate.to(C.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs + N_OUT * stride_cn, d_up.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_wgrad_kernel(
+    L, R, DW, SORTED, COUNTS, TOPW,
+    M, N, E, L_DIV, R_DIV,
+    stride_lm, stride_lk,       # L [rows, M]: row index along the slot axis, M the output rows
+    stride_rm, stride_rk,       # R [rows, N]
+    stride_de, stride_dm, stride_dn,
+    ALIGN_M: tl.constexpr,      # moe_align's block_m (to find each expert's run)
+    E_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,      # slots per step
+    MUL_W: tl.constexpr,        # scale L's row of slot s by TOPW[s]
+    DOT_PRECISION: tl.constexpr,
+):
+    """DW[e] = Σ over expert e's slots s of (w[s]·) L[s // L_DIV]ᵀ ⊗ R[s // R_DIV]: [M, N]."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_e = tl.arange(0, E_P2)
+    counts = tl.load(COUNTS + offs_e, mask=offs_e < E, other=0)
+    padded = (counts + ALIGN_M - 1) // ALIGN_M * ALIGN_M
+    start = tl.sum(tl.where(offs_e < e, padded, 0), axis=0)
+    count = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, count, BLOCK_K):          # an expert with no slots stores zeros
+        pos = start + k0 + tl.arange(0, BLOCK_K)
+        ok = k0 + tl.arange(0, BLOCK_K) < count
+        slot = tl.load(SORTED + pos, mask=ok, other=0).to(tl.int64)
+        lt = tl.load(L + (slot // L_DIV)[None, :] * stride_lm + offs_m[:, None] * stride_lk,
+                     mask=ok[None, :] & m_ok[:, None], other=0.0)                 # [BM, BK]
+        if MUL_W:
+            w = tl.load(TOPW + slot, mask=ok, other=0.0).to(tl.float32)
+            lt = (lt.to(tl.float32) * w[None, :]).to(L.dtype.element_ty)
+        r = tl.load(R + (slot // R_DIV)[:, None] * stride_rm + offs_n[None, :] * stride_rk,
+                    mask=ok[:, None] & n_ok[None, :], other=0.0)                  # [BK, BN]
+        acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
+    d_ptrs = DW + e.to(tl.int64) * stride_de + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
+    tl.store(d_ptrs, acc.to(DW.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_combine_kernel(
+    Z, TOPW, Y,
+    H,
+    stride_zm, stride_ym,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        z = tl.load(Z + (t * TOP_K + j) * stride_zm + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_W:
+            z = z * tl.load(TOPW + t * TOP_K + j).to(tl.float32)
+        acc += z
+    tl.store(Y + t * stride_ym + cols, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+# ---- launch configurations ----
+
+# CUDA: BLOCK_M is fixed by the alignment; the autotuner picks the rest per (N_OUT, K, BLOCK_M, epilogue,
+# dtype). Guesses for Hopper, not yet measured (benchmarks/bench_moe.py records what wins). The SwiGLU
+# epilogues carry two accumulators or extra epilogue loads, so they stay at BLOCK_N <= 128.
+_GEMM_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 3),
+]
+_WGRAD_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    epi = kwargs.get("EPILOGUE", named_args.get("EPILOGUE", 0))
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
+    keep = []
+    for c in configs:
+        bn = c.kwargs["BLOCK_N"]
+        if epi != 0 and bn > 128:
+            continue
+        if bm <= 32 and (bn > 128 or c.num_warps > 4):       # decode-sized blocks: small tiles
+            continue
+        keep.append(c)
+    return keep or configs[:1]
+
+
+_moe_gemm_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _GEMM_CONFIGS],
+    key=["N_OUT", "K", "BLOCK_M", "EPILOGUE", "MUL_W", "STORE_PRE"],
+    prune_configs_by={"early_config_prune": _prune_gemm},
+)(_moe_gemm_kernel)
+
+_moe_wgrad_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+             for bm, bn, bk, w, s in _WGRAD_CONFIGS],
+    key=["M", "N", "E", "ALIGN_M", "MUL_W"],
+)(_moe_wgrad_kernel)
+
+
+def default_block_m(num_slots: int, num_experts: int, device: torch.device | str) -> int:
+    """The alignment block for a routing: 16 under the interpreter and for decode-sized batches (experts
+    averaging ≤ 16 slots), growing with the slots per expert up to 128 on the GPU."""
+    if torch.device(device).type != "cuda":
+        return 16
+    avg = num_slots / max(num_experts, 1)
+    for bm, limit in ((16, 16), (32, 48), (64, 128)):
+        if avg <= limit:
+            return bm
+    return 128
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_tensor(name, t, dim):
+    if not isinstance(t, torch.Tensor) or t.dim() != dim:
+        raise ValueError(f"{name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t))}")
+
+
+def _check_routing(sorted_token_ids, expert_ids, num_tokens_post_pad, block_m, device):
+    for name, t in (("sorted_token_ids", sorted_token_ids), ("expert_ids", expert_ids),
+                    ("num_tokens_post_pad", num_tokens_post_pad)):
+        _check_tensor(name, t, 1)
+        if t.dtype != torch.int32 or t.device != device or not t.is_contiguous():
+            raise TypeError(f"{name} must be a contiguous int32 tensor on {device} (from moe_align)")
+    if not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot's smallest tile), got {block_m!r}")
+    if sorted_token_ids.numel() % block_m or expert_ids.numel() != sorted_token_ids.numel() // block_m:
+        raise ValueError(f"sorted_token_ids [{sorted_token_ids.numel()}] and expert_ids [{expert_ids.numel()}] "
+                         f"do not match block_m={block_m}: pass moe_align's outputs for this block_m")
+
+
+def moe_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_tokens_post_pad: torch.Tensor,
+    *,
+    top_k: int,
+    block_m: int,
+    swiglu: bool = False,
+    topk_weight: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    pre_out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Grouped GEMM over aligned slots: out[s] = a[s // top_k] @ w[e(s)]ᵀ for every slot s = token·k + j.
+
+    a [rows, K] with rows·top_k = S slots (top_k = k gathers token rows; top_k = 1 reads an [S, K]
+    intermediate by slot); w [E, Nout, K] — the HF layout (x @ Wᵀ), any strides; the routing tensors
+    from ``moe_align(topk_idx, E, block_m)`` for this block_m.
+    swiglu: w is gate‖up ([E, 2I, K], gate rows first) and out[s] = silu(gate)·up is [S, I].
+    topk_weight: [N, k] or [S] routing weights: multiply row s by its weight (not with swiglu).
+    out: optional [S, Nout or I] buffer of a's dtype, last dim contiguous (rows of slots never routed to
+    an expert are not written). pre_out: with swiglu, also store the pre-activation [S, 2I] there.
+    config: fixed CUDA launch config {BLOCK_N, BLOCK_K, num_warps, num_stages} instead of the autotuner.
+    Returns out.
+    """
+    _check_tensor("a", a, 2)
+    _check_tensor("w", w, 3)
+    if a.dtype not in _FLOAT_DTYPES or w.dtype != a.dtype:
+        raise TypeError(f"a and w must share one dtype among float32/float16/bfloat16, got {a.dtype}, {w.dtype}")
+    dev = a.device
+    if w.device != dev:
+        raise ValueError(f"w must be on a's device {dev}, got {w.device}")
+    _check_routing(sorted_token_ids, expert_ids, num_tokens_post_pad, block_m, dev)
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    E, n_w, K = w.shape
+    if a.shape[1] != K:
+        raise ValueError(f"a's last dim {a.shape[1]} must equal w's K = {K} (w is [E, Nout, K])")
+    S = a.shape[0] * top_k
+    if swiglu and n_w % 2:
+        raise ValueError(f"swiglu needs an even Nout = 2I in w [E, 2I, K], got {n_w}")
+    if swiglu and topk_weight is not None:
+        raise ValueError("topk_weight is applied after the down projection, not with swiglu")
+    n_out = n_w // 2 if swiglu else n_w
+    if dev.type != "cuda" and not _interpreting():
+        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    if out is None:
+        out = torch.empty((S, n_out), dtype=a.dtype, device=dev)
+    elif out.shape != (S, n_out) or out.dtype != a.dtype or out.device != dev or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [S, N] = {(S, n_out)} tensor of {a.dtype} on {dev} with contiguous last dim")
+    if pre_out is not None:
+        if not swiglu:
+            raise ValueError("pre_out is only for swiglu=True")
+        if pre_out.shape != (S, n_w) or pre_out.dtype != a.dtype or pre_out.device != dev:
+            raise ValueError(f"pre_out must be a [S, 2I] = {(S, n_w)} tensor of {a.dtype} on {dev}")
+    topw = None
+    if topk_weight is not None:
+        if not isinstance(topk_weight, torch.Tensor) or topk_weight.numel() != S or not topk_weight.is_floating_point():
+            raise ValueError(f"topk_weight must be a float tensor of S = {S} routing weights ([N, k] or [S])")
+        topw = topk_weight.reshape(-1).contiguous()
+    _launch_gemm(a, w, out, sorted_token_ids, expert_ids, num_tokens_post_pad, topw, pre_out, None,
+                 n_out, K, S, top_k, block_m, SWIGLU if swiglu else PLAIN, config)
+    return out
+
+
+def _launch_gemm(a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K, S, a_div, block_m,
+                 epilogue, config=None):
+    if S == 0 or sorted_ids.numel() == 0:
+        return
+    num_pid_m = sorted_ids.numel() // block_m
+    dummy = c
+    args = (
+        a, w, c, sorted_ids, expert_ids, ntpp,
+        topw if topw is not None else dummy, pre if pre is not None else dummy, dwp if dwp is not None else dummy,
+        n_out, K, S, a_div, num_pid_m,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
+        pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
+        dwp.stride(0) if dwp is not None else 0,
+    )
+    consts = dict(BLOCK_M=block_m, EPILOGUE=epilogue, MUL_W=epilogue == PLAIN and topw is not None,
+                  STORE_PRE=epilogue == SWIGLU and pre is not None, DOT_PRECISION=_precision(a.dtype))
+    if a.device.type == "cuda" and config is None and a.dtype != torch.float32:
+        grid = lambda meta: (num_pid_m * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
+        _moe_gemm_tuned[grid](*args, GROUP_M=8, **consts)
+        return
+    if a.device.type == "cuda":
+        cfg = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2) if config is None else dict(config)
+    else:
+        cfg = dict(BLOCK_N=32, BLOCK_K=32)        # interpreter: few, mid-sized tiles run fastest
+    grid = (num_pid_m * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    _moe_gemm_kernel[grid](*args, GROUP_M=8, **consts, **cfg)
+
+
+def moe_combine(z: torch.Tensor, top_k: int, topk_weight: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = Σ_j w[t, j] · z[t·k + j] (w = 1 without topk_weight): z [S, H] by slot → [N, H] in z's
+    dtype, summed in fp32 in a fixed order. topk_weight [N, k] or [S]; out: optional [N, H] buffer."""
+    _check_tensor("z", z, 2)
+    if z.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"z must be float32, float16 or bfloat16, got {z.dtype}")
+    if not isinstance(top_k, int) or top_k < 1 or z.shape[0] % top_k:
+        raise ValueError(f"top_k must be a positive int dividing z's rows {z.shape[0]}, got {top_k!r}")
+    if z.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    S, H = z.shape
+    N = S // top_k
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    if topk_weight is not None:
+        if not isinstance(topk_weight, torch.Tensor) or topk_weight.numel() != S or not topk_weight.is_floating_point():
+            raise ValueError(f"topk_weight must be a float tensor of S = {S} routing weights ([N, k] or [S])")
+        topk_weight = topk_weight.reshape(-1).contiguous()
+    if out is None:
+        out = torch.empty((N, H), dtype=z.dtype, device=z.device)
+    elif out.shape != (N, H) or out.dtype != z.dtype or out.device != z.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [N, H] = {(N, H)} tensor of {z.dtype} on {z.device} with contiguous last dim")
+    if N and H:
+        block = min(triton.next_power_of_2(H), 128 if z.device.type != "cuda" else 1024)
+        _moe_combine_kernel[(N, triton.cdiv(H, block))](
+            z, topk_weight if topk_weight is not None else z, out, H, z.stride(0), out.stride(0),
+            TOP_K=top_k, BLOCK=block, HAS_W=topk_weight is not None,
+        )
+    return out
+
+
+def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m, left_div, right_div,
+                    topk_weight=None, out=None, config=None):
+    """dW[e] = Σ over expert e's slots s of (w[s]·) left[s // left_div]ᵀ ⊗ right[s // right_div]: [E, M, N].
+
+    left [rows_l, M], right [rows_r, N] (rows·div = S each); sorted_token_ids and counts from
+    ``moe_align(…, block_m)``. Experts without slots get zeros. out: optional [E, M, N] buffer (last
+    dims any strides). Accumulates in fp32 over the expert's slots in sorted order (deterministic)."""
+    _check_tensor("left", left, 2)
+    _check_tensor("right", right, 2)
+    if left.dtype not in _FLOAT_DTYPES or right.dtype != left.dtype:
+        raise TypeError(f"left and right must share one float dtype, got {left.dtype}, {right.dtype}")
+    dev = left.device
+    S = left.shape[0] * left_div
+    if right.shape[0] * right_div != S:
+        raise ValueError(f"left ({left.shape[0]}·{left_div}) and right ({right.shape[0]}·{right_div}) disagree on S")
+    _check_tensor("counts", counts, 1)
+    E = counts.numel()
+    M, N = left.shape[1], right.shape[1]
+    if out is None:
+        out = torch.empty((E, M, N), dtype=left.dtype, device=dev)
+    elif out.shape != (E, M, N) or out.dtype != left.dtype or out.device != dev:
+        raise ValueError(f"out must be an [E, M, N] = {(E, M, N)} tensor of {left.dtype} on {dev}")
+    topw = topk_weight.reshape(-1).contiguous() if topk_weight is not None else None
+    args = (left, right, out, sorted_token_ids, counts, topw if topw is not None else left,
+            M, N, E, left_div, right_div,
+            left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+            out.stride(0), out.stride(1), out.stride(2))
+    consts = dict(ALIGN_M=block_m, E_P2=triton.next_power_of_2(E), MUL_W=topw is not None,
+                  DOT_PRECISION=_precision(left.dtype))
+    if dev.type == "cuda" and config is None and left.dtype != torch.float32:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)  # noqa: E731
+        _moe_wgrad_tuned[grid](*args, **consts)
+        return out
+    if dev.type == "cuda":
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2) if config is None else dict(config)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
+    _moe_wgrad_kernel[grid](*args, **consts, **cfg)
+    return out
+
+
+def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I):
+    """g = dy[t] @ w_down[e] by slot, fused with the SwiGLU backward: returns dh [S, 2I], dw [S] fp32."""
+    S = dy.shape[0] * top_k
+    dh = torch.empty((S, 2 * I), dtype=h.dtype, device=h.device)
+    wt = w_down.transpose(1, 2)                   # [E, I, H] view: GEMM computes dy @ w_down[e] = dy @ wtᵀ
+    dev = dy.device
+    if dev.type == "cuda":
+        bn = 128 if I >= 128 else max(16, triton.next_power_of_2(I))
+        cfg = dict(BLOCK_N=bn, BLOCK_K=64, num_warps=8 if block_m >= 128 else 4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_N=32, BLOCK_K=32)
+    n_tiles = triton.cdiv(I, cfg["BLOCK_N"])
+    # Fixed BLOCK_N (the partial-sum buffer has one column per column tile): no autotuning here.
+    dwp = torch.zeros((S, n_tiles), dtype=torch.float32, device=dev)   # rows of unrouted slots stay 0
+    _launch_gemm(dy, wt, dh, sorted_ids, expert_ids, ntpp, topw, h, dwp, I, dy.shape[1], S, top_k,
+                 block_m, SWIGLU_BWD, config=cfg if dev.type == "cuda" else None)
+    return dh, dwp.sum(1)
+
+
+def _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep):
+    """align → GEMM 1 (+SwiGLU) → GEMM 2 → combine. keep: also store h = the pre-activation, and return
+    what the backward needs."""
+    N, H = x.shape
+    k = topk_idx.shape[1]
+    E, two_i, _ = w_gate_up.shape
+    S = N * k
+    sorted_ids, expert_ids, ntpp, counts = moe_align(topk_idx, E, block_m, check=False)
+    h = torch.empty((S, two_i), dtype=x.dtype, device=x.device) if keep else None
+    a = moe_gemm(x, w_gate_up, sorted_ids, expert_ids, ntpp, top_k=k, block_m=block_m, swiglu=True, pre_out=h)
+    z = moe_gemm(a, w_down, sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
+    topw = topk_weight.reshape(-1).float().contiguous()
+    y = moe_combine(z, k, topw)
+    saved = (x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h, a) if keep else None
+    return y, saved
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    """Autograd for ``moe_experts``. Saves x, the routing, h = the pre-activation [S, 2I] and a = the
+    activation [S, I]; z [S, H] (the unweighted down outputs) is never stored."""
+
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weight, w_gate_up, w_down, block_m):
+        y, saved = _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep=True)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (topk_idx.shape[1], w_gate_up.shape[1] // 2, block_m, topk_weight.dtype, topk_weight.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h, a = ctx.saved_tensors
+        k, I, block_m, w_dtype, w_shape = ctx.meta
+        dy = dy.to(x.dtype)
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dh, dw = _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, k, block_m, I)
+        dx = dwgu = dwd = None
+        if ctx.needs_input_grad[0]:
+            dx_slot = moe_gemm(dh, w_gate_up.transpose(1, 2), sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
+            dx = moe_combine(dx_slot, k)
+        if ctx.needs_input_grad[3]:
+            dwgu = moe_weight_grad(dh, x, sorted_ids, counts, block_m=block_m, left_div=1, right_div=k)
+        if ctx.needs_input_grad[4]:
+            dwd = moe_weight_grad(dy, a, sorted_ids, counts, block_m=block_m, left_div=k, right_div=1,
+                                  topk_weight=topw)
+        dtopw = dw.to(w_dtype).reshape(w_shape) if ctx.needs_input_grad[2] else None
+        return dx, None, dtopw, dwgu, dwd, None
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    block_m: int | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """The routed experts of a MoE layer on the grouped-GEMM kernels, differentiable.
+
+    x [N, H]; topk_idx [N, k] integer expert ids; topk_weight [N, k] float routing weights (already
+    normalised/scaled as the router wants); w_gate_up [E, 2I, H] (gate rows first) and w_down [E, H, I],
+    the HF glm4_moe layout; x and both weights share one dtype (fp32/fp16/bf16).
+    y[t] = Σ_j topk_weight[t, j] · w_down[e] @ (silu(w_gate[e] @ x[t]) · (w_up[e] @ x[t])), e = topk_idx[t, j]
+    Returns y [N, H] in x's dtype. Gradients flow to x, topk_weight, w_gate_up and w_down.
+    block_m: the alignment/GEMM row block (power of two >= 16); default ``default_block_m`` (16 for
+    decode-sized batches). check: validate the expert ids' range (one device→host sync).
+    """
+    _check_tensor("x", x, 2)
+    _check_tensor("topk_idx", topk_idx, 2)
+    _check_tensor("topk_weight", topk_weight, 2)
+    _check_tensor("w_gate_up", w_gate_up, 3)
+    _check_tensor("w_down", w_down, 3)
+    if x.dtype not in _FLOAT_DTYPES or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise TypeError(f"x, w_gate_up and w_down must share one dtype among float32/float16/bfloat16, "
+                        f"got {x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
+    if not topk_weight.is_floating_point():
+        raise TypeError(f"topk_weight must be a float tensor, got {topk_weight.dtype}")
+    N, H = x.shape
+    E, two_i, h2 = w_gate_up.shape
+    if h2 != H or two_i % 2 or two_i == 0:
+        raise ValueError(f"w_gate_up must be [E, 2I, H] with H = {H}, got {tuple(w_gate_up.shape)}")
+    I = two_i // 2
+    if w_down.shape != (E, H, I):
+        raise ValueError(f"w_down must be [E, H, I] = {(E, H, I)}, got {tuple(w_down.shape)}")
+    if topk_idx.shape[0] != N or topk_weight.shape != topk_idx.shape:
+        raise ValueError(f"topk_idx and topk_weight must both be [N, k] with N = {N}, "
+                         f"got {tuple(topk_idx.shape)} and {tuple(topk_weight.shape)}")
+    if not (x.device == topk_idx.device == topk_weight.device == w_gate_up.device == w_down.device):
+        raise ValueError("x, topk_idx, topk_weight, w_gate_up and w_down must be on one device")
+    if check and topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= E):
+        raise ValueError(f"topk_idx values must lie in [0, E) = [0, {E})")
+    if block_m is None:
+        block_m = default_block_m(topk_idx.numel(), E, x.device)
+    if not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m!r}")
+    if N == 0 or topk_idx.shape[1] == 0:
+        return x.new_zeros((N, H)) + 0 * (topk_weight.sum() + w_gate_up.sum() + w_down.sum()).to(x.dtype)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weight, w_gate_up, w_down)):
+        return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate_up, w_down, block_m)
+    return _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep=False)[0]   # inference
+
+
+def experts_triton(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, experts,
+                   block_m: int | None = None) -> torch.Tensor:
+    """``glmkit.moe.Experts``'s ``impl`` signature on these kernels: ``Experts(..., impl=experts_triton)``.
+    Reads ``experts.gate_up_proj [E, 2I, H]`` and ``experts.down_proj [E, H, I]``; on CUDA the expert
+    ids are not range-checked (no host sync: the router produces them)."""
+    return moe_experts(x, topk_idx, topk_weight, experts.gate_up_proj, experts.down_proj,
+                       block_m=block_m, check=not x.is_cuda)
