@@ -1,0 +1,8 @@
+"""The models of the GLM lineage, one module per generation.
+
+    glmkit.models.glm2021   GLM (Du et al. 2021): learned 2D positions, pre-LN, tied head (lesson 01)
+"""
+
+from glmkit.models.glm2021 import PRESETS, GLMConfig, GLMModel, get_config  # noqa: F401
+
+__all__ = ["GLMConfig", "GLMModel", "PRESETS", "get_config"]
