@@ -37,8 +37,8 @@ def routing(N: int, k: int, E: int, mode: str, g: torch.Generator) -> torch.Tens
     if mode == "zipf":      # expert r drawn with weight 1/(r+1)^2: a few experts take most slots
         p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 2
         return torch.multinomial(p.expand(N, E), k, replacement=False, generator=g)
-    if mode == "empty":     # only experts 1 and E-1 (and 2 for k = 3): the rest get no tokens
-        used = torch.tensor([1, E - 1, 2][:k])
+    if mode == "empty":     # only k experts (1, E-1, 2, 3, ...) are ever chosen: the rest get no tokens
+        used = torch.tensor(([1, E - 1] + list(range(2, E - 1)))[:k])
         return torch.stack([used[torch.randperm(k, generator=g)] for _ in range(N)])
     if mode == "one":       # expert 0 in every token, the other picks among the rest
         rest = torch.stack([1 + torch.randperm(E - 1, generator=g)[: k - 1] for _ in range(N)])
