@@ -4,16 +4,23 @@ GLM-2021 blank infilling → GLM-130B / ChatGLM → GLM-4 → GLM-4.5 MoE → ML
 hybrids → multi-token prediction. Each lesson in ``lessons/`` teaches one module of this package, and
 each module has a plain-torch reference that its Triton kernel (in ``glmkit.kernels``) is tested against.
 
-Modules so far:
-    glmkit.tokenizer        byte-level tokenizer with GLM's special tokens
-    glmkit.corpus           the built-in corpus (no download) and loading your own text
-    glmkit.blank_infilling  GLM's objective: span sampling, Part A / Part B, 2D positions, the mask
-    glmkit.attention        attention under the GLM mask: the torch reference and the kernel dispatch
-    glmkit.models.glm2021   the GLM-2021 transformer and its presets
-    glmkit.train            training loop: progress bar, live loss plot, safetensors checkpoints, resume
-    glmkit.generate         filling blanks and [gMASK] generation
-    glmkit.backend          which attention implementation runs, and how to override it
+Modules (lesson in brackets):
+    glmkit.tokenizer        byte-level tokenizer with GLM's special tokens                      [01]
+    glmkit.corpus           the built-in corpora (no download) and loading your own text         [01]
+    glmkit.blank_infilling  GLM's objective: span sampling, Part A / Part B, 2D positions, mask  [01]
+    glmkit.attention        attention under the GLM mask: torch reference, kernel dispatch, autograd
+    glmkit.models.glm2021   the GLM-2021 transformer and its presets                            [01]
+    glmkit.train            training: progress bar, live loss plot, safetensors checkpoints, resume
+    glmkit.generate         filling blanks and [gMASK] generation (GLM-2021 models)             [01]
+    glmkit.rope, norms, mlp positions (2D / partial RoPE), RMSNorm/LayerNorm, GeLU/GeGLU/SwiGLU  [02-03]
+    glmkit.models.glm_dense the dense family ChatGLM-6B → GLM-4-0414 as one configurable model  [02-03]
+    glmkit.kv_cache, sampling  KV cache and generation for the dense family                     [02-03]
+    glmkit.hf, hf_tokenizer Hugging Face checkpoints (glm, glm4) and tokenizer.json              [03]
+    glmkit.moe, moe_configs GLM-4.5 mixture of experts: routers, balancing, experts, presets     [04]
+    glmkit.backend          which implementation runs (Triton kernel or torch), and overriding it
     glmkit.doctor           `python -m glmkit doctor`: is this machine ready for the course?
+    glmkit.grading          graded exercises: validate, release, self-check, isolated autograding
+    glmkit.testing          relative error, poisoned buffers, per-dtype tolerances
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ other file of the folder is ever copied.
 from __future__ import annotations
 
 import ast
+import threading
 import importlib.util
 import json
 import re
@@ -32,6 +33,17 @@ from glmkit.grading.sandbox import Limits
 
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 PUBLIC_FILE, HIDDEN_FILE, SETTINGS_FILE = "checks.py", "hidden_checks.py", "exercise.toml"
+
+
+# CPython 3.11's ast constructor keeps a recursion counter that is not thread-safe: two threads parsing at
+# once can fail with "SystemError: AST constructor recursion depth mismatch". autograde grades students on
+# a thread pool, so every parse here goes through one lock.
+_AST_LOCK = threading.Lock()
+
+
+def _parse(source, filename="<unknown>"):
+    with _AST_LOCK:
+        return ast.parse(source, filename)
 
 
 class ExerciseError(Exception):
@@ -157,7 +169,7 @@ class Region:
 
 def solution_regions(source: str, filename: str = "<master>") -> list[Region]:
     lines = source.splitlines()
-    tree = ast.parse(source, filename)
+    tree = _parse(source, filename)
     funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     regions, open_at = [], None
     for i, line in enumerate(lines):
@@ -193,7 +205,7 @@ def stub_source(source: str, module: str, filename: str = "<master>") -> str:
         last = r.end + 1
     out += lines[last:]
     text = "\n".join(out) + "\n"
-    ast.parse(text, filename)
+    _parse(text, filename)
     return text
 
 
@@ -228,7 +240,7 @@ def notebook_to_source(text: str) -> str:
         src = "".join(src) if isinstance(src, list) else str(src)
         src = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!")))
         try:
-            tree = ast.parse(src)
+            tree = _parse(src)
         except SyntaxError:
             continue
         for node in tree.body:
@@ -240,7 +252,7 @@ def notebook_to_source(text: str) -> str:
 
 def defined_functions(source: str) -> set[str]:
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except SyntaxError:
         return set()
     return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
@@ -318,7 +330,7 @@ def _read(p: Path, status: str, note: str, folder: Path) -> Located:
 
 def _has_code(src: str) -> bool:
     try:
-        tree = ast.parse(src)
+        tree = _parse(src)
     except SyntaxError:
         return True     # a syntax error is code (graded: it fails to import, and says why)
     return bool(tree.body)
@@ -331,7 +343,7 @@ def reference_imports(source: str, reference_modules: list[str]) -> list[str]:
     """Lines of ``source`` that import (or name, as a string) a module the learner must not use."""
     hits = []
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except SyntaxError:
         return hits
     for node in ast.walk(tree):
