@@ -415,7 +415,8 @@ def corrupt(tokens, cfg: BlankInfillingConfig, rng: np.random.Generator, tokeniz
         ends = sentence_end_ids if sentence_end_ids is not None else getattr(tokenizer, "sentence_end_ids",
                                                                              SENTENCE_END_BYTES)
         try:
-            spans = sentence_spans(toks, cfg, rng, end_ids=ends)
+            spaces = getattr(tokenizer, "whitespace_ids", WHITESPACE_BYTES)
+            spans = sentence_spans(toks, cfg, rng, end_ids=ends, space_ids=spaces)
         except ValueError:
             if forced:
                 raise

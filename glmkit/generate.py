@@ -106,7 +106,8 @@ def _banned_ids(tokenizer, vocab: int) -> list[int]:
     specials |= {getattr(tokenizer, a) for a in ("pad_id", "mask_id", "smask_id", "gmask_id", "sop_id")
                  if hasattr(tokenizer, a)}
     specials.discard(tokenizer.eop_id)
-    return sorted(specials | set(range(tokenizer.vocab_size, vocab)))
+    used = getattr(tokenizer, "n_ids", tokenizer.vocab_size)  # WordTokenizer rounds its table up past its ids
+    return sorted(specials | set(range(used, vocab)))
 
 
 def _pick(logits: torch.Tensor, banned: torch.Tensor, strategy: str, temperature: float, top_k: int | None,
@@ -290,3 +291,50 @@ def generate(
     completion = tokenizer.decode(new)
     return GenerationResult(text=prompt + completion, completion=completion, ids=new, finished=finished,
                             prompt=prompt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A fill-accuracy metric
+# ----------------------------------------------------------------------------------------------------
+def masked_word_examples(text: str, n: int = 50, seed: int = 0, max_chars: int = 200) -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) pairs from ``text``: a random line (at most ``max_chars`` characters) with one
+    random whole word replaced by ``[MASK]``. Tokenizer-agnostic, so byte and word models compare."""
+    import re
+
+    import numpy as np
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty: nothing to build masked-word examples from")
+    lines = [ln for ln in text.split("\n") if 0 < len(ln) <= max_chars and re.search(r"\w", ln)]
+    if not lines:
+        raise ValueError(f"text has no line of 1..{max_chars} characters with a word in it")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        line = lines[int(rng.integers(len(lines)))]
+        words = list(re.finditer(r"\w+", line))
+        m = words[int(rng.integers(len(words)))]
+        out.append((line[: m.start()] + "[MASK]" + line[m.end():], m.group()))
+    return out
+
+
+def fill_accuracy(model: GLMModel, tokenizer, text: str, n: int = 50, seed: int = 0,
+                  max_span_len: int = 8) -> dict[str, Any]:
+    """Exact-match accuracy of greedy single-word fills on ``masked_word_examples(text, n, seed)``.
+
+    Returns ``accuracy`` (the stripped fill equals the word), ``finished`` (share of fills that ended with
+    [END]), ``baseline`` (always answering the most common answer of these examples: what a model that
+    ignores the context could reach at best with one fixed word) and ``examples`` (prompt, answer, fill).
+    """
+    examples = masked_word_examples(text, n, seed)
+    rows, hits, done = [], 0, 0
+    for prompt, answer in examples:
+        r = fill_blanks(model, tokenizer, prompt, strategy="greedy", max_span_len=max_span_len)
+        fill = r.fills[0]
+        hits += fill.strip() == answer
+        done += r.finished[0]
+        rows.append((prompt, answer, fill))
+    answers = [a for _, a in examples]
+    baseline = max(answers.count(a) for a in set(answers)) / len(answers)
+    return {"accuracy": hits / len(examples), "finished": done / len(examples), "baseline": baseline,
+            "n": len(examples), "examples": rows}

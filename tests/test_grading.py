@@ -184,7 +184,7 @@ def _book(out: Path) -> dict:
 def test_autograde_handles_missing_empty_partial_renamed(tmp_path):
     subs = _submissions(tmp_path / "subs")
     out = tmp_path / "out"
-    autograde(subs, out, exercises_dir=EXERCISES, jobs=2, limits=FAST, out=io.StringIO())
+    autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], jobs=2, limits=FAST, out=io.StringIO())
     text = (out / "gradebook.csv").read_text()
     assert text.splitlines()[0] == "student,exercise,points,max_points,status,flags,notes"
     book = _book(out)
@@ -201,14 +201,14 @@ def test_autograde_handles_missing_empty_partial_renamed(tmp_path):
 
     # idempotent: a second run writes the same gradebook and feedback
     before = {p: p.read_bytes() for p in [out / "gradebook.csv", *(out / "feedback").glob("*.md")]}
-    autograde(subs, out, exercises_dir=EXERCISES, jobs=2, limits=FAST, out=io.StringIO())
+    autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], jobs=2, limits=FAST, out=io.StringIO())
     assert {p: p.read_bytes() for p in before} == before
 
     # re-grading one student leaves everyone else's rows and files alone
     (subs / "bob" / "ex01.py").write_text((EX01 / "ex01.py").read_text())
     others = {p: (p.read_bytes(), p.stat().st_mtime_ns) for d in ("feedback", "results")
               for p in (out / d).iterdir() if not p.name.startswith("bob")}
-    autograde(subs, out, exercises_dir=EXERCISES, student="bob", limits=FAST, out=io.StringIO())
+    autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], student="bob", limits=FAST, out=io.StringIO())
     after = _book(out)
     assert after["bob"]["points"] == "21"
     assert {n: r for n, r in after.items() if n != "bob"} == {n: r for n, r in book.items() if n != "bob"}

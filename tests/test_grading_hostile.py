@@ -82,7 +82,7 @@ def graded(tmp_path_factory):
     (subs / "good_b" / "work" / "ex01 (2).py").write_text(master)     # renamed, in a sub-folder
     (subs / "good_c" / "ex01.py").write_text(master)
     log = io.StringIO()
-    rows = autograde(subs, out, exercises_dir=EXERCISES, jobs=4, limits=LIMITS, out=log)
+    rows = autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], jobs=4, limits=LIMITS, out=log)
     return subs, out, rows, log.getvalue()
 
 
@@ -125,7 +125,7 @@ def test_children_are_killed_even_without_the_audit_hook(tmp_path):
     /proc sweep must still leave nothing behind."""
     (tmp_path / "subs" / "spawner").mkdir(parents=True)
     shutil.copy(HOSTILE / "spawn_children.py", tmp_path / "subs" / "spawner" / "ex01.py")
-    autograde(tmp_path / "subs", tmp_path / "out", exercises_dir=EXERCISES, limits=LIMITS,
+    autograde(tmp_path / "subs", tmp_path / "out", exercises_dir=EXERCISES, ids=["01"], limits=LIMITS,
               audit_hook=False, out=io.StringIO())
     assert _rows(tmp_path / "out")["spawner"]["points"] == "0"
     assert _strays() == []
@@ -154,7 +154,7 @@ def test_writing_grades_and_other_students_files_is_blocked(graded):
         src = src.replace(placeholder, str(p))
     (subs / "writer").mkdir()
     (subs / "writer" / "ex01.py").write_text(src)
-    autograde(subs, out, exercises_dir=EXERCISES, student="writer", limits=LIMITS, out=io.StringIO())
+    autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], student="writer", limits=LIMITS, out=io.StringIO())
     for p in victim_files[1:]:
         assert p.read_bytes() == before[p], p
     book = _rows(out)

@@ -87,3 +87,108 @@ def test_errors(tok):
         tok.decode("abc")
     with pytest.raises(ValueError, match="out of range"):
         tok.token_strings([999])
+
+
+# ---- WordTokenizer ------------------------------------------------------------------------------------
+from glmkit.tokenizer import WordTokenizer  # noqa: E402
+
+WORD_TEXT = "The cat sat on the mat.\nThe dog sat, too!  Then it ran to the park: 12 steps.\n"
+
+
+@pytest.fixture(scope="module")
+def wtok():
+    return WordTokenizer.fit(WORD_TEXT)
+
+
+def test_word_roundtrip_and_pieces(wtok):
+    assert wtok.decode(wtok.encode(WORD_TEXT)) == WORD_TEXT
+    pieces = [wtok.decode([i]) for i in wtok.encode("The cat sat.")]
+    assert pieces == ["The", " cat", " sat", "."]          # one piece per word, its leading space included
+    assert wtok.decode(wtok.encode(" the dog ran, too")) == " the dog ran, too"
+    from glmkit.corpus import load_corpus
+    text = load_corpus("stories")[:20000]
+    t = WordTokenizer.fit(text)
+    ids = t.encode(text)
+    assert t.decode(ids) == text and len(ids) < len(text) / 3  # words: ~3.5x fewer tokens than bytes
+
+
+def test_word_specials_and_vocab(wtok):
+    ids = [wtok.pad_id, wtok.mask_id, wtok.smask_id, wtok.gmask_id, wtok.sop_id, wtok.eop_id, wtok.unk_id]
+    assert len(set(ids)) == len(ids) and all(wtok.is_special(i) for i in ids)
+    assert wtok.vocab_size % 8 == 0 and wtok.vocab_size >= wtok.n_special + len(wtok.pieces)
+    assert wtok.encode("[MASK]") != [wtok.mask_id]                   # literal text unless asked
+    ids = wtok.encode("The cat [MASK] on [gMASK]", parse_special=True)
+    assert ids == wtok.encode("The cat") + [wtok.mask_id] + wtok.encode(" on") + [wtok.gmask_id]
+    assert wtok.decode(ids) == "The cat[MASK] on[gMASK]"             # the space before a blank is the fill's
+    assert wtok.decode(ids, skip_special=True) == "The cat on"
+    assert wtok.token_strings(wtok.encode("The cat\n")) == ["The", "␣cat", "⏎"]
+    assert wtok.token_strings([wtok.eop_id]) == ["[END]"]
+    assert set(wtok.sentence_end_ids) == {wtok.encode(p)[0] for p in (".", "!", ":", "\n")}
+    assert set(wtok.whitespace_ids) == {wtok.encode(p)[0] for p in ("\n", " ")}
+
+
+def test_word_unknown_words(wtok):
+    ids = wtok.encode("The zebra sat.")
+    assert ids[1] == wtok.unk_id and wtok.decode(ids) == "The[UNK] sat."
+    assert wtok.encode("The cat", parse_special=False)[1] != wtok.unk_id
+
+
+def test_word_fit_order_and_save_load(wtok, tmp_path):
+    assert wtok.pieces[0] == " the" or wtok.pieces.index(" sat") < wtok.pieces.index(" park")  # by count
+    assert WordTokenizer.fit(WORD_TEXT).pieces == wtok.pieces                                  # deterministic
+    assert len(WordTokenizer.fit(WORD_TEXT, max_vocab=3).pieces) == 3
+    assert " the" not in WordTokenizer.fit(WORD_TEXT, min_count=3).pieces
+    path = tmp_path / "vocab.json"
+    wtok.save(path)
+    back = WordTokenizer.load(path)
+    assert back.pieces == wtok.pieces and back.encode(WORD_TEXT) == wtok.encode(WORD_TEXT)
+
+
+def test_word_errors(wtok, tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        WordTokenizer.fit("")
+    with pytest.raises(TypeError, match="str"):
+        WordTokenizer.fit(b"bytes")
+    with pytest.raises(ValueError, match="min_count"):
+        WordTokenizer.fit("a b", min_count=0)
+    with pytest.raises(ValueError, match="distinct"):
+        WordTokenizer(["a", "a"])
+    with pytest.raises(ValueError, match="special"):
+        WordTokenizer(["a", "[MASK]"])
+    with pytest.raises(TypeError, match="str"):
+        wtok.encode(5)
+    with pytest.raises(ValueError, match="out of range"):
+        wtok.decode([wtok.vocab_size])
+    two = WordTokenizer(["a", "b"])           # 9 specials + 2 pieces, table rounded up to 16 rows
+    assert two.vocab_size == 16
+    with pytest.raises(ValueError, match="padding of the table"):
+        two.decode([11])
+    with pytest.raises(TypeError, match="ints"):
+        wtok.decode([1.5])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"pieces": 3}')
+    with pytest.raises(ValueError, match="not a saved WordTokenizer"):
+        WordTokenizer.load(bad)
+
+
+def test_word_tokenizer_drives_the_data_and_the_model(wtok):
+    import numpy as np
+    from glmkit import blank_infilling as bi
+    from glmkit.generate import fill_blanks, generate
+    from glmkit.models.glm2021 import GLMModel, get_config
+
+    data = bi.BlankInfillingData(WORD_TEXT * 20, wtok, seq_len=32, batch_size=4, seed=0,
+                                 cfg=bi.BlankInfillingConfig(span_prob=0.5, sentence_prob=0.3))
+    batch = data.batch(0)
+    assert int(batch.input_ids.max()) < wtok.vocab_size
+    for mode in ("mask", "smask", "gmask"):
+        ex = bi.corrupt(wtok.encode(WORD_TEXT), bi.BlankInfillingConfig(), np.random.default_rng(0), wtok, mode=mode)
+        assert wtok.decode(ex.part_a).count(wtok.id_to_special[ex.mask_token_ids[0]]) == len(ex.spans)
+    torch.manual_seed(0)
+    model = GLMModel(get_config("cpu-words", vocab_size=wtok.vocab_size, n_layers=1, d_model=32, d_ff=64))
+    assert torch.isfinite(model.loss(batch))
+    r = fill_blanks(model, wtok, "The cat [MASK] on the mat.", max_span_len=3)
+    assert len(r.fills) == 1 and r.text.startswith("The cat")
+    g = generate(model, wtok, "The dog", max_new_tokens=3)
+    assert g.text.startswith("The dog") and all(wtok.n_special <= i < wtok.n_ids for i in g.ids)
+
