@@ -1,0 +1,69 @@
+"""Time lessons top to bottom, the way a learner's *Run All* does, and print rows for lessons/TIMINGS.md.
+
+    python benchmarks/time_lessons.py                       # every lesson, default (full) run
+    GLMKIT_FAST=1 python benchmarks/time_lessons.py 01 02   # the CI-sized run of lessons 01 and 02
+
+Each notebook runs in a fresh kernel (nbclient, kernel start included) from lessons/ as the working folder.
+A lesson with an error output is reported as failed, with the error, and its time is not a valid timing.
+The load average before and after is printed with each row: on a shared machine it explains slow figures.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+LESSONS = Path(__file__).resolve().parent.parent / "lessons"
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({platform.machine()})"
+
+
+def time_one(path: Path, timeout: int = 1800) -> tuple[float, list[str]]:
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    try:
+        client.execute()
+    except Exception as exc:  # nbclient raises on the first failing cell
+        return time.perf_counter() - start, [f"{type(exc).__name__}: {str(exc)[-400:]}"]
+    errors = [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells if c.cell_type == "code"
+              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    return time.perf_counter() - start, errors
+
+
+def main(argv: list[str]) -> int:
+    wanted = set(argv)
+    paths = sorted(p for p in LESSONS.glob("[0-9][0-9]_*.ipynb") if not wanted or p.name[:2] in wanted)
+    run = "fast" if os.environ.get("GLMKIT_FAST") == "1" else "default"
+    today = datetime.date.today().isoformat()
+    failed = 0
+    for path in paths:
+        load0 = os.getloadavg()[0]
+        seconds, errors = time_one(path)
+        load1 = os.getloadavg()[0]
+        status = "ok" if not errors else "FAILED: " + "; ".join(errors)
+        failed += bool(errors)
+        print(f"| {path.name[:2]} | {run} | {machine()} | {today} | {seconds:.0f} | load {load0:.1f}->{load1:.1f} {status} |",
+              flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
