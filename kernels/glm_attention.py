@@ -236,6 +236,21 @@ def _t_bucket(T: int) -> int:
     return 1 << 20
 
 
+
+def _check_sep(sep: torch.Tensor | None, B: int, T: int, device: torch.device, check: bool) -> torch.Tensor:
+    """The per-sample Part-A lengths as a [B] integer tensor on ``device``; None = no mask (sep = T).
+    ``check`` also verifies 0 <= sep <= T, which costs a device-to-host sync."""
+    if sep is None:
+        return torch.full((B,), T, dtype=torch.int64, device=device)  # no mask = all of it is Part A
+    if not isinstance(sep, torch.Tensor) or sep.dtype not in (torch.int32, torch.int64) or sep.shape != (B,):
+        raise TypeError(f"sep must be a [B] = [{B}] integer tensor, got {getattr(sep, 'dtype', type(sep))} "
+                        f"{tuple(getattr(sep, 'shape', ()))}")
+    if sep.device != device:
+        raise ValueError(f"sep must be on q's device {device}, got {sep.device}")
+    if check and (int(sep.min()) < 0 or int(sep.max()) > T):
+        raise ValueError(f"sep values must lie in [0, T] = [0, {T}]")
+    return sep
+
 def glm_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -287,14 +302,7 @@ def glm_attention_fwd(
         raise ValueError("q, k and v must be on one device")
     if T == 0 or B == 0 or H == 0:
         raise ValueError(f"empty input: q has shape {tuple(q.shape)}")
-    if sep is None:
-        sep = torch.full((B,), T, dtype=torch.int64, device=q.device)  # no mask = all of it is Part A
-    if not isinstance(sep, torch.Tensor) or sep.dtype not in (torch.int32, torch.int64) or sep.shape != (B,):
-        raise TypeError(f"sep must be a [B] = [{B}] integer tensor, got {getattr(sep, 'dtype', type(sep))} {tuple(getattr(sep, 'shape', ()))}")
-    if sep.device != q.device:
-        raise ValueError(f"sep must be on q's device {q.device}, got {sep.device}")
-    if check and (int(sep.min()) < 0 or int(sep.max()) > T):
-        raise ValueError(f"sep values must lie in [0, T] = [0, {T}]")
+    sep = _check_sep(sep, B, T, q.device, check)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     if q.device.type != "cuda" and not _interpreting():

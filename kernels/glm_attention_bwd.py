@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmkit.kernels.glm_attention import LOG2E, SUPPORTED_HEAD_DIMS, _interpreting, _t_bucket
+from glmkit.kernels.glm_attention import LOG2E, SUPPORTED_HEAD_DIMS, _check_sep, _interpreting, _t_bucket
 
 
 @triton.jit
@@ -400,15 +400,7 @@ def glm_attention_bwd(
     if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, T) or lse.dtype != torch.float32:
         raise ValueError(f"lse must be the forward's fp32 [B, H, T] = {(B, H, T)} log-sum-exp, got "
                          f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    if sep is None:
-        sep = torch.full((B,), T, dtype=torch.int64, device=q.device)
-    if not isinstance(sep, torch.Tensor) or sep.dtype not in (torch.int32, torch.int64) or sep.shape != (B,):
-        raise TypeError(f"sep must be a [B] = [{B}] integer tensor, got {getattr(sep, 'dtype', type(sep))} "
-                        f"{tuple(getattr(sep, 'shape', ()))}")
-    if sep.device != q.device:
-        raise ValueError(f"sep must be on q's device {q.device}, got {sep.device}")
-    if check and (int(sep.min()) < 0 or int(sep.max()) > T):
-        raise ValueError(f"sep values must lie in [0, T] = [0, {T}]")
+    sep = _check_sep(sep, B, T, q.device, check)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     if q.device.type != "cuda" and not _interpreting():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from glmkit.presets import preset
 from glmkit.attention import glm_attention
 
 MODEL_TYPE = "glmkit_glm2021"
@@ -147,19 +148,7 @@ PRESETS: dict[str, GLMConfig] = {
 
 def get_config(name: str | GLMConfig, **overrides: Any) -> GLMConfig:
     """A preset by name (or a config to copy), with fields overridden: ``get_config("cpu-tiny", n_layers=2)``."""
-    if isinstance(name, GLMConfig):
-        base = name
-    elif isinstance(name, str):
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid names: {', '.join(PRESETS)}")
-        base = PRESETS[name]
-    else:
-        raise TypeError(f"get_config: name must be a preset name or a GLMConfig, got {type(name).__name__}")
-    known = {f.name for f in dataclasses.fields(GLMConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"get_config: unknown fields {unknown}; GLMConfig fields are {sorted(known)}")
-    return dataclasses.replace(base, **overrides)  # re-runs __post_init__ validation
+    return preset(GLMConfig, PRESETS, name, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------

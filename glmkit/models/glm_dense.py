@@ -48,6 +48,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from glmkit.presets import preset
 from glmkit.attention import glm_attention
 from glmkit.kv_cache import KVCache
 from glmkit.mlp import MLP
@@ -239,20 +240,8 @@ PRESETS: dict[str, GLMDenseConfig] = {
 
 
 def get_config(name: str | GLMDenseConfig, **overrides: Any) -> GLMDenseConfig:
-    """A preset by name (or a config to copy) with fields overridden: ``get_config("cpu-small", n_layers=2)``."""
-    if isinstance(name, GLMDenseConfig):
-        base = name
-    elif isinstance(name, str):
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid names: {', '.join(PRESETS)}")
-        base = PRESETS[name]
-    else:
-        raise TypeError(f"get_config: name must be a preset name or a GLMDenseConfig, got {type(name).__name__}")
-    known = {f.name for f in dataclasses.fields(GLMDenseConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"get_config: unknown fields {unknown}; GLMDenseConfig fields are {sorted(known)}")
-    return dataclasses.replace(base, **overrides)  # re-runs __post_init__ validation
+    """A preset by name (or a config to copy), with fields overridden: ``get_config("cpu-small", n_layers=2)``."""
+    return preset(GLMDenseConfig, PRESETS, name, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
