@@ -31,22 +31,12 @@ from glmkit.kernels import glm_attention as kmod
 from glmkit.kernels.glm_attention import glm_attention_fwd, visible_pairs
 from glmkit.testing import rel_err
 
+from common import bench, matmul_ceiling  # benchmarks/common.py
+
 TOKENS = 32 * 1024       # B·T per shape
 MODEL_DIM = 2048         # H · D
 TARGET_FLEX, TARGET_SDPA = 1.1, 1.8
 
-
-def bench(fn, rep=300):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")  # ms
-
-
-def matmul_ceiling():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = bench(lambda: a @ b, rep=200)
-    return 2 * 8192**3 / ms / 1e9
 
 
 def make_inputs(T, D, seed=0):

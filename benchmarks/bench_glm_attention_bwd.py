@@ -34,21 +34,12 @@ from glmkit.kernels.glm_attention import glm_attention_fwd, visible_pairs
 from glmkit.kernels.glm_attention_bwd import bwd_flops, glm_attention_bwd
 from glmkit.testing import rel_err
 
+from common import bench, matmul_ceiling  # benchmarks/common.py
+
 TOKENS = 32 * 1024
 MODEL_DIM = 2048
 TARGET_CUDNN = 0.9  # issue 4: bwd ≥ 0.9× cuDNN SDPA
 
-
-def bench(fn, rep=300):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")  # ms
-
-
-def matmul_ceiling():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192**3 / bench(lambda: a @ b, rep=200) / 1e9
 
 
 def _cfg(tuned):

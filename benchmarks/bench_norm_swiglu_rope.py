@@ -49,6 +49,8 @@ from glmkit.norms import rms_norm_reference
 from glmkit.rope import apply_rope_reference, rope_cos_sin
 from glmkit.testing import rel_err
 
+import common  # benchmarks/common.py
+
 DT = torch.bfloat16
 B16 = 2  # bytes per bf16 element
 TOKENS = 16 * 1024
@@ -64,9 +66,7 @@ ROPE_SHAPES = [  # (name, B, H, H_kv, T, D, R, pairing)
 
 
 def bench(fn, rep=200):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")  # ms
+    return common.bench(fn, rep=rep, warmup=25)  # ms; memory-bound ops need a shorter warm-up
 
 
 def copy_ceiling():
