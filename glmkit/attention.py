@@ -195,7 +195,9 @@ def glm_attention(
       * otherwise: ``F.scaled_dot_product_attention`` with the boolean mask.
     """
     _check_inputs(q, k, v, sep, scale)
-    if attention_path(q, k, v) == "triton":
+    path = attention_path(q, k, v)
+    backend.record("attention", path)
+    if path == "triton":
         if _grad_needed(q, k, v):
             return GLMAttentionFunction.apply(q, k, v, sep, scale)
         from glmkit.kernels.glm_attention import glm_attention_fwd

@@ -89,6 +89,57 @@ def resolve(t: torch.Tensor) -> str:
     return "triton" if t.is_cuda else "torch"
 
 
+class KernelAudit:
+    """What ran, counted per (op, path): ``audit.counts[("rms_norm", "triton")] == 17``.
+
+    Ops recorded (each at the point where the implementation is chosen, once per call): "attention"
+    (forward; its backward follows the forward's path), "attention_decode" (the explicit-mask torch math of
+    a decode step or a padded batch), "rms_norm", "swiglu", "rope", "moe_experts". ``paths(op)`` is the
+    set of paths an op took; ``only_triton()`` is True when every recorded op took "triton".
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def paths(self, op: str) -> set[str]:
+        return {p for (o, p) in self.counts if o == op}
+
+    def ops(self) -> set[str]:
+        return {o for (o, _) in self.counts}
+
+    def only_triton(self) -> bool:
+        return bool(self.counts) and all(p == "triton" for (_, p) in self.counts)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{o}:{p}×{n}" for (o, p), n in sorted(self.counts.items()))
+        return f"KernelAudit({rows or 'nothing recorded'})"
+
+
+_audits: list[KernelAudit] = []
+
+
+def record(op: str, path: str) -> None:
+    """Called by glmkit's dispatchers each time an op runs; counts it in every active ``audit()``."""
+    for a in _audits:
+        a.counts[(op, path)] = a.counts.get((op, path), 0) + 1
+
+
+@contextlib.contextmanager
+def audit() -> Iterator[KernelAudit]:
+    """Record which implementation every dispatched op used inside the block::
+
+        with glmkit.backend.audit() as a:
+            model.loss(x, y).backward()
+        assert a.only_triton(), a
+    """
+    a = KernelAudit()
+    _audits.append(a)
+    try:
+        yield a
+    finally:
+        _audits.remove(a)
+
+
 def describe() -> str:
     """One line saying what runs where, for notebooks and logs."""
     if not triton_available():

@@ -79,7 +79,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU as the model calls it: same result as ``swiglu_reference`` (gate_up [..., 2I] → [..., I]),
     differentiable on both paths; the fused Triton kernel when the backend resolves to "triton"."""
     _check_gated(gate_up)
-    if swiglu_path(gate_up) == "triton":
+    path = swiglu_path(gate_up)
+    backend.record("swiglu", path)
+    if path == "triton":
         from glmkit.kernels.swiglu import swiglu_triton
 
         return swiglu_triton(gate_up)

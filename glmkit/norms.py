@@ -100,7 +100,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     _check(x, weight, eps)
     if weight is None:
         raise ValueError("weight is required for rms_norm (pass torch.ones(N) for an unscaled norm)")
-    if rms_norm_path(x) == "triton":
+    path = rms_norm_path(x)
+    backend.record("rms_norm", path)
+    if path == "triton":
         from glmkit.kernels.rmsnorm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps)

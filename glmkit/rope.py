@@ -176,7 +176,9 @@ def apply_rope_qk(
             raise ValueError(f"k must be [B, H_kv, T, D] of q's dtype matching q {tuple(q.shape)} {q.dtype}, got "
                              f"{tuple(getattr(k, 'shape', ()))} {getattr(k, 'dtype', type(k))}")
         _check_rope(k, cos, sin, R, pairing, "k")
-    if rope_path(q) == "triton":
+    path = rope_path(q)
+    backend.record("rope", path)
+    if path == "triton":
         from glmkit.kernels.rope import rope_triton
 
         return rope_triton(q, k, cos, sin, R, pairing, inplace)

@@ -148,8 +148,8 @@ def _edit_config(path, **changes):
 
 def test_unsupported_model_type(tmp_path):
     path = save_tiny(tiny_hf("glm4"), tmp_path / "m")
-    _edit_config(path, model_type="glm4_moe")
-    with pytest.raises(HFCheckpointError, match=r"unsupported model_type 'glm4_moe'.*'glm', 'glm4'"):
+    _edit_config(path, model_type="glm_moe_dsa")
+    with pytest.raises(HFCheckpointError, match=r"unsupported model_type 'glm_moe_dsa'.*'glm', 'glm4', 'glm4_moe'"):
         load_hf(path)
 
 

@@ -48,6 +48,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from glmkit import backend
 from glmkit.presets import preset
 from glmkit.attention import glm_attention
 from glmkit.kv_cache import KVCache
@@ -305,6 +306,7 @@ class Attention(nn.Module):
         if ctx.visible is None:   # prefill without padding: the GLM-mask attention kernel / SDPA
             out = glm_attention(q, k.contiguous(), v.contiguous(), ctx.sep, scale=self.scale)
         else:                     # decode step or padded batch: explicit mask
+            backend.record("attention_decode", "torch")
             out = attention_masked(q, k, v, ctx.visible, self.scale)
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
@@ -323,12 +325,16 @@ class Block(nn.Module):
         self.input_norm = _make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
         self.pre_mlp_norm = _make_norm(cfg)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, bias=cfg.mlp_bias)
+        self.mlp = self.make_ffn(cfg, layer_idx)
         if cfg.block == "sandwich":
             self.post_attn_norm = _make_norm(cfg)
             self.post_mlp_norm = _make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.alpha = cfg.deepnorm_alpha
+
+    def make_ffn(self, cfg: GLMDenseConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward network of this layer (the MoE model overrides this)."""
+        return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple, ctx: "_StepContext") -> torch.Tensor:
         block = self.cfg.block
@@ -360,10 +366,14 @@ class GLMDenseModel(nn.Module):
     """A dense GLM of any generation. ``forward(input_ids [B, T], position_ids=None, sep=None,
     attention_mask=None, cache=None) -> logits [B, T, vocab_size]``; ``new_cache(B, max_len)`` for decoding."""
 
+    block_class = Block  # the layer type (the MoE model plugs in its own)
+    config_class = GLMDenseConfig
+
     def __init__(self, config: GLMDenseConfig):
         super().__init__()
-        if not isinstance(config, GLMDenseConfig):
-            raise TypeError(f"GLMDenseModel needs a GLMDenseConfig (see get_config), got {type(config).__name__}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__} (see get_config), "
+                            f"got {type(config).__name__}")
         self.config = cfg = config
         V = cfg.padded_vocab_size
         self.embed_tokens = nn.Embedding(V, cfg.hidden_size)
@@ -372,7 +382,7 @@ class GLMDenseModel(nn.Module):
             self.pos_embed = nn.Embedding(cfg.max_seq_len + 1, cfg.hidden_size)
             self.block_pos_embed = nn.Embedding(cfg.max_seq_len + 1, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self.block_class(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = _make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, V, bias=False)
         self.reset_parameters()
