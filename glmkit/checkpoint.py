@@ -4,6 +4,10 @@ Two kinds of folder:
 
 * A **model folder** (``save_pretrained`` / ``load_pretrained``), the Hugging Face layout:
   ``config.json`` ({"model_type": "glmkit_glm2021", ...the GLMConfig fields}) and ``model.safetensors``.
+  The dense and MoE models of the later lessons are stored the same way under their own ``model_type``
+  (``glmkit_glm_dense``, ``glmkit_glm_moe``; ``model_families()`` maps a type to its config and model
+  classes); their persistent buffers, such as an MoE router's ``e_score_correction_bias``, travel with
+  the weights (``state_dict()`` holds them).
   safetensors refuses to store two names that share memory, and a tied head is exactly that
   (``lm_head.weight`` *is* ``word_embeddings.weight``). So the tensor is stored once, under its first
   name, and the file's metadata records the alias (``{"lm_head.weight": "word_embeddings.weight"}``);
@@ -46,6 +50,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from glmkit.models import glm_dense
 from glmkit.models.glm2021 import MODEL_TYPE, GLMConfig, GLMModel
 
 CONFIG_NAME = "config.json"
@@ -83,6 +88,45 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 # ----------------------------------------------------------------------------------------------------
+# Model families: which config and model class a folder's model_type stands for
+# ----------------------------------------------------------------------------------------------------
+def model_families() -> dict[str, tuple[type, type]]:
+    """``{model_type: (config class, model class)}`` for every model a folder can hold. The MoE family
+    (``glmkit.models.glm_moe``) is listed when that module is importable."""
+    families: dict[str, tuple[type, type]] = {
+        MODEL_TYPE: (GLMConfig, GLMModel),
+        glm_dense.MODEL_TYPE: (glm_dense.GLMDenseConfig, glm_dense.GLMDenseModel),
+    }
+    try:
+        from glmkit.models import glm_moe
+    except ImportError:
+        return families
+    moe_type, moe_cfg, moe_model = (getattr(glm_moe, n, None) for n in ("MODEL_TYPE", "GLMMoEConfig", "GLMMoEModel"))
+    if moe_type and moe_cfg and moe_model:
+        families[moe_type] = (moe_cfg, moe_model)
+    return families
+
+
+def model_type_of(model: torch.nn.Module) -> str:
+    """The ``model_type`` a model is saved under (its exact class decides: a subclass needs its own entry)."""
+    for model_type, (_, cls) in model_families().items():
+        if type(model) is cls:
+            return model_type
+    known = ", ".join(cls.__name__ for _, cls in model_families().values())
+    raise TypeError(f"model must be a glmkit model ({known}), got {type(model).__name__}")
+
+
+def _config_from_dict(model_type: str, raw: dict[str, Any], where: Path):
+    config_cls = model_families()[model_type][0]
+    try:
+        if hasattr(config_cls, "from_dict"):
+            return config_cls.from_dict(raw)
+        return config_cls(**raw)
+    except TypeError as e:
+        raise ValueError(f"{where}: the fields do not fit {config_cls.__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------
 # Model weights: shared tensors stored once
 # ----------------------------------------------------------------------------------------------------
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -109,17 +153,16 @@ def _weights_for_file(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
     return {k: v.detach().to("cpu").contiguous() for k, v in unique.items()}, aliases
 
 
-def _write_model_files(model: GLMModel, directory: Path) -> None:
-    if not isinstance(model, GLMModel):
-        raise TypeError(f"model must be a glmkit GLMModel, got {type(model).__name__}")
+def _write_model_files(model: torch.nn.Module, directory: Path) -> None:
+    model_type = model_type_of(model)
     tensors, aliases = _weights_for_file(model)
-    meta = {"format": "pt", "model_type": MODEL_TYPE, "aliases": json.dumps(aliases)}
+    meta = {"format": "pt", "model_type": model_type, "aliases": json.dumps(aliases)}
     _atomic_save_file(tensors, directory / WEIGHTS_NAME, meta)
-    config = {"model_type": MODEL_TYPE, **model.config.to_dict()}
+    config = {"model_type": model_type, **model.config.to_dict()}
     _atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
 
-def _load_weights_into(model: GLMModel, path: Path, device: str | torch.device | None = None) -> None:
+def _load_weights_into(model: torch.nn.Module, path: Path, device: str | torch.device | None = None) -> None:
     """Load ``path`` into ``model`` strictly: missing, unexpected and wrongly shaped names are named."""
     if not path.is_file():
         raise FileNotFoundError(f"no weights file {path}")
@@ -160,7 +203,7 @@ def _load_weights_into(model: GLMModel, path: Path, device: str | torch.device |
         model.to(device)
 
 
-def save_pretrained(model: GLMModel, directory: str | os.PathLike) -> Path:
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -168,8 +211,9 @@ def save_pretrained(model: GLMModel, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def read_config(directory: str | os.PathLike) -> GLMConfig:
-    """The GLMConfig stored in a model folder's config.json (checks model_type)."""
+def read_config(directory: str | os.PathLike):
+    """The config stored in a model folder's config.json: a ``GLMConfig``, ``GLMDenseConfig`` (or the MoE
+    config), as its model_type says."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not directory.exists():
@@ -182,9 +226,11 @@ def read_config(directory: str | os.PathLike) -> GLMConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     model_type = raw.pop("model_type", None)
-    if model_type != MODEL_TYPE:
-        raise ValueError(f"{path}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
-    return GLMConfig.from_dict(raw)
+    families = model_families()
+    if model_type not in families:
+        others = ", ".join(repr(t) for t in families if t != MODEL_TYPE)
+        raise ValueError(f"{path}: model_type is {model_type!r}, expected {MODEL_TYPE!r} or one of {others}")
+    return _config_from_dict(model_type, raw, path)
 
 
 def _resolve_model_folder(directory: Path) -> Path:
@@ -195,8 +241,9 @@ def _resolve_model_folder(directory: Path) -> Path:
     return latest if latest is not None else directory
 
 
-def load_pretrained(directory: str | os.PathLike, device: str | torch.device | None = None) -> GLMModel:
-    """Build the model described by ``directory/config.json`` and load ``model.safetensors`` into it.
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
+    """Build the model described by ``directory/config.json`` (a ``GLMModel``, ``GLMDenseModel`` or the
+    MoE model, as its model_type says) and load ``model.safetensors`` into it.
 
     ``directory`` may also be a training folder (``train(..., out_dir=...)``): its latest checkpoint
     is loaded. ``device`` defaults to CPU.
@@ -206,7 +253,8 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    model = GLMModel(config)
+    model_cls = next(m for c, m in model_families().values() if type(config) is c)
+    model = model_cls(config)
     _load_weights_into(model, weights, device)
     return model
 
@@ -315,7 +363,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 def save_training_state(
     directory: str | os.PathLike,
-    model: GLMModel,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     step: int,
     extra: dict[str, Any] | None = None,
@@ -350,7 +398,7 @@ def save_training_state(
         if save_rng:
             rng_tensors, rng_meta = _rng_state()
             save_file(rng_tensors, str(tmp / RNG_NAME), metadata={"format": "pt"})
-        state = {"step": step, "model_type": MODEL_TYPE, "rng": rng_meta, "extra": extra or {}}
+        state = {"step": step, "model_type": model_type_of(model), "rng": rng_meta, "extra": extra or {}}
         try:
             text = json.dumps(state, indent=1) + "\n"
         except TypeError as e:
@@ -378,7 +426,7 @@ def save_training_state(
 
 def load_training_state(
     directory: str | os.PathLike,
-    model: GLMModel,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
     restore_rng: bool = True,
@@ -394,6 +442,9 @@ def load_training_state(
         return None
     state = json.loads((ckpt / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
     saved = read_config(ckpt)
+    if type(saved) is not type(model.config):
+        raise ValueError(f"checkpoint {ckpt} holds a {type(saved).__name__} model, not a "
+                         f"{type(model.config).__name__} one ({type(model).__name__})")
     if saved != model.config:
         diff = {k: (v, getattr(model.config, k)) for k, v in saved.to_dict().items()
                 if getattr(model.config, k) != v}

@@ -113,7 +113,8 @@ class SoftmaxTopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_x(x, self.hidden_size)
-        logits = F.linear(x.reshape(-1, self.hidden_size).float(), self.weight.float())  # [N, E]
+        with torch.autocast(x.device.type, enabled=False):   # fp32 even under autocast
+            logits = F.linear(x.reshape(-1, self.hidden_size).float(), self.weight.float())  # [N, E]
         scores = logits.softmax(dim=-1)
         topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -199,7 +200,8 @@ class SigmoidGroupRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_x(x, self.hidden_size)
-        logits = F.linear(x.reshape(-1, self.hidden_size).float(), self.weight.float())  # [N, E], fp32 as HF
+        with torch.autocast(x.device.type, enabled=False):   # fp32 even under autocast (bf16 would flip ties)
+            logits = F.linear(x.reshape(-1, self.hidden_size).float(), self.weight.float())  # [N, E], fp32 as HF
         return sigmoid_topk_route(logits, self.e_score_correction_bias, self.top_k, self.n_group,
                                   self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
 
