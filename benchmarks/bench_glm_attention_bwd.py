@@ -150,7 +150,7 @@ def main():
             f"{r['ours'] / r['cudnn']:.2f} | {r['ours'] / r['flash']:.2f} | {r['ours_glm']:.0f} | {r['cfg']} | "
             f"{r['err_ours']:.1e} | {r['err_flash']:.1e} |"
         )
-    lines += ["", "## Notes", "- (fill in: how it was run, targets met or missed and what limits them)", ""]
+    lines += ["", f"How it was run: `PYTHONPATH=. python3 {' '.join(sys.argv)}` from the repository root.", ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))

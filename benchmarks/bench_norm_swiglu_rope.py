@@ -10,6 +10,10 @@ to every implementation:
     SwiGLU  fwd: read 2I, write I (3·M·I·b)          fwd+bwd: + read dy, 2I, write 2I (8·M·I·b)
     RoPE out of place: read + write q and k (2·(H+H_kv)·B·T·D·b); in place: only the rotary dims (R instead of D)
 
+The forward+backward rows are timed twice: as called from Python (autograd and launch overhead included,
+what a training step pays, and host-bound when the GPU work is short) and replayed from a CUDA graph
+(``common.graph_bench``: the GPU time alone).
+
 (weights, rstd and cos/sin tables are ignored: they are ≤ 1/M of the traffic). Each time is the median of
 triton.testing.do_bench; every output (and gradient) is checked against the fp32 torch reference before
 it is timed. Ratios "ours/X" are speed ratios (time of X / time of ours): > 1 means ours is faster.
@@ -138,6 +142,16 @@ def fwd_bwd(fn, inputs, dy):
     return run
 
 
+def graph_gbs(nbytes, fn, name, log):
+    """GB/s of fn replayed from a CUDA graph (no host overhead); NaN if it cannot be captured."""
+    try:
+        return nbytes / common.graph_bench(fn, rep=200, warmup=25) / 1e6
+    except Exception as e:  # noqa: BLE001
+        log(f"  {name}: CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}")
+        torch.cuda.synchronize()
+        return float("nan")
+
+
 def run_norm(M, N, log, LigerRMSNorm):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, N, device="cuda", dtype=DT, generator=g).requires_grad_()
@@ -160,6 +174,7 @@ def run_norm(M, N, log, LigerRMSNorm):
             r[f"fwd_{name}"] = 2 * M * N * B16 / bench(no_grad(fn)) / 1e6
             params = [x, w] if name != "liger" else [x, mod.weight]
             r[f"fb_{name}"] = 5 * M * N * B16 / bench(fwd_bwd(fn, params, dy)) / 1e6
+            r[f"fbg_{name}"] = graph_gbs(5 * M * N * B16, fwd_bwd(fn, params, dy), name, log)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             log(f"  {name} failed: {e!r}")
@@ -186,6 +201,7 @@ def run_swiglu(M, I, log, LigerSiLUMul):
                 r[f"err_{name}"] = rel_err(ref, fn())
             r[f"fwd_{name}"] = 3 * M * I * B16 / bench(no_grad(fn)) / 1e6
             r[f"fb_{name}"] = 8 * M * I * B16 / bench(fwd_bwd(fn, ins[name], dy)) / 1e6
+            r[f"fbg_{name}"] = graph_gbs(8 * M * I * B16, fwd_bwd(fn, ins[name], dy), name, log)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             log(f"  {name} failed: {e!r}")
@@ -302,7 +318,7 @@ def main():
             log(f"{title} {s} ...")
             r = runner(s)
             log(str(r))
-            for p, label in (("fwd", "fwd"), ("fb", "fwd+bwd")):
+            for p, label in (("fwd", "fwd"), ("fb", "fwd+bwd"), ("fbg", "fwd+bwd, CUDA graph")):
                 sections.append(
                     f"| {r['shape']} | {label} | {fmt(r.get(p + '_ours'))} | {fmt(r.get(p + '_liger'))} | "
                     f"{fmt(r.get(p + '_compile'))} | {fmt(r.get(p + '_eager'))} | {ratio(r, p + '_ours', p + '_liger')} | "

@@ -18,3 +18,20 @@ def matmul_ceiling() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     return 2 * 8192**3 / bench(lambda: a @ b, rep=200) / 1e9
+
+
+def graph_bench(fn, rep: int = 300, warmup: int = 50) -> float:
+    """Median milliseconds of ``fn()`` replayed from a CUDA graph: the GPU time without the host's launch
+    and autograd overhead (which dominates a fused op's forward+backward below ~0.5 ms on a busy host).
+    ``fn`` is warmed up on a side stream, captured once (its allocations come from the graph's pool) and
+    replayed; it must not synchronize with the host. Raises whatever capture raises."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay, rep=rep, warmup=warmup)

@@ -294,14 +294,18 @@ def _glm_attn_bwd_dq_kernel(
 # ---- CUDA: a few configurations per kernel, autotuned on (head dim, T size class, dtype) ----
 # The dk/dv kernel keeps k, v, dk, dv ([BN, D] each) on chip and streams small query tiles past them; the
 # dq kernel keeps q, dO, dq ([BM, D]) and streams key tiles. Hence "wide resident, narrow streamed" tiles
-# (as in FlashAttention-2's Triton backward). These lists are starting points, not yet swept on the H200.
+# (as in FlashAttention-2's Triton backward). Lists from a sweep of each kernel alone on one H200 (bf16,
+# causal, T = 8K, B·T = 32K; benchmarks/sweep_kernels.py, figures in
+# benchmarks/results/glm_attention_bwd_h200.md), best first: D = 128 dk/dv 64×128 w8 s3 4.72 ms
+# (64×128 w4 ran 16 ms: 4 warps spill at D = 128), dq 128×64 w8 s3 2.69 ms; D = 64 dk/dv 64×128 w4 s3
+# 5.44 ms, dq 64×64 w4 s3 3.01 ms. The rest are the runners-up within ~10%, kept for other T.
 _DKDV_CONFIGS = {  # head dim -> (BLOCK_M streamed, BLOCK_N resident, num_warps, num_stages)
-    128: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2)],
-    64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+    128: [(64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 8, 2), (32, 64, 4, 3)],
+    64: [(64, 128, 4, 3), (32, 64, 4, 3), (32, 64, 4, 4), (128, 128, 8, 3)],
 }
 _DQ_CONFIGS = {  # head dim -> (BLOCK_M resident, BLOCK_N streamed, num_warps, num_stages)
-    128: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2)],
-    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (64, 128, 4, 3)],
+    64: [(64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3)],
 }
 _SMALL_D = [(32, 64, 4, 3), (64, 64, 4, 3)]  # D = 16, 32: guesses
 

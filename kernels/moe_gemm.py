@@ -238,8 +238,10 @@ def _moe_combine_kernel(
 # ---- launch configurations ----
 
 # CUDA: BLOCK_M is fixed by the alignment; the autotuner picks the rest per (N_OUT, K, BLOCK_M, epilogue,
-# dtype). Guesses for Hopper, not yet measured (benchmarks/bench_moe.py records what wins). The SwiGLU
-# epilogues carry two accumulators or extra epilogue loads, so they stay at BLOCK_N <= 128.
+# dtype). The SwiGLU epilogues carry two accumulators or extra epilogue loads, so they stay at BLOCK_N <= 128.
+# GEMM list checked on one H200 (2026-11-23, benchmarks/sweep_kernels.py --sections moe; 64 experts, 2048 rows
+# each, K = N = 2048): 256×64 w8 s3 led (0.81-0.82× torch._grouped_mm); 16 other tiles, deeper pipelines and
+# 256-row alignment blocks were no faster (0.14-0.82×), so the list stays. The weight-gradient list is unswept.
 _GEMM_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 3),
 ]

@@ -86,10 +86,20 @@ def _rmsnorm_bwd_kernel(
         tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
 
 
-def _launch_opts(block_n: int, device: torch.device) -> dict:
+def _fwd_launch_opts(block_n: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
-    # one row per program: more warps for longer rows so each thread holds ≤ ~16-32 elements
+    # one row per program, thousands of programs: few warps per row (~64 elements per thread) let more
+    # rows be in flight per SM. Measured on one H200, bf16, 16384 rows (benchmarks/sweep_kernels.py):
+    # N = 5120 (block 8192) 3.86 TB/s with 4 warps against 3.11 with 16; N = 8192 4.00 against 3.91;
+    # N = 4096 within 1.5% for 4 and 8 warps; 32 warps was the slowest everywhere.
+    return {"num_warps": min(32, max(4, block_n // 2048))}
+
+
+def _launch_opts(block_n: int, device: torch.device) -> dict:
+    """Backward: few programs, each looping over many rows, so wide programs (more warps per row)."""
+    if device.type != "cuda":
+        return {}
     warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16 if block_n <= 16384 else 32
     return {"num_warps": warps}
 
@@ -151,15 +161,18 @@ def rmsnorm_fwd(
         block_n = triton.next_power_of_2(N)
         _rmsnorm_fwd_kernel[(M,)](
             x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), N, float(eps),
-            BLOCK_N=block_n, **_launch_opts(block_n, x.device),
+            BLOCK_N=block_n, **_fwd_launch_opts(block_n, x.device),
         )
     return (out, rstd) if return_rstd else out
 
 
-def _default_programs(M: int, device: torch.device) -> int:
+def _default_programs(M: int, device: torch.device, block_n: int = 0) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(M, 2 * sms))
+        # measured on one H200 (bf16, 16384 rows): one program per SM for rows padded to 8192 lanes
+        # (N = 5120 and 8192: +3-4% over two per SM), two per SM otherwise (N = 4096: 2.95 TB/s against
+        # 2.17 with one; longer rows were not swept, so they keep the earlier default of two)
+        return max(1, min(M, (1 if block_n == 8192 else 2) * sms))
     return max(1, min(M, 4))  # interpreter: few programs, each looping over its rows
 
 
@@ -175,7 +188,7 @@ def rmsnorm_bwd(
 ):
     """RMSNorm backward. dy, x [..., N] (one dtype), weight [N], rstd [M] fp32 from ``rmsnorm_fwd``.
     dx: optional contiguous buffer of x's shape and dtype. num_programs: how many programs split the rows
-    (each writes one fp32 partial row of dw; default 2 per SM on CUDA, ≤ 4 under the interpreter).
+    (each writes one fp32 partial row of dw; default 1-2 per SM on CUDA, ≤ 4 under the interpreter).
     Returns (dx, dw) with dw [N] in weight's dtype, or None when ``compute_dw`` is False."""
     N = _check_common(x, weight)
     if not isinstance(dy, torch.Tensor) or dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
@@ -190,7 +203,7 @@ def rmsnorm_bwd(
         raise ValueError(f"dx must be a contiguous {tuple(x.shape)} tensor of {x.dtype} on {x.device}")
     if M == 0:
         return dx, (torch.zeros_like(weight) if compute_dw else None)
-    P = num_programs or _default_programs(M, x.device)
+    P = num_programs or _default_programs(M, x.device, triton.next_power_of_2(N))
     if not isinstance(P, int) or P < 1:
         raise ValueError(f"num_programs must be a positive int, got {num_programs!r}")
     P = min(P, M)
