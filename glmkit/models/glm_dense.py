@@ -248,6 +248,16 @@ def get_config(name: str | GLMDenseConfig, **overrides: Any) -> GLMDenseConfig:
 # ----------------------------------------------------------------------------------------------------
 # Pieces
 # ----------------------------------------------------------------------------------------------------
+def count_distinct(params, skip: set[int]) -> int:
+    """Elements of the distinct tensors in ``params`` (a tied tensor counts once), leaving out ids in ``skip``."""
+    seen, total = set(skip), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
 def _make_norm(cfg: GLMDenseConfig, size: int | None = None) -> nn.Module:
     size = cfg.hidden_size if size is None else size
     if cfg.norm == "rmsnorm":
@@ -262,7 +272,7 @@ def attention_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
     q [B, H, Tq, D], k/v [B, H_kv, L, D], visible [B, Tq, L] bool (True = may attend) → [B, H, Tq, D].
     Scores and softmax in fp32; query head h reads k/v head h // (H / H_kv).
     """
-    H, Hkv = q.shape[1], k.shape[1]
+    Hkv = k.shape[1]
     qg = rearrange(q.float(), "b (hkv g) t d -> b hkv g t d", hkv=Hkv)  # group query heads by their k/v head
     scores = torch.einsum("bkgtd,bkld->bkgtl", qg, k.float()) * scale
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
@@ -422,14 +432,7 @@ class GLMDenseModel(nn.Module):
     # -- bookkeeping -------------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied head counts once)."""
-        seen, total = set(), 0
-        skip = {id(self.embed_tokens.weight)} if exclude_embeddings else set()
-        for p in self.parameters():
-            if id(p) in seen or id(p) in skip:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        return count_distinct(self.parameters(), {id(self.embed_tokens.weight)} if exclude_embeddings else set())
 
     @property
     def device(self) -> torch.device:

@@ -45,9 +45,9 @@ from torch import nn
 
 from glmkit import backend
 from glmkit.mlp import MLP, swiglu
-from glmkit.moe import MoE, SigmoidGroupRouter, SoftmaxTopKRouter, experts_loop, experts_sorted, max_violation
+from glmkit.moe import MoE, SigmoidGroupRouter, experts_loop, experts_sorted, max_violation
 from glmkit.moe_configs import GLM_4_5, GLM_4_5_AIR, GLM45Config
-from glmkit.models.glm_dense import Block, GLMDenseConfig, GLMDenseModel, _make_norm, _StepContext
+from glmkit.models.glm_dense import Block, GLMDenseConfig, GLMDenseModel, _StepContext, count_distinct
 from glmkit.norms import RMSNorm
 from glmkit.presets import preset
 
@@ -377,13 +377,7 @@ class GLMMoEModel(GLMDenseModel):
             id(self.embed_tokens.weight), id(self.lm_head.weight)}
         if exclude_embeddings:
             skip.add(id(self.embed_tokens.weight))
-        seen, total = set(), 0
-        for p in self.parameters():
-            if id(p) in seen or id(p) in skip:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        return count_distinct(self.parameters(), skip)
 
     def num_active_parameters(self, include_embeddings: bool = False) -> int:
         """Parameters one token passes through in the main model: everything except the routed experts
