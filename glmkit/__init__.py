@@ -10,14 +10,18 @@ Modules (lesson in brackets):
     glmkit.blank_infilling  GLM's objective: span sampling, Part A / Part B, 2D positions, mask  [01]
     glmkit.attention        attention under the GLM mask: torch reference, kernel dispatch, autograd
     glmkit.models.glm2021   the GLM-2021 transformer and its presets                            [01]
-    glmkit.train            training: progress bar, live loss plot, safetensors checkpoints, resume
+    glmkit.train            training (blank infilling or next token; MoE balancing): progress bar, live
+                            loss plot, safetensors checkpoints, exact resume                   [01, 03-04]
+    glmkit.lm_data          next-token batches over the built-in corpus (dense and MoE models)  [03-04]
     glmkit.generate         filling blanks and [gMASK] generation (GLM-2021 models)             [01]
     glmkit.rope, norms, mlp positions (2D / partial RoPE), RMSNorm/LayerNorm, GeLU/GeGLU/SwiGLU  [02-03]
     glmkit.models.glm_dense the dense family ChatGLM-6B → GLM-4-0414 as one configurable model  [02-03]
     glmkit.kv_cache, sampling  KV cache and generation for the dense family                     [02-03]
-    glmkit.hf, hf_tokenizer Hugging Face checkpoints (glm, glm4) and tokenizer.json              [03]
+    glmkit.hf, hf_tokenizer Hugging Face checkpoints (glm, glm4, glm4_moe) and tokenizer.json    [03-04]
     glmkit.moe, moe_configs GLM-4.5 mixture of experts: routers, balancing, experts, presets     [04]
-    glmkit.backend          which implementation runs (Triton kernel or torch), and overriding it
+    glmkit.models.glm_moe   the GLM-4.5 model: MoE layers, QK-norm, half-split RoPE, MTP layer   [04]
+    glmkit.viz, viz_positions, viz_moe  the lessons' plots and explorers                         [01-04]
+    glmkit.backend          which implementation runs (Triton kernel or torch), overriding it, auditing it
     glmkit.doctor           `python -m glmkit doctor`: is this machine ready for the course?
     glmkit.grading          graded exercises: validate, release, self-check, isolated autograding
     glmkit.testing          relative error, poisoned buffers, per-dtype tolerances
