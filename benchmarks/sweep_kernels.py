@@ -12,6 +12,11 @@ chosen from (the chosen figures are in benchmarks/results/*_h200.md). Sections:
   launch options, forward and backward timed alone; outputs must equal the default launch's.
 * moe: the grouped GEMM of kernels/moe_gemm.py (64 experts, 131072 slots, K = N = 2048) at fixed
   (BLOCK_N, BLOCK_K, warps, stages) vs torch._grouped_mm.
+* moe_bwd: the backward of ``moe_experts`` (N = 16384, H = 2048, I = 1024, E = 64, k = 8, bf16, uniform
+  routing) piece by piece — the dgrad GEMM with the SwiGLU-backward epilogue, the dx grouped GEMM, the dx
+  combine, the two weight gradients — for the current module and a copy of an earlier one
+  (``--old-moe PATH``) in the same run, the whole layer fwd / fwd+bwd of both and of the composite, then
+  fixed launch configurations of each piece. moe_bwd_pieces: the pieces of the current module alone.
 
     python benchmarks/sweep_kernels.py --sections bwd rope moe --out /tmp/sweep.md
 """
@@ -231,6 +236,196 @@ def moe_section(lines):
                 f"(ref {flops / t_ref / 1e9:.0f}) err {err:.1e}")
 
 
+# ---------------------------------------------------------------- MoE backward, piece by piece
+
+WGRAD_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+    (128, 256, 32, 8, 5), (256, 128, 32, 8, 5), (128, 128, 64, 8, 4), (128, 128, 128, 8, 2),
+]
+DGRAD_SWEEP = [  # (BLOCK_N, BLOCK_K, warps, stages)
+    (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 5), (128, 128, 8, 2), (64, 64, 4, 4), (128, 64, 4, 4),
+    (64, 128, 4, 3), (256, 64, 8, 3), (256, 32, 8, 4),
+]
+DX_SWEEP = [(256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 32, 8, 5), (256, 128, 8, 2)]
+
+
+def _load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def moe_bwd_section(lines, old_path, full=True):
+    """full=False (section moe_bwd_pieces): the pieces of the current module only, no layer, no sweep."""
+    from glmkit import moe as gmoe
+    from glmkit.kernels import moe_gemm as mg
+    from glmkit.kernels.moe_align import moe_align
+
+    old = (_load_module(old_path, "glmkit.kernels.moe_gemm_old")
+           if full and old_path and os.path.exists(old_path) else None)
+    N, H, I, E, k = 16384, 2048, 1024, 64, 8
+    S = N * k
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    experts = gmoe.Experts(E, H, I).to("cuda", dt)
+    wgu, wd = experts.gate_up_proj, experts.down_proj
+    x = torch.randn(N, H, device="cuda").to(dt).requires_grad_()
+    dy = torch.randn(N, H, device="cuda").to(dt)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    gumbel = -torch.log(-torch.log(torch.rand(N, E, device="cuda", generator=g).clamp(1e-20, 1 - 1e-7)))
+    idx = torch.topk(gumbel, k, dim=-1).indices
+    w = torch.softmax(torch.randn(N, k, device="cuda"), -1).requires_grad_()
+    topw = w.detach().reshape(-1).float().contiguous()
+    bm = mg.default_block_m(S, E, "cuda")
+    sorted_ids, expert_ids, ntpp, counts = moe_align(idx, E, bm)
+    al = (sorted_ids, expert_ids, ntpp)
+    xd, wgud, wdd = x.detach(), wgu.detach(), wd.detach()
+    h = torch.empty(S, 2 * I, device="cuda", dtype=dt)
+    a = mg.moe_gemm(xd, wgud, *al, top_k=k, block_m=bm, swiglu=True, pre_out=h)
+    gf = 2 * S * H * I                     # FLOPs of one [S, H] x [H, I] product
+    lines += ["", f"### MoE backward pieces, N={N}, H={H}, I={I}, E={E}, k={k}, bf16, uniform routing, block_m={bm}", "",
+              "| piece | impl | ms | TFLOP/s | err vs old |", "|---|---|---|---|---|"]
+
+    def row(piece, impl, fn, flops, ref=None, got=None):
+        ms = bench(fn, rep=100, warmup=25)
+        err = f"{rel_err(ref.float(), got.float()):.1e}" if ref is not None else "—"
+        lines.append(f"| {piece} | {impl} | {ms:.3f} | {flops / ms / 1e9 if flops else float('nan'):.0f} | {err} |")
+        log(lines[-1])
+        return ms
+
+    new_dh, new_dw, new_aw = mg._moe_swiglu_dgrad(dy, wdd, h, topw, *al, k, bm, I, store_aw=True)
+    res = {}
+    if old is not None:
+        old_dh, old_dw = old._moe_swiglu_dgrad(dy, wdd, h, topw, *al, k, bm, I)
+        res["dgrad old"] = row("dgrad + SwiGLU bwd", "old (fixed 128×64 w8 s3)",
+                               lambda: old._moe_swiglu_dgrad(dy, wdd, h, topw, *al, k, bm, I), gf)
+    else:
+        old_dh, old_dw = new_dh, new_dw
+    res["dgrad new"] = row("dgrad + SwiGLU bwd", "new (autotuned, stores w·a)",
+                           lambda: mg._moe_swiglu_dgrad(dy, wdd, h, topw, *al, k, bm, I, store_aw=True), gf, old_dh, new_dh)
+    lines.append(f"| dgrad autotuned pick | {mg._moe_gemm_tuned.best_config} | | | |")
+    row("dgrad + SwiGLU bwd", "new, no w·a store", lambda: mg._moe_swiglu_dgrad(dy, wdd, h, topw, *al, k, bm, I), gf)
+    lines.append(f"| d topk_weight | err new vs old | | | {rel_err(old_dw, new_dw):.1e} |")
+    wgt = wgud.transpose(1, 2)
+    dx_new = mg.moe_gemm(new_dh, wgt, *al, top_k=1, block_m=bm)
+    if old is not None:
+        dx_old = old.moe_gemm(new_dh, wgt, *al, top_k=1, block_m=bm)
+        res["dx old"] = row("dx grouped GEMM", "old autotune", lambda: old.moe_gemm(new_dh, wgt, *al, top_k=1, block_m=bm), 2 * gf)
+    res["dx new"] = row("dx grouped GEMM", "new autotune", lambda: mg.moe_gemm(new_dh, wgt, *al, top_k=1, block_m=bm), 2 * gf,
+                        dx_old if old is not None else None, dx_new)
+    lines.append(f"| dx autotuned pick | {mg._moe_gemm_tuned.best_config} | | | |")
+    res["combine"] = row("dx combine", "current", lambda: mg.moe_combine(dx_new, k), 0)
+    wgu_args = (new_dh, xd, sorted_ids, counts)
+    wgu_kw = dict(block_m=bm, left_div=1, right_div=k)
+    g_new = mg.moe_weight_grad(*wgu_args, **wgu_kw)
+    if old is not None:
+        g_old = old.moe_weight_grad(*wgu_args, **wgu_kw)
+        res["wgu old"] = row("dW_gate_up", "old autotune", lambda: old.moe_weight_grad(*wgu_args, **wgu_kw), 2 * gf)
+        lines.append(f"| dW_gate_up old pick | {old._moe_wgrad_tuned.best_config} | | | |")
+    res["wgu new"] = row("dW_gate_up", "new autotune", lambda: mg.moe_weight_grad(*wgu_args, **wgu_kw), 2 * gf,
+                         g_old if old is not None else None, g_new)
+    lines.append(f"| dW_gate_up new pick | {mg._moe_wgrad_tuned.best_config} | | | |")
+    wd_kw = dict(block_m=bm, left_div=k, right_div=1)
+    d_new = mg.moe_weight_grad(dy, new_aw, sorted_ids, counts, **wd_kw)
+    if old is not None:
+        d_old = old.moe_weight_grad(dy, a, sorted_ids, counts, topk_weight=topw, **wd_kw)
+        res["wd old"] = row("dW_down", "old autotune, w in the K loop",
+                            lambda: old.moe_weight_grad(dy, a, sorted_ids, counts, topk_weight=topw, **wd_kw), gf)
+        lines.append(f"| dW_down old pick | {old._moe_wgrad_tuned.best_config} | | | |")
+    row("dW_down", "new autotune, w in the K loop",
+        lambda: mg.moe_weight_grad(dy, a, sorted_ids, counts, topk_weight=topw, **wd_kw), gf)
+    res["wd new"] = row("dW_down", "new autotune, from w·a", lambda: mg.moe_weight_grad(dy, new_aw, sorted_ids, counts, **wd_kw),
+                        gf, d_old if old is not None else None, d_new)
+    lines.append(f"| dW_down new pick | {mg._moe_wgrad_tuned.best_config} | | | |")
+    for tag in ("old", "new"):
+        keys = [f"dgrad {tag}", f"dx {tag}", "combine", f"wgu {tag}", f"wd {tag}"]
+        if all(kk in res for kk in keys):
+            tot = sum(res[kk] for kk in keys)
+            lines.append(f"| sum of backward pieces | {tag} | {tot:.3f} | {6 * gf / tot / 1e9:.0f} | |")
+            log(lines[-1])
+
+    if not full:
+        return
+    # the whole layer, fwd (no grad), fwd with autograd (saving), fwd+bwd
+    inputs = [x, w, wgu, wd]
+    impls = {"composite": lambda: gmoe.experts_sorted(x, idx, w, experts, use_grouped_mm=True),
+             "new": lambda: mg.moe_experts(x, idx, w, wgu, wd, check=False)}
+    if old is not None:
+        impls["old"] = lambda: old.moe_experts(x, idx, w, wgu, wd, check=False)
+    lines += ["", "| layer | fwd ms (no grad) | fwd ms (autograd) | fwd+bwd ms | bwd ≈ ms | fwd+bwd TFLOP/s |",
+              "|---|---|---|---|---|---|"]
+    ref = None
+    for name, f in impls.items():
+        gr = torch.autograd.grad(f(), inputs, dy)
+        if ref is None:
+            ref = gr
+        errs = " / ".join(f"{rel_err(r.float(), q.float()):.1e}" for r, q in zip(ref, gr))
+
+        def fwd_ng(f=f):
+            with torch.no_grad():
+                return f()
+        t0 = bench(fwd_ng, rep=100, warmup=25)
+        t1 = bench(f, rep=100, warmup=25)
+        t2 = bench(lambda f=f: torch.autograd.grad(f(), inputs, dy), rep=200, warmup=50)
+        lines.append(f"| {name} (grads vs composite {errs}) | {t0:.2f} | {t1:.2f} | {t2:.2f} | {t2 - t1:.2f} | {18 * N * k * H * I / t2 / 1e9:.0f} |")
+        log(lines[-1])
+
+    # fixed configurations of each piece
+    lines += ["", "| piece | config | ms | TFLOP/s | err vs autotuned |", "|---|---|---|---|---|"]
+    for bmm, bn, bk, wp, st in WGRAD_SWEEP:
+        cfg = dict(BLOCK_M=bmm, BLOCK_N=bn, BLOCK_K=bk, num_warps=wp, num_stages=st)
+        name = f"{bmm}×{bn}×{bk} w{wp} s{st}"
+        for piece, fn, flops, want in (
+                ("dW_gate_up", lambda: mg.moe_weight_grad(*wgu_args, **wgu_kw, config=cfg), 2 * gf, g_new),
+                ("dW_down from w·a", lambda: mg.moe_weight_grad(dy, new_aw, sorted_ids, counts, **wd_kw, config=cfg), gf, d_new),
+                ("dW_down w in loop", lambda: mg.moe_weight_grad(dy, a, sorted_ids, counts, topk_weight=topw, **wd_kw, config=cfg),
+                 gf, d_new)):
+            if piece == "dW_down w in loop" and bmm == 64:
+                continue
+            try:
+                err = rel_err(want.float(), fn().float())
+                ms = bench(fn, rep=60, warmup=20)
+            except Exception as e:  # noqa: BLE001
+                ms, err = float("nan"), float("nan")
+                log(f"  {piece} {name}: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+            lines.append(f"| {piece} | {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {err:.1e} |")
+            log(lines[-1])
+    for bn, bk, wp, st in DGRAD_SWEEP:
+        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=wp, num_stages=st)
+        fn = lambda: mg._moe_swiglu_dgrad(dy, wdd, h, topw, *al, k, bm, I, store_aw=True, config=cfg)  # noqa: E731
+        try:
+            dh_c, dw_c, aw_c = fn()
+            err = max(rel_err(new_dh.float(), dh_c.float()), rel_err(new_dw, dw_c), rel_err(new_aw.float(), aw_c.float()))
+            ms = bench(fn, rep=60, warmup=20)
+        except Exception as e:  # noqa: BLE001
+            ms, err = float("nan"), float("nan")
+            log(f"  dgrad {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+        lines.append(f"| dgrad + SwiGLU bwd | {bn}×{bk} w{wp} s{st} | {ms:.3f} | {gf / ms / 1e9:.0f} | {err:.1e} |")
+        log(lines[-1])
+    for bn, bk, wp, st in DX_SWEEP:
+        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=wp, num_stages=st)
+        fn = lambda: mg.moe_gemm(new_dh, wgt, *al, top_k=1, block_m=bm, config=cfg)  # noqa: E731
+        try:
+            err = rel_err(dx_new.float(), fn().float())
+            ms = bench(fn, rep=60, warmup=20)
+        except Exception as e:  # noqa: BLE001
+            ms, err = float("nan"), float("nan")
+            log(f"  dx {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+        lines.append(f"| dx grouped GEMM | {bn}×{bk} w{wp} s{st} | {ms:.3f} | {2 * gf / ms / 1e9:.0f} | {err:.1e} |")
+        log(lines[-1])
+    out = torch.empty(N, H, device="cuda", dtype=dt)
+    for blk, wp in ((1024, 4), (1024, 8), (2048, 8), (512, 4), (256, 2)):
+        fn = lambda: mg._moe_combine_kernel[(N, triton.cdiv(H, blk))](  # noqa: E731
+            dx_new, dx_new, out, H, dx_new.stride(0), out.stride(0), TOP_K=k, BLOCK=blk, HAS_W=False, num_warps=wp)
+        fn()
+        ms = bench(fn, rep=60, warmup=20)
+        lines.append(f"| dx combine | BLOCK {blk} w{wp} | {ms:.3f} | {(S + N) * H * 2 / ms / 1e6:.0f} GB/s | — |")
+        log(lines[-1])
+
+
 # ---------------------------------------------------------------- RMSNorm and SwiGLU launch options
 
 def norm_section(lines):
@@ -296,6 +491,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", nargs="*", default=["bwd", "rope", "moe"])
     ap.add_argument("--old-rope", default=".perf/rope_old.py")
+    ap.add_argument("--old-moe", default=".perf/moe_gemm_base.py", help="an earlier kernels/moe_gemm.py to time beside")
     ap.add_argument("--out", default="/tmp/sweep_kernels.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -306,7 +502,9 @@ def main():
     for sec in args.sections:
         try:
             {"bwd": lambda: bwd_section(lines), "rope": lambda: rope_section(lines, args.old_rope),
-             "moe": lambda: moe_section(lines), "norm": lambda: norm_section(lines),
+             "moe": lambda: moe_section(lines), "moe_bwd": lambda: moe_bwd_section(lines, args.old_moe),
+             "moe_bwd_pieces": lambda: moe_bwd_section(lines, None, full=False),
+             "norm": lambda: norm_section(lines),
              "swiglu": lambda: swiglu_section(lines)}[sec]()
         except Exception:  # noqa: BLE001
             traceback.print_exc()

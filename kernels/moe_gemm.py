@@ -36,11 +36,16 @@ Backward, with dy [N, H] (s a slot of token t, expert e; h = the saved pre-activ
 
     g[s]   = dy[t] @ w_down[e]                 a grouped GEMM gathering dy by token (weights read as
                                                [E, I, H] through strides: no transpose copy)
-    dw[s]  = g[s] · a[s]                       (= dy[t] · z[s]: z is never stored) — epilogue
-    dh[s]  = swiglu_bwd(w[s] · g[s], h[s])     [S, 2I] — same epilogue
+    dw[s]  = g[s] · a[s]                       (= dy[t] · z[s]: z is never stored) — epilogue, with a
+                                               recomputed from h (a is not saved by the forward)
+    dh[s]  = swiglu_bwd(w[s] · g[s], h[s])     [S, 2I] — same epilogue, which also stores aw[s] = w[s]·a[s]
     dx[t]  = Σ_j dh[t·k+j] @ w_gate_up[e]      a grouped GEMM by slot, then the combine without weights
-    dW_down[e]    = Σ_{s∈e} (w[s]·dy[t])ᵀ a[s]   ┐ ``_moe_wgrad_kernel``: one program per (expert, output
+    dW_down[e]    = Σ_{s∈e} dy[t]ᵀ aw[s]         ┐ ``_moe_wgrad_kernel``: one program per (expert, output
     dW_gate_up[e] = Σ_{s∈e} dh[s]ᵀ x[t]          ┘ tile) walks its expert's run of sorted slots
+
+The SwiGLU-backward epilogue runs on the two column halves of a 128-column tile in turn: whole, its fp32
+temporaries spilled (ptxas, sm_90a). Backward piece timings and the sweeps behind the tile lists:
+benchmarks/results/moe_h200.md.
 
 Decode (a handful of tokens, e.g. N ≤ 16): the same kernels with BLOCK_M = 16 (the smallest ``tl.dot``
 tile), chosen automatically when experts average ≤ 16 slots. vLLM's one-pair-per-block shortcut needs
@@ -49,7 +54,7 @@ tile), chosen automatically when experts average ≤ 16 slots. vLLM's one-pair-p
 Public API: ``moe_experts`` (differentiable layer), ``experts_triton`` (the ``impl=`` of glmkit.moe.Experts),
 and the pieces ``moe_gemm``, ``moe_combine``, ``moe_weight_grad`` (with ``moe_align`` from moe_align.py).
 Not done yet: split-K over slots in the weight gradient (one hot expert runs on M·N/(BM·BN) programs only),
-TMA loads, and measured (rather than guessed) CUDA tile lists.
+TMA loads, a persistent warp-specialized GEMM (what separates ours from torch._grouped_mm).
 
 Runs natively on CUDA (autotuned BLOCK_N/BLOCK_K/warps/stages per shape) and under the Triton
 interpreter on CPU tensors (fixed 16/32/32 tiles). Under the 3.6 interpreter ``tl.dot`` on bf16 is
@@ -78,13 +83,13 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _moe_gemm_kernel(
-    A, W, C, SORTED, EXPERT_IDS, NTPP, TOPW, PRE, DWP,
+    A, W, C, SORTED, EXPERT_IDS, NTPP, TOPW, PRE, DWP, AW,
     N_OUT, K, S, A_DIV, NUM_PID_M,
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
     stride_cm, stride_cn,
     stride_pm, stride_pn,
-    stride_dwp,
+    stride_dwp, stride_awm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -93,6 +98,8 @@ def _moe_gemm_kernel(
     MUL_W: tl.constexpr,        # PLAIN: multiply row s by TOPW[s]
     STORE_PRE: tl.constexpr,    # SWIGLU: also store the pre-activation into PRE [S, 2·N_OUT]
     DOT_PRECISION: tl.constexpr,
+    DW_SUB: tl.constexpr = 64,  # SWIGLU_BWD: columns per partial d-weight sum (divides BLOCK_N)
+    STORE_AW: tl.constexpr = False,   # SWIGLU_BWD: also store AW[s] = w[s]·a[s] [S, N_OUT]
 ):
     # 1-D grid in "grouped" order: GROUP_M row blocks share each column slice of W while it is in L2.
     pid = tl.program_id(0)
@@ -133,8 +140,9 @@ def _moe_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    mask = valid[:, None] & n_ok[None, :]
-    c_ptrs = C + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if EPILOGUE != 2:
+        mask = valid[:, None] & n_ok[None, :]
+        c_ptrs = C + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn
     if EPILOGUE == 0:
         if MUL_W:
             acc = acc * tl.load(TOPW + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
@@ -150,20 +158,57 @@ def _moe_gemm_kernel(
         act = acc * tl.sigmoid(acc) * acc_u
         tl.store(c_ptrs, act.to(C.dtype.element_ty), mask=mask)
     else:
-        # acc = g = dy[t] @ w_down[e] (columns n of I). PRE = h [S, 2I]; TOPW = routing weights.
-        p_ptrs = PRE + slot[:, None] * stride_pm + offs_n[None, :] * stride_pn
-        hg = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
-        hu = tl.load(p_ptrs + N_OUT * stride_pn, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(hg)
-        silu = hg * sig
-        act = (silu * hu).to(C.dtype.element_ty).to(tl.float32)   # the a that GEMM 2 read
-        # partial d weight over this column slice; the wrapper sums the slices (deterministic)
-        tl.store(DWP + slot * stride_dwp + pid_n, tl.sum(acc * act, axis=1), mask=valid)
-        da = acc * tl.load(TOPW + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
-        d_gate = da * hu * sig * (1.0 + hg * (1.0 - sig))
-        d_up = da * silu
-        tl.store(c_ptrs, d_gate.to(C.dtype.element_ty), mask=mask)
-        tl.store(c_ptrs + N_OUT * stride_cn, d_up.to(C.dtype.element_ty), mask=mask)
+        # acc = g = dy[t] @ w_down[e] (columns n of I). The SwiGLU-backward epilogue holds ~5 fp32 tiles
+        # at once: on the halves of a 128-column tile it fits the registers (whole, it spilled ~1.2 KB per
+        # thread with 8 warps: ptxas -v, sm_90a; 24 B on halves).
+        if BLOCK_N >= 128 and (BLOCK_N // 2) % DW_SUB == 0:
+            g0, g1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
+            half = tl.arange(0, BLOCK_N // 2)
+            _swiglu_bwd_epilogue(g0, slot, valid, pid_n * BLOCK_N + half, pid_n * BLOCK_N // DW_SUB,
+                                 PRE, C, DWP, AW, TOPW, N_OUT, stride_pm, stride_pn, stride_cm, stride_cn,
+                                 stride_dwp, stride_awm, BLOCK_M, BLOCK_N // 2, DW_SUB, STORE_AW)
+            _swiglu_bwd_epilogue(g1, slot, valid, pid_n * BLOCK_N + BLOCK_N // 2 + half,
+                                 (pid_n * BLOCK_N + BLOCK_N // 2) // DW_SUB,
+                                 PRE, C, DWP, AW, TOPW, N_OUT, stride_pm, stride_pn, stride_cm, stride_cn,
+                                 stride_dwp, stride_awm, BLOCK_M, BLOCK_N // 2, DW_SUB, STORE_AW)
+        else:
+            _swiglu_bwd_epilogue(acc, slot, valid, offs_n, pid_n * BLOCK_N // DW_SUB,
+                                 PRE, C, DWP, AW, TOPW, N_OUT, stride_pm, stride_pn, stride_cm, stride_cn,
+                                 stride_dwp, stride_awm, BLOCK_M, BLOCK_N, DW_SUB, STORE_AW)
+
+
+@triton.jit
+def _swiglu_bwd_epilogue(g, slot, valid, offs_n, col0, PRE, C, DWP, AW, TOPW, N_OUT,
+                         stride_pm, stride_pn, stride_cm, stride_cn, stride_dwp, stride_awm,
+                         BLOCK_M: tl.constexpr, BN: tl.constexpr, DW_SUB: tl.constexpr, STORE_AW: tl.constexpr):
+    """SWIGLU_BWD on one [BLOCK_M, BN] tile g of dy[t] @ w_down[e], columns offs_n of I (h = PRE [S, 2I]):
+    dh = swiglu_bwd(w·g, h) into C [S, 2I]; Σ g·a over each DW_SUB columns into DWP[s, col0 + j];
+    w·a into AW [S, I] when STORE_AW."""
+    mask = valid[:, None] & (offs_n < N_OUT)[None, :]
+    p_ptrs = PRE + slot[:, None] * stride_pm + offs_n[None, :] * stride_pn
+    hg = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    hu = tl.load(p_ptrs + N_OUT * stride_pn, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(hg)
+    silu = hg * sig
+    act = (silu * hu).to(C.dtype.element_ty).to(tl.float32)   # the a that GEMM 2 read
+    # partial d weight over each DW_SUB columns; the wrapper sums the partials (deterministic, and
+    # every column of DWP is written whatever BLOCK_N the autotuner picks)
+    if BN == DW_SUB:
+        tl.store(DWP + slot * stride_dwp + col0, tl.sum(g * act, axis=1), mask=valid & (col0 < tl.cdiv(N_OUT, DW_SUB)))
+    else:
+        part = tl.sum(tl.reshape(g * act, [BLOCK_M, BN // DW_SUB, DW_SUB]), axis=2)
+        cols = col0 + tl.arange(0, BN // DW_SUB)
+        tl.store(DWP + slot[:, None] * stride_dwp + cols[None, :], part,
+                 mask=valid[:, None] & (cols < tl.cdiv(N_OUT, DW_SUB))[None, :])
+    tw = tl.load(TOPW + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
+    if STORE_AW:    # the right operand of dW_down, weighted here once, not in its K loop
+        tl.store(AW + slot[:, None] * stride_awm + offs_n[None, :], (act * tw).to(AW.dtype.element_ty), mask=mask)
+    da = g * tw
+    d_gate = da * hu * sig * (1.0 + hg * (1.0 - sig))
+    d_up = da * silu
+    c_ptrs = C + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, d_gate.to(C.dtype.element_ty), mask=mask)
+    tl.store(c_ptrs + N_OUT * stride_cn, d_up.to(C.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -241,12 +286,20 @@ def _moe_combine_kernel(
 # dtype). The SwiGLU epilogues carry two accumulators or extra epilogue loads, so they stay at BLOCK_N <= 128.
 # GEMM list checked on one H200 (2026-11-23, benchmarks/sweep_kernels.py --sections moe; 64 experts, 2048 rows
 # each, K = N = 2048): 256×64 w8 s3 led (0.81-0.82× torch._grouped_mm); 16 other tiles, deeper pipelines and
-# 256-row alignment blocks were no faster (0.14-0.82×), so the list stays. The weight-gradient list is unswept.
+# 256-row alignment blocks were no faster (0.14-0.82×). 256×64 w8 s4 added 2026-11-24: it led the backward's dx
+# GEMM (N-major weights, 586 vs 555 TFLOP/s for s3). The key holds stride_wk: K-major and N-major weights tune apart.
 _GEMM_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (128, 128, 8, 3),
+    (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
 ]
+# Tried only for the SwiGLU-backward epilogue (the dgrad of the backward): 64-column tiles with 8 warps hold
+# its fp32 temporaries without spilling; 128×64 w8 s4 led the 2026-11-24 sweep of that GEMM.
+_DGRAD_ONLY_CONFIGS = [(128, 64, 8, 4), (64, 64, 8, 4)]
+# Weight gradient, swept 2026-11-24 (benchmarks/sweep_kernels.py --sections moe_bwd; N = 16384, H = 2048,
+# I = 1024, E = 64, k = 8): 128×128×64 w8 led dW_gate_up (310 TFLOP/s; 128×256 and 256×128 tiles 225-250),
+# 128×256×32 w8 s5 led dW_down (318). num_stages 3 and 4 compile to the same 2-deep pipeline here (the slot
+# ids are loaded a stage ahead of the rows they address); 5 gives 3 buffers.
 _WGRAD_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 5), (128, 256, 32, 8, 5), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
 ]
 
 
@@ -258,6 +311,8 @@ def _prune_gemm(configs, named_args, **kwargs):
         bn = c.kwargs["BLOCK_N"]
         if epi != 0 and bn > 128:
             continue
+        if epi != SWIGLU_BWD and (bn, c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in _DGRAD_ONLY_CONFIGS:
+            continue
         if bm <= 32 and (bn > 128 or c.num_warps > 4):       # decode-sized blocks: small tiles
             continue
         keep.append(c)
@@ -265,8 +320,9 @@ def _prune_gemm(configs, named_args, **kwargs):
 
 
 _moe_gemm_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _GEMM_CONFIGS],
-    key=["N_OUT", "K", "BLOCK_M", "EPILOGUE", "MUL_W", "STORE_PRE"],
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+             for bn, bk, w, s in _GEMM_CONFIGS + _DGRAD_ONLY_CONFIGS],
+    key=["N_OUT", "K", "BLOCK_M", "EPILOGUE", "MUL_W", "STORE_PRE", "STORE_AW", "stride_wk"],
     prune_configs_by={"early_config_prune": _prune_gemm},
 )(_moe_gemm_kernel)
 
@@ -379,7 +435,7 @@ def moe_gemm(
 
 
 def _launch_gemm(a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K, S, a_div, block_m,
-                 epilogue, config=None):
+                 epilogue, config=None, aw=None, dw_sub=64):
     if S == 0 or sorted_ids.numel() == 0:
         return
     num_pid_m = sorted_ids.numel() // block_m
@@ -387,13 +443,15 @@ def _launch_gemm(a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K
     args = (
         a, w, c, sorted_ids, expert_ids, ntpp,
         topw if topw is not None else dummy, pre if pre is not None else dummy, dwp if dwp is not None else dummy,
+        aw if aw is not None else dummy,
         n_out, K, S, a_div, num_pid_m,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
         pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
-        dwp.stride(0) if dwp is not None else 0,
+        dwp.stride(0) if dwp is not None else 0, aw.stride(0) if aw is not None else 0,
     )
     consts = dict(BLOCK_M=block_m, EPILOGUE=epilogue, MUL_W=epilogue == PLAIN and topw is not None,
-                  STORE_PRE=epilogue == SWIGLU and pre is not None, DOT_PRECISION=_precision(a.dtype))
+                  STORE_PRE=epilogue == SWIGLU and pre is not None, DOT_PRECISION=_precision(a.dtype),
+                  DW_SUB=dw_sub, STORE_AW=aw is not None)
     if a.device.type == "cuda" and config is None and a.dtype != torch.float32:
         grid = lambda meta: (num_pid_m * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
         _moe_gemm_tuned[grid](*args, GROUP_M=8, **consts)
@@ -480,23 +538,22 @@ def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m, left_div,
     return out
 
 
-def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I):
-    """g = dy[t] @ w_down[e] by slot, fused with the SwiGLU backward: returns dh [S, 2I], dw [S] fp32."""
+def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=False,
+                      config=None):
+    """g = dy[t] @ w_down[e] by slot, fused with the SwiGLU backward: returns dh [S, 2I], dw [S] fp32 and,
+    with store_aw, aw [S, I] = w[s]·a[s] (dW_down's right operand; else None)."""
     S = dy.shape[0] * top_k
     dh = torch.empty((S, 2 * I), dtype=h.dtype, device=h.device)
+    aw = torch.empty((S, I), dtype=h.dtype, device=h.device) if store_aw else None
     wt = w_down.transpose(1, 2)                   # [E, I, H] view: GEMM computes dy @ w_down[e] = dy @ wtᵀ
     dev = dy.device
-    if dev.type == "cuda":
-        bn = 128 if I >= 128 else max(16, triton.next_power_of_2(I))
-        cfg = dict(BLOCK_N=bn, BLOCK_K=64, num_warps=8 if block_m >= 128 else 4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_N=32, BLOCK_K=32)
-    n_tiles = triton.cdiv(I, cfg["BLOCK_N"])
-    # Fixed BLOCK_N (the partial-sum buffer has one column per column tile): no autotuning here.
-    dwp = torch.zeros((S, n_tiles), dtype=torch.float32, device=dev)   # rows of unrouted slots stay 0
+    # The partial sums of dw come in DW_SUB-column pieces whatever BLOCK_N is (every BLOCK_N the autotuner
+    # or the fallbacks use is a multiple of it), so this GEMM is autotuned like the others.
+    sub = 32 if dev.type != "cuda" else min(64, config["BLOCK_N"]) if config else 64
+    dwp = torch.zeros((S, triton.cdiv(I, sub)), dtype=torch.float32, device=dev)   # unrouted slots stay 0
     _launch_gemm(dy, wt, dh, sorted_ids, expert_ids, ntpp, topw, h, dwp, I, dy.shape[1], S, top_k,
-                 block_m, SWIGLU_BWD, config=cfg if dev.type == "cuda" else None)
-    return dh, dwp.sum(1)
+                 block_m, SWIGLU_BWD, config=config, aw=aw, dw_sub=sub)
+    return dh, dwp.sum(1), aw
 
 
 def _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep):
@@ -512,13 +569,14 @@ def _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep)
     z = moe_gemm(a, w_down, sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
     topw = topk_weight.reshape(-1).float().contiguous()
     y = moe_combine(z, k, topw)
-    saved = (x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h, a) if keep else None
+    saved = (x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h) if keep else None
     return y, saved
 
 
 class MoEExpertsFunction(torch.autograd.Function):
-    """Autograd for ``moe_experts``. Saves x, the routing, h = the pre-activation [S, 2I] and a = the
-    activation [S, I]; z [S, H] (the unweighted down outputs) is never stored."""
+    """Autograd for ``moe_experts``. Saves x, the routing and h = the pre-activation [S, 2I]; neither
+    a = the activation [S, I] (the backward recomputes it from h in the dgrad epilogue, which stores
+    w[s]·a[s] for dW_down) nor z [S, H] (the unweighted down outputs) is kept."""
 
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weight, w_gate_up, w_down, block_m):
@@ -529,12 +587,13 @@ class MoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h, a = ctx.saved_tensors
+        x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h = ctx.saved_tensors
         k, I, block_m, w_dtype, w_shape = ctx.meta
         dy = dy.to(x.dtype)
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        dh, dw = _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, k, block_m, I)
+        dh, dw, aw = _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, k, block_m, I,
+                                       store_aw=ctx.needs_input_grad[4])
         dx = dwgu = dwd = None
         if ctx.needs_input_grad[0]:
             dx_slot = moe_gemm(dh, w_gate_up.transpose(1, 2), sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
@@ -542,8 +601,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             dwgu = moe_weight_grad(dh, x, sorted_ids, counts, block_m=block_m, left_div=1, right_div=k)
         if ctx.needs_input_grad[4]:
-            dwd = moe_weight_grad(dy, a, sorted_ids, counts, block_m=block_m, left_div=k, right_div=1,
-                                  topk_weight=topw)
+            dwd = moe_weight_grad(dy, aw, sorted_ids, counts, block_m=block_m, left_div=k, right_div=1)
         dtopw = dw.to(w_dtype).reshape(w_shape) if ctx.needs_input_grad[2] else None
         return dx, None, dtopw, dwgu, dwd, None
 
