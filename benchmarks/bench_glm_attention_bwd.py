@@ -34,7 +34,7 @@ from glmkit.kernels.glm_attention import glm_attention_fwd, visible_pairs
 from glmkit.kernels.glm_attention_bwd import bwd_flops, glm_attention_bwd
 from glmkit.testing import rel_err
 
-from common import bench, matmul_ceiling  # benchmarks/common.py
+from common import each_shape, bench, matmul_ceiling  # benchmarks/common.py
 
 TOKENS = 32 * 1024
 MODEL_DIM = 2048
@@ -114,17 +114,10 @@ def main():
     gpu = torch.cuda.get_device_name()
     ceiling = matmul_ceiling()
     rows = []
-    for D in args.D:
-        for T in args.T:
-            try:
-                r = run_shape(T, D, log)
-            except Exception as e:  # noqa: BLE001
-                log(f"T={T} D={D} failed: {e!r}")
-                traceback.print_exc()
-                continue
-            rows.append(r)
-            log(f"D={D} T={T}: ours {r['ours']:.0f} cuDNN {r['cudnn']:.0f} flash {r['flash']:.0f} "
-                f"GLM(sep=T/2) {r['ours_glm']:.0f} TFLOP/s [{r['cfg']}]")
+    for r in each_shape(args.D, args.T, run_shape, log):
+        rows.append(r)
+        log(f"D={r['D']} T={r['T']}: ours {r['ours']:.0f} cuDNN {r['cudnn']:.0f} flash {r['flash']:.0f} "
+            f"GLM(sep=T/2) {r['ours_glm']:.0f} TFLOP/s [{r['cfg']}]")
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [

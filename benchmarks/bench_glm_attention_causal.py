@@ -19,7 +19,6 @@ import datetime
 import os
 import platform
 import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from glmkit.kernels import glm_attention as kmod
 from glmkit.kernels.glm_attention import glm_attention_fwd, visible_pairs
 from glmkit.testing import rel_err
 
-from common import bench, matmul_ceiling  # benchmarks/common.py
+from common import each_shape, bench, matmul_ceiling  # benchmarks/common.py
 
 TOKENS = 32 * 1024
 MODEL_DIM = 2048
@@ -160,17 +159,10 @@ def main():
         with open(args.out, "w") as f:
             f.write(render())
 
-    for D in args.D:
-        for T in args.T:
-            try:
-                r = run_shape(T, D, log)
-            except Exception as e:  # noqa: BLE001
-                log(f"T={T} D={D} failed: {e!r}")
-                traceback.print_exc()
-                continue
-            rows.append(r)
-            log(f"D={D} T={T}: ours {r['ours']:.0f} cuDNN {r['cudnn']:.0f} flash {r['flash']:.0f} TFLOP/s [{r['cfg']}]")
-            write()
+    for r in each_shape(args.D, args.T, run_shape, log):
+        rows.append(r)
+        log(f"D={r['D']} T={r['T']}: ours {r['ours']:.0f} cuDNN {r['cudnn']:.0f} flash {r['flash']:.0f} TFLOP/s [{r['cfg']}]")
+        write()
     if args.sweep:
         for D in args.D:
             extra += ["", f"### Fixed configurations, causal, T=8192, D={D}", "", "| config | TFLOP/s | rel err vs cuDNN |",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import torch
 import triton.testing
 
@@ -35,3 +37,15 @@ def graph_bench(fn, rep: int = 300, warmup: int = 50) -> float:
     with torch.cuda.graph(g):
         fn()
     return bench(g.replay, rep=rep, warmup=warmup)
+
+
+def each_shape(Ds, Ts, run_shape, log):
+    """Yield ``run_shape(T, D, log)`` for every (D, T); a shape that raises is logged with its traceback and
+    skipped, so one failure does not lose the other rows."""
+    for D in Ds:
+        for T in Ts:
+            try:
+                yield run_shape(T, D, log)
+            except Exception as e:  # noqa: BLE001
+                log(f"T={T} D={D} failed: {e!r}")
+                traceback.print_exc()
