@@ -286,15 +286,15 @@ def _moe_combine_kernel(
 # dtype). The SwiGLU epilogues carry two accumulators or extra epilogue loads, so they stay at BLOCK_N <= 128.
 # GEMM list checked on one H200 (2026-11-23, benchmarks/sweep_kernels.py --sections moe; 64 experts, 2048 rows
 # each, K = N = 2048): 256×64 w8 s3 led (0.81-0.82× torch._grouped_mm); 16 other tiles, deeper pipelines and
-# 256-row alignment blocks were no faster (0.14-0.82×). 256×64 w8 s4 added 2026-11-24: it led the backward's dx
+# 256-row alignment blocks were no faster (0.14-0.82×). 256×64 w8 s4 added 2026-11-23: it led the backward's dx
 # GEMM (N-major weights, 586 vs 555 TFLOP/s for s3). The key holds stride_wk: K-major and N-major weights tune apart.
 _GEMM_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
 ]
 # Tried only for the SwiGLU-backward epilogue (the dgrad of the backward): 64-column tiles with 8 warps hold
-# its fp32 temporaries without spilling; 128×64 w8 s4 led the 2026-11-24 sweep of that GEMM.
+# its fp32 temporaries without spilling; 128×64 w8 s4 led the 2026-11-23 sweep of that GEMM.
 _DGRAD_ONLY_CONFIGS = [(128, 64, 8, 4), (64, 64, 8, 4)]
-# Weight gradient, swept 2026-11-24 (benchmarks/sweep_kernels.py --sections moe_bwd; N = 16384, H = 2048,
+# Weight gradient, swept 2026-11-23 (benchmarks/sweep_kernels.py --sections moe_bwd; N = 16384, H = 2048,
 # I = 1024, E = 64, k = 8): 128×128×64 w8 led dW_gate_up (310 TFLOP/s; 128×256 and 256×128 tiles 225-250),
 # 128×256×32 w8 s5 led dW_down (318). num_stages 3 and 4 compile to the same 2-deep pipeline here (the slot
 # ids are loaded a stage ahead of the rows they address); 5 gives 3 buffers.
