@@ -304,3 +304,13 @@ def test_the_exercise_notebook_runs_top_to_bottom(released, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Public checks: 6 of 6 pass" in text and "hidden checks" in text
     assert "[MASK]" in text
+
+
+def test_numpy_too_new_for_the_interpreter_is_named_before_grading():
+    """The sandbox runs kernels under triton 3.6's interpreter, which fails under numpy >= 2.4 (seen on the
+    GPU machine's numpy 2.5.2: every kernel check of exercise 04 errored). The grader says so up front."""
+    from glmkit.grading.commands import numpy_warning
+
+    w = numpy_warning("2.5.2")
+    assert w is not None and "numpy 2.5.2" in w and "numpy>=1.24,<2.4" in w and "exercises 03, 04" in w
+    assert numpy_warning("2.3.5") is None

@@ -36,6 +36,19 @@ def default_exercises_dir() -> Path:
     return repo if repo.is_dir() else Path.cwd() / "exercises"
 
 
+def numpy_warning(version: str | None = "auto") -> str | None:
+    """A warning when numpy is too new for the Triton interpreter: the sandboxed workers run learners'
+    ``@triton.jit`` code under it (their address-space limit keeps CUDA out), and triton 3.6's interpreter
+    fails under numpy >= 2.4, so every kernel check would report an error instead of a grade."""
+    from glmkit.doctor import check_numpy
+
+    c = check_numpy(version, interpreter=True)
+    if c.ok:
+        return None
+    return (f"WARNING: {c.detail}. The grader runs Triton kernels under that interpreter, so checks of "
+            f"@triton.jit code (exercises 03, 04) will fail with errors. Fix: {c.fix}")
+
+
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
@@ -63,6 +76,8 @@ def validate(exercises_dir: Path, ids: list[str] | None = None, *, out=sys.stdou
         return [f"no exercises (folders with {SETTINGS_FILE}) under {exercises_dir}"]
     seed = secrets.token_hex(4)
     print(f"validating {len(exercises)} exercise(s) under {exercises_dir} (seed {seed})", file=out)
+    if (warning := numpy_warning()) is not None:
+        print(warning, file=out)
     for ex in exercises:
         problems += _validate_one(ex, seed, out, limits or {})
     print("OK: every master passes all its checks and every stub fails them" if not problems else
@@ -254,6 +269,8 @@ def self_check(path=None, *, seed=None, out=None, limits: dict | None = None) ->
         return False
     seed = secrets.randbelow(10**6) if seed is None else seed
     print(f"Exercise {ex.id} — {ex.title}", file=out)
+    if (warning := numpy_warning()) is not None:
+        print(warning + "\n", file=out)
     print(f"Checking {target.name} as saved on disk (save your edits first). Seed {seed}: "
           f"`python -m glmkit.grading check --seed {seed}` repeats these inputs.\n", file=out)
 
@@ -323,6 +340,8 @@ def autograde(submissions: Path, out_dir: Path, *, exercises_dir: Path | None = 
     t0 = time.monotonic()
     print(f"grading {len(students)} student(s) x {len(exercises)} exercise(s) with {jobs} job(s), "
           f"seed {seed}", file=out)
+    if (warning := numpy_warning()) is not None:
+        print(warning, file=out)
 
     def grade_student(name: str) -> dict:
         results = []
