@@ -80,6 +80,14 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def require_kernel_device(t: torch.Tensor | torch.device) -> None:
+    """What every kernel launcher checks first (a tensor, or the device of its tensors): CUDA runs natively,
+    CPU only under the interpreter (which has to be switched on before triton is imported)."""
+    device = t if isinstance(t, torch.device) else t.device
+    if device.type != "cuda" and not interpreter_active():
+        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+
+
 def resolve(t: torch.Tensor) -> str:
     """The backend that actually runs for tensor ``t``: "torch" or "triton"."""
     if _backend == "torch" or not triton_available():

@@ -293,73 +293,62 @@ def _check_names(present: dict[str, torch.Tensor], expected: dict[str, tuple[int
         raise HFCheckpointError("checkpoint does not match its config.json: " + " | ".join(msg))
 
 
-def _layer_to_ours(t: dict[str, torch.Tensor], cfg: GLMDenseConfig, i: int, hp: str, op: str) -> dict[str, torch.Tensor]:
-    """One decoder layer's HF tensors (prefix ``hp``) under our names (prefix ``op``)."""
-    out = {op + "input_norm.weight": t[hp + "input_layernorm.weight"],
-           op + "pre_mlp_norm.weight": t[hp + "post_attention_layernorm.weight"],
-           op + "attn.o_proj.weight": t[hp + "self_attn.o_proj.weight"],
-           op + "attn.qkv_proj.weight": torch.cat([t[f"{hp}self_attn.{p}_proj.weight"] for p in "qkv"])}
-    if cfg.qkv_bias:
-        out[op + "attn.qkv_proj.bias"] = torch.cat([t[f"{hp}self_attn.{p}_proj.bias"] for p in "qkv"])
+def _renames(cfg: GLMDenseConfig, i: int) -> list[tuple[str, str]]:
+    """(HF suffix, our suffix) of layer ``i``'s tensors that only change name (the rest are fused/stacked)."""
+    pairs = [("input_layernorm.weight", "input_norm.weight"),
+             ("post_attention_layernorm.weight", "pre_mlp_norm.weight"),
+             ("self_attn.o_proj.weight", "attn.o_proj.weight")]
     if cfg.qk_norm:
-        out[op + "attn.q_norm.weight"] = t[hp + "self_attn.q_norm.weight"]
-        out[op + "attn.k_norm.weight"] = t[hp + "self_attn.k_norm.weight"]
+        pairs += [("self_attn.q_norm.weight", "attn.q_norm.weight"), ("self_attn.k_norm.weight", "attn.k_norm.weight")]
     if cfg.block == "sandwich":
-        out[op + "post_attn_norm.weight"] = t[hp + "post_self_attn_layernorm.weight"]
-        out[op + "post_mlp_norm.weight"] = t[hp + "post_mlp_layernorm.weight"]
+        pairs += [("post_self_attn_layernorm.weight", "post_attn_norm.weight"),
+                  ("post_mlp_layernorm.weight", "post_mlp_norm.weight")]
     if not isinstance(cfg, GLMMoEConfig):
-        out[op + "mlp.gate_up_proj.weight"] = t[hp + "mlp.gate_up_proj.weight"]
-        out[op + "mlp.down_proj.weight"] = t[hp + "mlp.down_proj.weight"]
-    elif i < cfg.first_k_dense_replace:
+        pairs += [("mlp.gate_up_proj.weight", "mlp.gate_up_proj.weight")]
+    if not isinstance(cfg, GLMMoEConfig) or i < cfg.first_k_dense_replace:
+        return pairs + [("mlp.down_proj.weight", "mlp.down_proj.weight")]
+    pairs += [("mlp.gate.weight", "mlp.gate.weight"),
+              ("mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias")]
+    if cfg.n_shared_experts:
+        pairs += [(f"mlp.shared_experts.{p}_proj.weight",) * 2 for p in ("gate", "up", "down")]
+    return pairs
+
+
+def _moe_layer(cfg: GLMDenseConfig, i: int) -> bool:
+    return isinstance(cfg, GLMMoEConfig) and i >= cfg.first_k_dense_replace
+
+
+def _layer_to_ours(t: dict[str, torch.Tensor], cfg: GLMDenseConfig, i: int, hp: str, op: str) -> dict[str, torch.Tensor]:
+    """One decoder layer's HF tensors (prefix ``hp``) under our names (prefix ``op``): renamed, q/k/v fused,
+    a glm4_moe dense MLP's gate and up fused, experts stacked."""
+    out = {op + ours: t[hp + hf] for hf, ours in _renames(cfg, i)}
+    for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+        out[f"{op}attn.qkv_proj.{kind}"] = torch.cat([t[f"{hp}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+    if isinstance(cfg, GLMMoEConfig) and not _moe_layer(cfg, i):
         out[op + "mlp.gate_up_proj.weight"] = torch.cat([t[hp + "mlp.gate_proj.weight"], t[hp + "mlp.up_proj.weight"]])
-        out[op + "mlp.down_proj.weight"] = t[hp + "mlp.down_proj.weight"]
-    else:
+    if _moe_layer(cfg, i):
         E = cfg.n_routed_experts
-        out[op + "mlp.gate.weight"] = t[hp + "mlp.gate.weight"]
-        out[op + "mlp.gate.e_score_correction_bias"] = t[hp + "mlp.gate.e_score_correction_bias"].float()
-        gate_up, down = pack_experts([t[f"{hp}mlp.experts.{j}.gate_proj.weight"] for j in range(E)],
-                                     [t[f"{hp}mlp.experts.{j}.up_proj.weight"] for j in range(E)],
-                                     [t[f"{hp}mlp.experts.{j}.down_proj.weight"] for j in range(E)])
+        out[op + "mlp.gate.e_score_correction_bias"] = out[op + "mlp.gate.e_score_correction_bias"].float()
+        gate_up, down = pack_experts(*([t[f"{hp}mlp.experts.{j}.{p}_proj.weight"] for j in range(E)]
+                                       for p in ("gate", "up", "down")))
         out[op + "mlp.experts.gate_up_proj"], out[op + "mlp.experts.down_proj"] = gate_up, down
-        if cfg.n_shared_experts:
-            for p in ("gate", "up", "down"):
-                out[f"{op}mlp.shared_experts.{p}_proj.weight"] = t[f"{hp}mlp.shared_experts.{p}_proj.weight"]
     return out
 
 
 def _layer_to_hf(sd: dict[str, torch.Tensor], cfg: GLMDenseConfig, i: int, hp: str, op: str) -> dict[str, torch.Tensor]:
-    """The inverse of ``_layer_to_ours``."""
+    """The inverse of ``_layer_to_ours``: q/k/v split, a dense MLP's gate and up split, experts one by one."""
+    out = {hp + hf: sd[op + ours] for hf, ours in _renames(cfg, i)}
     qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    out = {hp + "input_layernorm.weight": sd[op + "input_norm.weight"],
-           hp + "post_attention_layernorm.weight": sd[op + "pre_mlp_norm.weight"],
-           hp + "self_attn.o_proj.weight": sd[op + "attn.o_proj.weight"]}
     for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-        q, k, v = sd[f"{op}attn.qkv_proj.{kind}"].split([qd, kvd, kvd])
-        out[f"{hp}self_attn.q_proj.{kind}"], out[f"{hp}self_attn.k_proj.{kind}"] = q, k
-        out[f"{hp}self_attn.v_proj.{kind}"] = v
-    if cfg.qk_norm:
-        out[hp + "self_attn.q_norm.weight"] = sd[op + "attn.q_norm.weight"]
-        out[hp + "self_attn.k_norm.weight"] = sd[op + "attn.k_norm.weight"]
-    if cfg.block == "sandwich":
-        out[hp + "post_self_attn_layernorm.weight"] = sd[op + "post_attn_norm.weight"]
-        out[hp + "post_mlp_layernorm.weight"] = sd[op + "post_mlp_norm.weight"]
-    if not isinstance(cfg, GLMMoEConfig):
-        out[hp + "mlp.gate_up_proj.weight"] = sd[op + "mlp.gate_up_proj.weight"]
-        out[hp + "mlp.down_proj.weight"] = sd[op + "mlp.down_proj.weight"]
-    elif i < cfg.first_k_dense_replace:
+        for p, part in zip("qkv", sd[f"{op}attn.qkv_proj.{kind}"].split([qd, kvd, kvd])):
+            out[f"{hp}self_attn.{p}_proj.{kind}"] = part
+    if isinstance(cfg, GLMMoEConfig) and not _moe_layer(cfg, i):
         out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = sd[op + "mlp.gate_up_proj.weight"].chunk(2)
-        out[hp + "mlp.down_proj.weight"] = sd[op + "mlp.down_proj.weight"]
-    else:
-        out[hp + "mlp.gate.weight"] = sd[op + "mlp.gate.weight"]
-        out[hp + "mlp.gate.e_score_correction_bias"] = sd[op + "mlp.gate.e_score_correction_bias"]
-        gates, ups, downs = unpack_experts(sd[op + "mlp.experts.gate_up_proj"], sd[op + "mlp.experts.down_proj"])
-        for j in range(cfg.n_routed_experts):
-            out[f"{hp}mlp.experts.{j}.gate_proj.weight"] = gates[j]
-            out[f"{hp}mlp.experts.{j}.up_proj.weight"] = ups[j]
-            out[f"{hp}mlp.experts.{j}.down_proj.weight"] = downs[j]
-        if cfg.n_shared_experts:
-            for p in ("gate", "up", "down"):
-                out[f"{hp}mlp.shared_experts.{p}_proj.weight"] = sd[f"{op}mlp.shared_experts.{p}_proj.weight"]
+    if _moe_layer(cfg, i):
+        experts = unpack_experts(sd[op + "mlp.experts.gate_up_proj"], sd[op + "mlp.experts.down_proj"])
+        for p, stacked in zip(("gate", "up", "down"), experts):
+            for j in range(cfg.n_routed_experts):
+                out[f"{hp}mlp.experts.{j}.{p}_proj.weight"] = stacked[j]
     return out
 
 

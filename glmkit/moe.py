@@ -52,7 +52,7 @@ Two implementations of the expert computation that agree to fp32 rounding:
 
 Entry points: ``SoftmaxTopKRouter``, ``SigmoidGroupRouter`` (and the functional ``sigmoid_topk_route``),
 ``expert_load``, ``max_violation``, ``update_bias``, ``sequence_aux_loss``, ``Experts``,
-``experts_loop``, ``experts_sorted``, ``SwiGLUMLP``, ``MoE``, ``update_all_biases``, ``ffn_for_layer``.
+``experts_loop``, ``experts_sorted``, ``SwiGLUMLP``, ``MoE``, ``update_all_biases``, ``total_aux_loss``, ``ffn_for_layer``.
 
 Shapes: N tokens (batch and sequence flattened), H hidden size, E routed experts, k experts per token,
 I expert intermediate size, S = N·k routed slots (slot s belongs to token s // k).
@@ -566,6 +566,13 @@ class MoE(nn.Module):
             update_bias(self.gate.e_score_correction_bias, load, gamma)
         self.reset_load()
         return load
+
+
+def total_aux_loss(layers: list["MoE"]) -> torch.Tensor | None:
+    """Sum of the MoE layers' sequence-wise balance losses from their last training forward (None when none
+    computed one: ``aux_loss_alpha`` is 0, or no training forward ran)."""
+    losses = [m.aux_loss for m in layers if m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
 
 
 def update_all_biases(model: nn.Module, gamma: float) -> list[torch.Tensor]:

@@ -69,7 +69,7 @@ from glmkit.checkpoint import load_training_state, save_training_state
 from glmkit.lm_data import LMBatch, LMData
 from glmkit.models.glm2021 import GLMModel
 from glmkit.models.glm_dense import GLMDenseModel
-from glmkit.moe import MoE, max_violation
+from glmkit.moe import MoE, max_violation, total_aux_loss
 
 # The two objectives: History.objective and the plot titles use these names.
 BLANK_INFILLING = "blank_infilling"
@@ -411,28 +411,13 @@ def default_data(cfg: TrainConfig, split: str = "train", model: torch.nn.Module 
 
 
 # ----------------------------------------------------------------------------------------------------
-# MoE hooks (duck-typed: GLMMoEModel's methods when present, else the glmkit.moe.MoE modules found)
+# MoE hooks (on the glmkit.moe.MoE modules: GLMMoEModel.moe_layers(), or any MoE module found)
 # ----------------------------------------------------------------------------------------------------
 def moe_layers(model: torch.nn.Module) -> list[MoE]:
     """The model's MoE layers in order: ``model.moe_layers()`` if it has one, else every ``MoE`` module."""
     if callable(getattr(model, "moe_layers", None)):
         return list(model.moe_layers())
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def _aux_loss(model: torch.nn.Module, layers: list[MoE]) -> torch.Tensor | None:
-    if callable(getattr(model, "aux_loss", None)):
-        return model.aux_loss()
-    losses = [m.aux_loss for m in layers if m.aux_loss is not None]
-    return torch.stack(losses).sum() if losses else None
-
-
-def _update_bias(model: torch.nn.Module, layers: list[MoE], gamma: float) -> None:
-    if callable(getattr(model, "update_bias", None)):
-        model.update_bias(gamma)
-    else:
-        for m in layers:
-            m.update_bias(gamma)
 
 
 def _record_load(history: History, layers: list[MoE], step: int, snapshot: bool) -> None:
@@ -555,7 +540,7 @@ def train(
                     m.reset_load()                     # the loads below are this step's alone
                 with _autocast(device):
                     loss = batch_loss(model, batch)
-                    aux = _aux_loss(model, layers) if layers else None
+                    aux = total_aux_loss(layers)
                     total = loss if aux is None else loss + aux
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -573,7 +558,8 @@ def train(
                     _record_load(history, layers, step, snapshot=step % cfg.log_every == 0 or step == end)
                     metrics["max_violation"] = history.max_violation[-1]
                     if cfg.bias_update_rate > 0:
-                        _update_bias(model, layers, cfg.bias_update_rate)   # from this step's loads
+                        for m in layers:                                   # from this step's loads
+                            m.update_bias(cfg.bias_update_rate)
                 total_value = metrics["loss"] + metrics.get("aux_loss", 0.0)
                 if not math.isfinite(total_value):
                     raise FloatingPointError(f"loss became {total_value} at step {step}: lower TrainConfig.lr "

@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glmkit.backend import require_kernel_device
+
 # exp(x) = 2^(x · log2(e)): the kernel works with exp2 (one MUFU.EX2 instruction on NVIDIA GPUs), so
 # log2(e) is folded into the softmax scale once, on the host, instead of multiplying every score.
 LOG2E = 1.4426950408889634
@@ -56,11 +58,6 @@ LN2 = 0.6931471805599453  # converts the kernel's log2-domain log-sum-exp back t
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -305,8 +302,7 @@ def glm_attention_fwd(
     sep = _check_sep(sep, B, T, q.device, check)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(q)
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     sep = sep.contiguous()

@@ -71,7 +71,9 @@ import torch
 import triton
 import triton.language as tl
 
-from glmkit.kernels.glm_attention import LOG2E, SUPPORTED_HEAD_DIMS, _check_sep, _interpreting, _t_bucket
+from glmkit.backend import require_kernel_device
+
+from glmkit.kernels.glm_attention import LOG2E, SUPPORTED_HEAD_DIMS, _check_sep, _t_bucket
 
 
 @triton.jit
@@ -407,8 +409,7 @@ def glm_attention_bwd(
     sep = _check_sep(sep, B, T, q.device, check)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(q)
 
     q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
     lse, sep = lse.contiguous(), sep.contiguous()

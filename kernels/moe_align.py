@@ -37,17 +37,15 @@ Runs natively on CUDA and under the Triton interpreter on CPU tensors.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from glmkit.backend import require_kernel_device
+
 _INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def padded_size(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -182,8 +180,7 @@ def moe_align(
     if check:
         _check_range(topk_idx, num_experts)
     dev = topk_idx.device
-    if dev.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(dev)
     S, E = topk_idx.numel(), num_experts
     S_pad = padded_size(S, E, block_m)
     if out is None:

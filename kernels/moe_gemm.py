@@ -63,11 +63,12 @@ wrong, so CPU tests use fp32/fp16; bf16 is tested on the GPU.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from glmkit.backend import require_kernel_device
 
 from .moe_align import moe_align
 
@@ -76,9 +77,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # epilogues of _moe_gemm_kernel
 PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -413,8 +411,7 @@ def moe_gemm(
     if swiglu and topk_weight is not None:
         raise ValueError("topk_weight is applied after the down projection, not with swiglu")
     n_out = n_w // 2 if swiglu else n_w
-    if dev.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(dev)
     if out is None:
         out = torch.empty((S, n_out), dtype=a.dtype, device=dev)
     elif out.shape != (S, n_out) or out.dtype != a.dtype or out.device != dev or out.stride(-1) != 1:
@@ -473,8 +470,7 @@ def moe_combine(z: torch.Tensor, top_k: int, topk_weight: torch.Tensor | None = 
         raise TypeError(f"z must be float32, float16 or bfloat16, got {z.dtype}")
     if not isinstance(top_k, int) or top_k < 1 or z.shape[0] % top_k:
         raise ValueError(f"top_k must be a positive int dividing z's rows {z.shape[0]}, got {top_k!r}")
-    if z.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(z)
     S, H = z.shape
     N = S // top_k
     if z.stride(-1) != 1:

@@ -24,18 +24,16 @@ TRITON_INTERPRET=1 on machines without CUDA).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from glmkit.backend import require_kernel_device
+
 MAX_HIDDEN = 65536  # a whole row lives in registers: beyond this the single-pass design spills badly
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -118,8 +116,7 @@ def _check_common(x: torch.Tensor, weight: torch.Tensor) -> int:
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-    if x.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(x)
     return N
 
 

@@ -30,11 +30,12 @@ contiguous. Runs natively on CUDA and under the Triton interpreter on CPU tensor
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from glmkit.backend import require_kernel_device
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,9 +45,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # 1-6% slower. 64 rows × 8 warps was at the top for both pairings.
 _DEFAULT_BLOCK_T, _DEFAULT_WARPS, _DEFAULT_HEADS = 64, 8, 1
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -195,8 +193,7 @@ def rope_fwd(
         raise ValueError(f"rotary_dim must be a positive even int <= D={D}, got {R!r}")
     if cos.shape[-2:] != (T, R // 2) or (cos.dim() == 3 and cos.shape[0] != B):
         raise ValueError(f"cos/sin must be [T, R/2] = [{T}, {R // 2}] or [B, T, R/2] = [{B}, {T}, {R // 2}], got {tuple(cos.shape)}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(q)
     if cos.dtype == torch.float64:
         cos, sin = cos.float(), sin.float()
     cos, sin = cos.contiguous(), sin.contiguous()  # small tables; one stride set serves both

@@ -22,17 +22,15 @@ Runs natively on CUDA and under the Triton interpreter on CPU tensors.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from glmkit.backend import require_kernel_device
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -96,8 +94,7 @@ def _check(gate_up: torch.Tensor) -> int:
         raise TypeError(f"gate_up must be float32, float16 or bfloat16, got {gate_up.dtype}")
     if gate_up.shape[-1] == 0 or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dim must be even and non-zero (gate ‖ up), got {tuple(gate_up.shape)}")
-    if gate_up.device.type != "cuda" and not _interpreting():
-        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton")
+    require_kernel_device(gate_up)
     return gate_up.shape[-1] // 2
 
 

@@ -15,6 +15,7 @@ transformers = pytest.importorskip(
 from glmkit.hf import HFCheckpointError, load_hf, save_hf  # noqa: E402
 from glmkit.models.glm_dense import GLMDenseModel, get_config  # noqa: E402
 from glmkit.testing import rel_err  # noqa: E402
+from hf_oracle import cached_decode_errors, save_tiny, sharpen_  # noqa: E402  (tests/hf_oracle.py)
 
 TOL = 1e-4
 KINDS = {"glm": ("GlmConfig", "GlmForCausalLM"), "glm4": ("Glm4Config", "Glm4ForCausalLM")}
@@ -29,20 +30,7 @@ def tiny_hf(kind: str, **overrides):
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
                   pad_token_id=0, eos_token_id=[1, 2])
     fields.update(overrides)
-    model = model_cls(cfg_cls(**fields)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                gain = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
-                p.normal_(0.0, gain / p.shape[1] ** 0.5)
-            else:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
-    return model
-
-
-def save_tiny(model, path, **kw):
-    model.save_pretrained(str(path), safe_serialization=True, **kw)
-    return path
+    return sharpen_(model_cls(cfg_cls(**fields)).eval())
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -60,18 +48,7 @@ def test_prefill_logits_match(kind, tmp_path):
 def test_cached_decoding_matches(kind, tmp_path):
     hf = tiny_hf(kind)
     ours = load_hf(save_tiny(hf, tmp_path / kind))
-    x = torch.randint(0, 128, (2, 15))
-    P = 7
-    errs = []
-    with torch.no_grad():
-        ref = hf(x[:, :P], use_cache=True)
-        past = ref.past_key_values
-        cache = ours.new_cache(2, 32)
-        errs.append(rel_err(ref.logits, ours(x[:, :P], cache=cache)))
-        for t in range(P, x.shape[1]):
-            ref = hf(x[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = ref.past_key_values
-            errs.append(rel_err(ref.logits, ours(x[:, t:t + 1], cache=cache)))
+    errs = cached_decode_errors(hf, ours, torch.randint(0, 128, (2, 15)), prefix=7)
     assert max(errs) <= TOL, f"{kind} cached decode: rel errs {[f'{e:.1e}' for e in errs]}"
 
 

@@ -19,6 +19,7 @@ from glmkit.hf import HFCheckpointError, load_hf, save_hf  # noqa: E402
 from glmkit.models.glm_moe import GLMMoEModel, get_config  # noqa: E402
 from glmkit.sampling import generate  # noqa: E402
 from glmkit.testing import rel_err  # noqa: E402
+from hf_oracle import cached_decode_errors, save_tiny, sharpen_  # noqa: E402  (tests/hf_oracle.py)
 
 TOL = 1e-4
 V = 128
@@ -35,23 +36,12 @@ def tiny_hf(**overrides):
                   rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
                   pad_token_id=0, eos_token_id=[1, 2])
     fields.update(overrides)
-    model = transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**fields)).eval()
+    model = sharpen_(transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**fields)).eval())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                gain = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
-                p.normal_(0.0, gain / p.shape[-1] ** 0.5)
-            else:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.3)
     return model
-
-
-def save_tiny(model, path):
-    model.save_pretrained(str(path), safe_serialization=True)
-    return path
 
 
 CASES = {
@@ -92,18 +82,7 @@ def test_prefill_matches_with_other_expert_paths(impl, tmp_path):
 def test_cached_decoding_matches(tmp_path):
     hf = tiny_hf()
     ours = load_hf(save_tiny(hf, tmp_path / "m"))
-    x = torch.randint(0, V, (2, 16))
-    P = 7
-    errs = []
-    with torch.no_grad():
-        ref = hf(x[:, :P], use_cache=True)
-        past = ref.past_key_values
-        cache = ours.new_cache(2, 32)
-        errs.append(rel_err(ref.logits, ours(x[:, :P], cache=cache)))
-        for t in range(P, x.shape[1]):
-            ref = hf(x[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = ref.past_key_values
-            errs.append(rel_err(ref.logits, ours(x[:, t:t + 1], cache=cache)))
+    errs = cached_decode_errors(hf, ours, torch.randint(0, V, (2, 16)), prefix=7)
     assert max(errs) <= TOL, f"cached decode: rel errs {[f'{e:.1e}' for e in errs]}"
 
 

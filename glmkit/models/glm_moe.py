@@ -45,7 +45,7 @@ from torch import nn
 
 from glmkit import backend
 from glmkit.mlp import MLP, swiglu
-from glmkit.moe import MoE, SigmoidGroupRouter, experts_loop, experts_sorted, max_violation
+from glmkit.moe import MoE, SigmoidGroupRouter, experts_loop, experts_sorted, max_violation, total_aux_loss
 from glmkit.moe_configs import GLM_4_5, GLM_4_5_AIR, GLM45Config
 from glmkit.models.glm_dense import Block, GLMDenseConfig, GLMDenseModel, _StepContext, count_distinct
 from glmkit.norms import RMSNorm
@@ -226,8 +226,7 @@ def experts_auto(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
             dtype = torch.get_autocast_dtype("cuda")
         elif w_gu.dtype != x.dtype:
             dtype = w_gu.dtype
-        y = moe_experts(x.to(dtype), topk_idx, topk_weight, w_gu.to(dtype), w_d.to(dtype), check=not x.is_cuda)
-        return y
+        return moe_experts(x.to(dtype), topk_idx, topk_weight, w_gu.to(dtype), w_d.to(dtype), check=not x.is_cuda)
     return experts_sorted(x, topk_idx, topk_weight, experts)
 
 
@@ -350,8 +349,7 @@ class GLMMoEModel(GLMDenseModel):
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' sequence-wise balance losses from the last training-mode forward (None
         when ``aux_loss_alpha`` is 0 or there was no training forward)."""
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
+        return total_aux_loss(self.moe_layers())
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> torch.Tensor:
