@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "doctor":
-        from glmkit import doctor
+        from glmkit.course import doctor
 
         return doctor.main(rest)
     if command == "grade":

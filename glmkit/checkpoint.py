@@ -2,12 +2,11 @@
 
 Two kinds of folder:
 
-* A **model folder** (``save_pretrained`` / ``load_pretrained``), the Hugging Face layout:
-  ``config.json`` ({"model_type": "glmkit_glm2021", ...the GLMConfig fields}) and ``model.safetensors``.
-  The dense and MoE models of the later lessons are stored the same way under their own ``model_type``
-  (``glmkit_glm_dense``, ``glmkit_glm_moe``; ``model_families()`` maps a type to its config and model
-  classes); their persistent buffers, such as an MoE router's ``e_score_correction_bias``, travel with
-  the weights (``state_dict()`` holds them).
+* A **model folder** (``save_pretrained`` / ``load_pretrained``), the Hugging Face layout: ``config.json``
+  ({"model_type": "glmkit_decoder" or "glmkit_glm2021", ...the config's fields}) and ``model.safetensors``.
+  Persistent buffers, such as an MoE router's ``e_score_correction_bias``, travel with the weights. Folders
+  written by glmkit 0.1 (model types ``glmkit_glm_dense``, ``glmkit_glm_moe`` and the old ``glmkit_glm2021``
+  fields) are converted on load (``LEGACY``); their training state cannot be resumed.
   safetensors refuses to store two names that share memory, and a tied head is exactly that
   (``lm_head.weight`` *is* ``word_embeddings.weight``). So the tensor is stored once, under its first
   name, and the file's metadata records the alias (``{"lm_head.weight": "word_embeddings.weight"}``);
@@ -50,8 +49,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from glmkit.models import glm_dense
-from glmkit.models.glm2021 import MODEL_TYPE, GLMConfig, GLMModel
+from glmkit.models.decoder import Decoder, DecoderConfig
+from glmkit.models.glm2021 import GLMConfig, GLMModel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -88,42 +87,63 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model families: which config and model class a folder's model_type stands for
+# Model families, and the folders glmkit 0.1 wrote
 # ----------------------------------------------------------------------------------------------------
-def model_families() -> dict[str, tuple[type, type]]:
-    """``{model_type: (config class, model class)}`` for every model a folder can hold. The MoE family
-    (``glmkit.models.glm_moe``) is listed when that module is importable."""
-    families: dict[str, tuple[type, type]] = {
-        MODEL_TYPE: (GLMConfig, GLMModel),
-        glm_dense.MODEL_TYPE: (glm_dense.GLMDenseConfig, glm_dense.GLMDenseModel),
-    }
-    try:
-        from glmkit.models import glm_moe
-    except ImportError:
-        return families
-    moe_type, moe_cfg, moe_model = (getattr(glm_moe, n, None) for n in ("MODEL_TYPE", "GLMMoEConfig", "GLMMoEModel"))
-    if moe_type and moe_cfg and moe_model:
-        families[moe_type] = (moe_cfg, moe_model)
-    return families
+FAMILIES: dict[str, tuple[type, type]] = {"glmkit_decoder": (DecoderConfig, Decoder),
+                                          "glmkit_glm2021": (GLMConfig, GLMModel)}
+# glmkit 0.1's config fields and tensor names → today's (None: no equivalent; the folder cannot be loaded)
+_OLD_FIELDS = {"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+               "max_seq_len": "max_position_embeddings", "qkv_bias": "attention_bias", "qk_norm": "use_qk_norm",
+               "norm_eps": "rms_norm_eps", "init_std": "initializer_range", "eos_token_ids": "eos_token_id",
+               "d_model": "hidden_size", "d_ff": "intermediate_size", "layernorm_eps": "layer_norm_eps"}
+_OLD_ONLY = {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "o_bias": False, "mlp_bias": False,
+             "attn_scale": None, "dropout": 0.0, "pad_vocab_multiple": 1}
+_OLD_TENSORS = [(".attn.", ".mixer."), ("post_attn_norm", "post_mixer_norm"), ("word_embeddings", "embed_tokens"),
+                ("block_position_embeddings", "block_pos_embed"), ("position_embeddings", "pos_embed"),
+                (".ln1.", ".input_norm."), (".ln2.", ".pre_mlp_norm."), ("ln_f.", "final_norm."),
+                (".mixer.qkv.", ".mixer.qkv_proj."), (".mixer.proj.", ".mixer.o_proj."),
+                (".mlp.fc1.", ".mlp.up_proj."), (".mlp.fc2.", ".mlp.down_proj.")]
+LEGACY = {"glmkit_glm_dense": "glmkit_decoder", "glmkit_glm_moe": "glmkit_decoder"}
+
+
+def _upgrade_config(model_type: str, raw: dict[str, Any], where: Path) -> tuple[str, dict[str, Any]]:
+    """A glmkit 0.1 config dict as today's (model_type, fields), or a ValueError saying why it cannot be."""
+    if model_type == "glmkit_glm2021" and "d_model" not in raw or model_type not in (*LEGACY, "glmkit_glm2021"):
+        return model_type, raw
+    drop = (*_OLD_ONLY, "block", "rope_pairing") if model_type in LEGACY else ()
+    out = {_OLD_FIELDS.get(k, k): v for k, v in raw.items() if k not in drop}
+    if model_type in LEGACY:
+        bad = {k: raw[k] for k, want in _OLD_ONLY.items() if k in raw and raw[k] != want}
+        if raw.get("block", "pre") not in ("pre", "sandwich"):
+            bad["block"] = raw["block"]
+        if bad:
+            raise ValueError(f"{where}: a glmkit 0.1 model with {bad}, which today's decoder has no setting for "
+                             f"(DeepNorm, GeGLU, LayerNorm, 2D positions live in glmkit.course.lineage): retrain it")
+        out.update(sandwich_norms=raw.get("block") == "sandwich", rope_interleave=raw.get("rope_pairing") != "half")
+        if "first_k_dense_replace" not in raw and "n_routed_experts" in raw:
+            out["first_k_dense_replace"] = 1
+    return LEGACY.get(model_type, model_type), out
+
+
+def _upgrade_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """glmkit 0.1 tensor names → today's (the shared expert's separate gate and up are fused)."""
+    out = {}
+    for name, t in tensors.items():
+        for old, new in _OLD_TENSORS:
+            name = name.replace(old, new)
+        out[name] = t
+    for name in [n for n in out if n.endswith("shared_experts.gate_proj.weight")]:
+        prefix = name[: -len("gate_proj.weight")]
+        out[prefix + "gate_up_proj.weight"] = torch.cat([out.pop(name), out.pop(prefix + "up_proj.weight")])
+    return out
 
 
 def model_type_of(model: torch.nn.Module) -> str:
-    """The ``model_type`` a model is saved under (its exact class decides: a subclass needs its own entry)."""
-    for model_type, (_, cls) in model_families().items():
+    """The ``model_type`` a model is saved under (its exact class decides)."""
+    for model_type, (_, cls) in FAMILIES.items():
         if type(model) is cls:
             return model_type
-    known = ", ".join(cls.__name__ for _, cls in model_families().values())
-    raise TypeError(f"model must be a glmkit model ({known}), got {type(model).__name__}")
-
-
-def _config_from_dict(model_type: str, raw: dict[str, Any], where: Path):
-    config_cls = model_families()[model_type][0]
-    try:
-        if hasattr(config_cls, "from_dict"):
-            return config_cls.from_dict(raw)
-        return config_cls(**raw)
-    except TypeError as e:
-        raise ValueError(f"{where}: the fields do not fit {config_cls.__name__}: {e}") from e
+    raise TypeError(f"model must be a glmkit model (Decoder, GLMModel), got {type(model).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,6 +193,8 @@ def _load_weights_into(model: torch.nn.Module, path: Path, device: str | torch.d
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     file_aliases = json.loads(file_meta.get("aliases", "{}"))
+    if file_meta.get("model_type") in (*LEGACY, "glmkit_glm2021") and any("attn." in k or "ln_f" in k for k in tensors):
+        tensors, file_aliases = _upgrade_tensors(tensors), {}
 
     expected = model.state_dict()
     _, model_aliases = split_shared(expected)
@@ -212,12 +234,10 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Pat
 
 
 def read_config(directory: str | os.PathLike):
-    """The config stored in a model folder's config.json: a ``GLMConfig``, ``GLMDenseConfig`` (or the MoE
-    config), as its model_type says."""
+    """The config stored in a model folder's config.json: a ``DecoderConfig`` or ``GLMConfig``, as its model_type
+    says (glmkit 0.1 folders converted)."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
-    if not directory.exists():
-        raise FileNotFoundError(f"model folder {directory} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a glmkit model folder "
                                 f"(save one with glmkit.checkpoint.save_pretrained)")
@@ -225,12 +245,14 @@ def read_config(directory: str | os.PathLike):
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    model_type = raw.pop("model_type", None)
-    families = model_families()
-    if model_type not in families:
-        others = ", ".join(repr(t) for t in families if t != MODEL_TYPE)
-        raise ValueError(f"{path}: model_type is {model_type!r}, expected {MODEL_TYPE!r} or one of {others}")
-    return _config_from_dict(model_type, raw, path)
+    model_type, raw = _upgrade_config(raw.pop("model_type", None), raw, path)
+    if model_type not in FAMILIES:
+        raise ValueError(f"{path}: model_type is {model_type!r}, expected one of {sorted(FAMILIES)} (a Hugging Face "
+                         f"checkpoint loads with glmkit.hf.load_hf)")
+    try:
+        return FAMILIES[model_type][0].from_dict(raw)
+    except TypeError as e:
+        raise ValueError(f"{path}: the fields do not fit {FAMILIES[model_type][0].__name__}: {e}") from e
 
 
 def _resolve_model_folder(directory: Path) -> Path:
@@ -242,8 +264,8 @@ def _resolve_model_folder(directory: Path) -> Path:
 
 
 def load_pretrained(directory: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
-    """Build the model described by ``directory/config.json`` (a ``GLMModel``, ``GLMDenseModel`` or the
-    MoE model, as its model_type says) and load ``model.safetensors`` into it.
+    """Build the model described by ``directory/config.json`` (a ``Decoder`` or ``GLMModel``, as its model_type
+    says) and load ``model.safetensors`` into it.
 
     ``directory`` may also be a training folder (``train(..., out_dir=...)``): its latest checkpoint
     is loaded. ``device`` defaults to CPU.
@@ -253,7 +275,7 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device | N
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    model_cls = next(m for c, m in model_families().values() if type(config) is c)
+    model_cls = next(m for c, m in FAMILIES.values() if type(config) is c)
     model = model_cls(config)
     _load_weights_into(model, weights, device)
     return model
@@ -441,6 +463,11 @@ def load_training_state(
     if ckpt is None:
         return None
     state = json.loads((ckpt / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    if state.get("model_type") not in FAMILIES or "glmkit_glm2021" == state.get("model_type") and \
+            "d_model" in json.loads((ckpt / CONFIG_NAME).read_text(encoding="utf-8")):
+        raise ValueError(f"{ckpt} is a glmkit 0.1 training checkpoint: its optimizer state does not fit today's "
+                         f"parameters. Load its weights with glmkit.checkpoint.load_pretrained({str(ckpt)!r}) and "
+                         f"start a new run from them")
     saved = read_config(ckpt)
     if type(saved) is not type(model.config):
         raise ValueError(f"checkpoint {ckpt} holds a {type(saved).__name__} model, not a "

@@ -1,11 +1,19 @@
-"""Helpers for checking kernels against their references: relative error, poisoned outputs, tolerances.
+"""Helpers for checking kernels against their references: relative error, tolerances, poisoned memory.
 
-Used by tests/, by the lessons when they check a hand-built version against glmkit's, and by the
-exercise checks. The error measure is relative: the RMS of the difference over the RMS of the reference,
-so one tolerance works for outputs of any scale (a single global ``atol`` does not).
+Used by tests/, by the lessons when they check a hand-built version against glmkit's, and by the exercise
+checks. The error measure is relative: the RMS of the difference over the RMS of the reference, so one
+tolerance works for outputs of any scale (a single global ``atol`` does not).
+
+Poisoning (fla's trick, ``tests/conftest.py``): inside ``poisoned_allocations()`` every ``torch.empty`` /
+``torch.empty_like`` returns memory filled with NaN (integers: their minimum), so an output element a kernel
+forgets to write shows up as NaN instead of passing by luck. Kernel launchers allocate their outputs with
+``torch.empty``; no launcher needs an ``out=`` argument for tests.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -37,8 +45,28 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float | N
 
 
 def poisoned(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """A tensor full of NaN (or the integer minimum): pass it as a kernel's ``out=`` so any element the
-    kernel forgets to write shows up in the comparison instead of passing by luck."""
+    """A tensor full of NaN (or the integer minimum)."""
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype, device=device)
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    if t.dtype != torch.bool:
+        return t.fill_(torch.iinfo(t.dtype).min)
+    return t
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Inside the block, ``torch.empty`` and ``torch.empty_like`` hand out poisoned memory (see the module
+    docstring). Restores both on exit."""
+    empty, empty_like = torch.empty, torch.empty_like
+    torch.empty = lambda *a, **k: _poison(empty(*a, **k))  # noqa: E731
+    torch.empty_like = lambda *a, **k: _poison(empty_like(*a, **k))  # noqa: E731
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like

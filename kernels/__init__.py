@@ -1,20 +1,20 @@
 """glmkit.kernels: the course's Triton kernels.
 
-Installed as ``glmkit.kernels`` (the folder is ``kernels/`` at the top of the repository). Each kernel
-module has a plain-torch reference elsewhere in glmkit and a test against it.
+Installed as ``glmkit.kernels`` (the folder is ``kernels/`` at the top of the repository). 
 
 On a machine without CUDA, importing this package switches Triton to its CPU interpreter
 (TRITON_INTERPRET=1) unless the variable is already set, so the same kernels run on a laptop, slowly.
 That has to happen before ``triton.jit`` decorates the kernels, which is why it happens here.
 
-    primer             lesson 00: a first kernel (fused scale-and-add), to learn the programming model
-    glm_attention      lesson 01: flash attention forward under the GLM blank-infilling mask
-    glm_attention_bwd  lessons 02-03: its backward (dq, dk, dv), so GPU training runs on our kernels
-    rmsnorm            lesson 03: fused RMSNorm forward and backward (dx, dweight)
-    swiglu             lesson 03: fused SwiGLU on the gate||up layout, forward and backward
-    moe_align          lesson 04: token permutation (counts, padding to the block, sorted slot ids)
-    moe_gemm           lesson 04: grouped GEMM gathering rows by token id, SwiGLU epilogue, combine; fwd+bwd
-    rope               lesson 02: partial RoPE (interleaved or half-split pairs) on q and k, in place or not
+    primer        lesson 00: first kernels (fused scale-and-add, row softmax), with their references beside them
+    attention     lessons 01-03: flash attention under the GLM mask, forward and backward
+    rmsnorm       lesson 03: fused RMSNorm forward and backward (dx, dweight)
+    swiglu        lesson 03: fused SwiGLU on the gate||up layout, forward and backward
+    rope          lesson 02: partial RoPE (interleaved or half-split pairs) on q and k, forward and backward
+    moe_align     lesson 04: token permutation (counts, padding to the block, sorted slot ids)
+    moe_experts   lesson 04: grouped GEMMs gathering rows by token id, SwiGLU epilogue, combine; fwd+bwd
+Each kernel module ``kernels/<op>.py`` has its op in ``glmkit/ops/<op>.py`` (reference, dispatch, autograd) and its
+tests in ``tests/ops/test_<op>.py``.
 """
 
 from __future__ import annotations

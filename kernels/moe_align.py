@@ -31,7 +31,7 @@ How (three launches, no host sync, no sort):
      with the same expert (a CHUNK×CHUNK comparison), plus its chunk's base, is its row. Every position
      of ``sorted_token_ids`` is written exactly once (tests pass NaN-poisoned-style buffers).
 
-``moe_align_reference`` is the same contract in plain torch (a stable argsort), for tests and lessons.
+``glmkit.ops.moe_align.moe_align_reference`` is the same contract in plain torch (a stable argsort).
 Runs natively on CUDA and under the Triton interpreter on CPU tensors.
 """
 
@@ -43,16 +43,7 @@ import triton
 import triton.language as tl
 
 from glmkit.backend import require_kernel_device
-
-_INT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
-
-
-
-def padded_size(num_slots: int, num_experts: int, block_m: int) -> int:
-    """S_pad: the fixed length of ``sorted_token_ids`` — enough for any routing of ``num_slots`` slots
-    over ``num_experts`` experts when each used expert pads its run up to a multiple of ``block_m``."""
-    worst = num_slots + min(num_experts, num_slots) * (block_m - 1)
-    return triton.cdiv(worst, block_m) * block_m
+from glmkit.ops.moe_align import padded_size
 
 
 @triton.jit
@@ -137,34 +128,11 @@ def _scatter_kernel(
     tl.store(SORTED + base + rank, offs.to(tl.int32), mask=ok)
 
 
-def _check_args(topk_idx, num_experts, block_m):
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2:
-        raise ValueError(f"topk_idx must be a 2-D tensor [N, k], got {getattr(topk_idx, 'shape', type(topk_idx))}")
-    if topk_idx.dtype not in _INT_DTYPES:
-        raise TypeError(f"topk_idx must be an integer tensor, got {topk_idx.dtype}")
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if not isinstance(block_m, int) or block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 1, got {block_m!r}")
-
-
-def _check_range(topk_idx, num_experts):
-    if topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= num_experts):
-        raise ValueError(f"topk_idx values must lie in [0, num_experts) = [0, {num_experts})")
-
-
-def moe_align(
-    topk_idx: torch.Tensor,
-    num_experts: int,
-    block_m: int,
-    *,
-    out: torch.Tensor | None = None,
-    check: bool = True,
-):
+def moe_align(topk_idx: torch.Tensor, num_experts: int, block_m: int):
     """Sort the N·k routed slots by expert and pad each expert's run to a multiple of ``block_m``.
 
-    topk_idx [N, k] integer expert ids in [0, num_experts); block_m a power of two (the grouped GEMM's
-    BLOCK_M, >= 16 for the GEMM kernels). Returns
+    topk_idx [N, k] integer expert ids in [0, num_experts) (ids outside are dropped); block_m a power of two
+    (the grouped GEMM's BLOCK_M, >= 16 for the GEMM kernels). Returns
 
       sorted_token_ids [S_pad] int32 — slot ids s = token·k + j, expert by expert, increasing within an
                        expert, each run padded with the sentinel S = N·k up to a block_m multiple; the
@@ -172,21 +140,12 @@ def moe_align(
       expert_ids       [S_pad / block_m] int32 — the expert of each block; -1 for the empty tail
       num_tokens_post_pad [1] int32 — rows that hold work (a block multiple); a tensor, no host sync
       counts           [E] int32 — slots per expert
-
-    out: optional int32 [S_pad] buffer for sorted_token_ids (every element is written).
-    check: validate the id range (one device→host sync); ids outside the range are otherwise dropped.
     """
-    _check_args(topk_idx, num_experts, block_m)
-    if check:
-        _check_range(topk_idx, num_experts)
     dev = topk_idx.device
     require_kernel_device(dev)
     S, E = topk_idx.numel(), num_experts
     S_pad = padded_size(S, E, block_m)
-    if out is None:
-        out = torch.empty(S_pad, dtype=torch.int32, device=dev)
-    elif out.shape != (S_pad,) or out.dtype != torch.int32 or out.device != dev or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous int32 [{S_pad}] tensor on {dev}")
+    out = torch.empty(S_pad, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(S_pad // block_m, dtype=torch.int32, device=dev)
     ntpp = torch.zeros(1, dtype=torch.int32, device=dev)
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
@@ -207,29 +166,3 @@ def moe_align(
     )
     _scatter_kernel[(num_chunks,)](flat, chunk_base, out, S, E, CHUNK=chunk)
     return out, expert_ids, ntpp, counts
-
-
-def moe_align_reference(topk_idx: torch.Tensor, num_experts: int, block_m: int):
-    """``moe_align`` in plain torch (stable argsort), with identical outputs; for tests and lessons."""
-    _check_args(topk_idx, num_experts, block_m)
-    _check_range(topk_idx, num_experts)
-    dev = topk_idx.device
-    S, E = topk_idx.numel(), num_experts
-    S_pad = padded_size(S, E, block_m)
-    flat = topk_idx.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=E)
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    total = int(ends[-1])
-    order = torch.argsort(flat, stable=True)              # slots grouped by expert, increasing slot id
-    e_sorted = flat[order]
-    first = torch.cumsum(counts, 0) - counts              # first index of each expert in ``order``
-    rank = torch.arange(S, device=dev) - first[e_sorted]
-    sorted_ids = torch.full((S_pad,), S, dtype=torch.int32, device=dev)
-    sorted_ids[starts[e_sorted] + rank] = order.to(torch.int32)
-    block_starts = torch.arange(S_pad // block_m, device=dev) * block_m
-    expert_ids = torch.searchsorted(ends, block_starts, right=True).to(torch.int32)
-    expert_ids[block_starts >= total] = -1
-    ntpp = torch.tensor([total], dtype=torch.int32, device=dev)
-    return sorted_ids, expert_ids, ntpp, counts.to(torch.int32)

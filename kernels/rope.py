@@ -1,7 +1,7 @@
 """Fused partial RoPE on q and k, both pairings, in place or out of place, forward and backward
 (lesson 02's kernel).
 
-What it computes: ``glmkit.rope.apply_rope_reference`` for q [B, H, T, D] and k [B, H_kv, T, D] in one
+What it computes: ``glmkit.ops.rope.rope_reference`` for q [B, H, T, D] and k [B, H_kv, T, D] in one
 launch: the first R = rotary_dim dims of every head are rotated pairwise by the angles whose cos/sin
 are given ([T, R/2] or [B, T, R/2], one entry per frequency), the last D - R dims pass through.
 Compared with its predecessors in the lineage: GLM-2021 *added* learned position embeddings once, at
@@ -15,8 +15,8 @@ Pairings (``INTERLEAVED`` constexpr): plane i is (x[2i], x[2i+1]) — ChatGLM2/3
 
 Grid: (T blocks, B, H + H_kv). A program loads one [BLOCK_T, R/2] tile of cos/sin, then rotates one
 head's [BLOCK_T, R] slice of q (program head index < H) or of k (the rest) — q and k share the tile
-loads, and one launch serves both (``heads_per_program`` > 1 lets a program rotate several heads with
-one cos/sin tile). Each row's R rotary dims are read and written as one contiguous run (16-byte vector
+loads, and one launch serves both (``HEADS`` > 1 lets a program rotate several heads with one cos/sin
+tile). Each row's R rotary dims are read and written as one contiguous run (16-byte vector
 accesses): the interleaved pairs are separated in registers, not by stride-2 loads — those ran 7× slower
 on an H200 (0.5 TB/s against 3.5). Out of place, the program also copies the pass-through dims; in
 place it leaves them alone, so in-place RoPE touches only R/D of the tensor.
@@ -36,8 +36,6 @@ import triton
 import triton.language as tl
 
 from glmkit.backend import require_kernel_device
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # CUDA launch defaults (rows of T per program, warps, heads per program). Measured on one H200, bf16,
 # out of place, B·T = 16K, D = 128, R = 64 (benchmarks/sweep_kernels.py): every block_t in 16-128 with 4-8
@@ -132,113 +130,33 @@ def _rope_kernel(
                          c, s, offs_t, T, D, HALF, BLOCK_HALF, BLOCK_T, BLOCK_PASS, INTERLEAVED, COPY_PASS)
 
 
-def _check_x(name: str, x: torch.Tensor, ref: torch.Tensor | None = None) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {getattr(x, 'shape', type(x))}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if ref is not None:
-        if x.dtype != ref.dtype or x.device != ref.device:
-            raise ValueError(f"{name} must have q's dtype and device ({ref.dtype}, {ref.device}), got {x.dtype}, {x.device}")
-        if x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
-            raise ValueError(f"{name} must be [B, H_kv, T, D] matching q {tuple(ref.shape)}, got {tuple(x.shape)}")
-
-
-def _check_out(name: str, o: torch.Tensor, x: torch.Tensor) -> None:
-    if o.shape != x.shape or o.dtype != x.dtype or o.device != x.device or o.stride(-1) != 1:
-        raise ValueError(f"{name} must be a {tuple(x.shape)} tensor of {x.dtype} on {x.device} with contiguous last dim")
-
-
-def rope_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    rotary_dim: int | None = None,
-    pairing: str = "interleaved",
-    *,
-    inplace: bool = False,
-    q_out: torch.Tensor | None = None,
-    k_out: torch.Tensor | None = None,
-    inverse: bool = False,
-    block_t: int | None = None,
-    num_warps: int | None = None,
-    heads_per_program: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Partial RoPE on q [B, H, T, D] and k [B, H_kv, T, D] (or None) in one launch.
-
-    cos, sin: [T, R/2] or [B, T, R/2], any float dtype (read as fp32); R = rotary_dim (default
-    2 · cos.shape[-1]), even, ≤ D. pairing: "interleaved" or "half".
-    inplace: rotate q and k where they are (their last dim must be contiguous) and return them.
-    q_out / k_out: out-of-place destination buffers (tests pass NaN-poisoned ones); default new tensors.
-    inverse: rotate by -angle (the backward). block_t: rows of T per program (power of two);
-    num_warps, heads_per_program: launch options for tuning on CUDA (defaults measured on an H200).
-    Returns (q', k') in q's dtype.
-    """
-    _check_x("q", q)
-    if k is not None:
-        _check_x("k", k, q)
-    if pairing not in ("interleaved", "half"):
-        raise ValueError(f"pairing must be 'interleaved' or 'half', got {pairing!r}")
-    B, H, T, D = q.shape
-    for name, c in (("cos", cos), ("sin", sin)):
-        if not isinstance(c, torch.Tensor) or c.dtype not in _FLOAT_DTYPES + (torch.float64,):
-            raise TypeError(f"{name} must be a floating tensor, got {getattr(c, 'dtype', type(c))}")
-        if c.device != q.device:
-            raise ValueError(f"{name} is on {c.device} but q is on {q.device}")
-    if cos.shape != sin.shape or cos.dim() not in (2, 3):
-        raise ValueError(f"cos and sin must share a shape [T, R/2] or [B, T, R/2], got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    R = 2 * cos.shape[-1] if rotary_dim is None else rotary_dim
-    if not isinstance(R, int) or R <= 0 or R % 2 or R > D:
-        raise ValueError(f"rotary_dim must be a positive even int <= D={D}, got {R!r}")
-    if cos.shape[-2:] != (T, R // 2) or (cos.dim() == 3 and cos.shape[0] != B):
-        raise ValueError(f"cos/sin must be [T, R/2] = [{T}, {R // 2}] or [B, T, R/2] = [{B}, {T}, {R // 2}], got {tuple(cos.shape)}")
+def rope_fwd(q, k, cos, sin, rotary_dim: int, pairing: str = "interleaved", inplace: bool = False,
+             inverse: bool = False):
+    """Partial RoPE on q [B, H, T, D] and k [B, H_kv, T, D] (or None) in one launch. cos, sin [T, R/2] or
+    [B, T, R/2] (read as fp32), R = rotary_dim. inplace: rotate q and k where they are (last dim contiguous)
+    and return them; otherwise new tensors. inverse: rotate by -angle (the backward). Returns (q', k')."""
     require_kernel_device(q)
+    B, H, T, D = q.shape
+    R = rotary_dim
     if cos.dtype == torch.float64:
         cos, sin = cos.float(), sin.float()
     cos, sin = cos.contiguous(), sin.contiguous()  # small tables; one stride set serves both
     sc_b = cos.stride(0) if cos.dim() == 3 else 0
-
     if inplace:
-        if q_out is not None or k_out is not None:
-            raise ValueError("inplace=True writes into q and k: do not pass q_out/k_out")
-        for name, t in (("q", q), ("k", k)):
-            if t is not None and t.stride(-1) != 1:
-                raise ValueError(f"inplace RoPE needs {name} with a contiguous last dim, got strides {t.stride()}")
         qo, ko = q, k
     else:
-        if q.stride(-1) != 1:
-            q = q.contiguous()
-        if k is not None and k.stride(-1) != 1:
-            k = k.contiguous()
-        qo = torch.empty_like(q, memory_format=torch.contiguous_format) if q_out is None else q_out
-        _check_out("q_out", qo, q)
-        if k is None:
-            if k_out is not None:
-                raise ValueError("k_out given without k")
-            ko = None
-        else:
-            ko = torch.empty_like(k, memory_format=torch.contiguous_format) if k_out is None else k_out
-            _check_out("k_out", ko, k)
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k is None or k.stride(-1) == 1 else k.contiguous()
+        qo = torch.empty_like(q, memory_format=torch.contiguous_format)
+        ko = None if k is None else torch.empty_like(k, memory_format=torch.contiguous_format)
     H_kv = 0 if k is None else k.shape[1]
     if B * T * (H + H_kv) == 0:
         return qo, ko
     kk, kko = (q, qo) if k is None else (k, ko)  # unused pointers when H_kv = 0
-
     half = R // 2
-    block_half = triton.next_power_of_2(half)
     interp = q.device.type != "cuda"
-    if block_t is None:
-        block_t = 16 if interp else _DEFAULT_BLOCK_T
-        block_t = min(block_t, triton.next_power_of_2(T))
-    if block_t < 1 or block_t & (block_t - 1):
-        raise ValueError(f"block_t must be a power of two, got {block_t}")
-    heads = heads_per_program or (1 if interp else _DEFAULT_HEADS)
-    if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads_per_program must be a positive int, got {heads_per_program!r}")
-    heads = min(heads, H + H_kv)
-    copy_pass = (not inplace) and R < D
-    block_pass = triton.next_power_of_2(D - R) if R < D else 1
+    block_t = min(16 if interp else _DEFAULT_BLOCK_T, triton.next_power_of_2(T))
+    heads = min(1 if interp else _DEFAULT_HEADS, H + H_kv)
     grid = (triton.cdiv(T, block_t), B, triton.cdiv(H + H_kv, heads))
     _rope_kernel[grid](
         q, kk, qo, kko, cos, sin,
@@ -248,42 +166,9 @@ def rope_fwd(
         kko.stride(0), kko.stride(1), kko.stride(2),
         sc_b, cos.stride(-2),
         T, H, H_kv, D,
-        HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, BLOCK_PASS=block_pass, HEADS=heads,
-        INTERLEAVED=(pairing == "interleaved"), COPY_PASS=copy_pass, INVERSE=inverse,
-        **({} if interp else {"num_warps": num_warps or _DEFAULT_WARPS}),
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=block_t,
+        BLOCK_PASS=triton.next_power_of_2(D - R) if R < D else 1, HEADS=heads,
+        INTERLEAVED=(pairing == "interleaved"), COPY_PASS=(not inplace) and R < D, INVERSE=inverse,
+        **({} if interp else {"num_warps": _DEFAULT_WARPS}),
     )
     return qo, ko
-
-
-class RopeFunction(torch.autograd.Function):
-    """Autograd wrapper: saves cos/sin; the backward is the inverse rotation of the incoming gradients."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, rotary_dim, pairing, inplace):
-        qo, ko = rope_fwd(q, k, cos, sin, rotary_dim, pairing, inplace=inplace)
-        if inplace:
-            ctx.mark_dirty(*(t for t in (q, k) if t is not None))
-        ctx.save_for_backward(cos, sin)
-        ctx.rope = (rotary_dim, pairing, k is not None)
-        return qo, ko
-
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        rotary_dim, pairing, has_k = ctx.rope
-        dq_in = dk_in = None
-        if dq is not None and dk is not None:  # both rotated back in one launch
-            dq_in, dk_in = rope_fwd(dq, dk, cos, sin, rotary_dim, pairing, inverse=True)
-        elif dq is not None:
-            dq_in = rope_fwd(dq, None, cos, sin, rotary_dim, pairing, inverse=True)[0]
-        elif dk is not None:
-            dk_in = rope_fwd(dk, None, cos, sin, rotary_dim, pairing, inverse=True)[0]
-        return dq_in, dk_in, None, None, None, None, None
-
-
-def rope_triton(
-    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-    rotary_dim: int | None = None, pairing: str = "interleaved", inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Differentiable fused partial RoPE on q and k (k may be None); see ``rope_fwd``."""
-    return RopeFunction.apply(q, k, cos, sin, rotary_dim, pairing, inplace)

@@ -1,9 +1,12 @@
-"""Shared pytest setup: GPU tests skip cleanly without CUDA; every test starts from a known seed."""
+"""Shared pytest setup: GPU tests skip cleanly without CUDA; every test starts from a known seed; the
+``poison`` fixture makes every ``torch.empty`` allocation NaN-filled (``glmkit.testing.poisoned_allocations``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from glmkit.testing import poisoned_allocations
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,3 +22,10 @@ def pytest_collection_modifyitems(config, items):
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poison():
+    """Kernel outputs allocated in the test start as NaN, so an unwritten element fails the comparison."""
+    with poisoned_allocations():
+        yield

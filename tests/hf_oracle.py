@@ -17,6 +17,8 @@ from glmkit.testing import rel_err
 def sharpen_(model):
     """Weights (2-D and the stacked 3-D experts) ~ N(0, gain²/fan_in); norms ~ N(1, 0.2²); biases ~ N(0, 0.2²)."""
     for name, p in model.named_parameters():
+        if p.numel() == 0:
+            continue
         if p.dim() >= 2:
             gain = 2.0 if ("q_proj" in name or "k_proj" in name) else 1.0
             p.normal_(0.0, gain / p.shape[-1] ** 0.5)

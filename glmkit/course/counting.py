@@ -1,15 +1,14 @@
-"""GLM-4.5 family configs (HF ``glm4_moe``) and a parameter counter for total and active parameters.
+"""A parameter counter for GLM-4.5-style configs, independent of the model code: totals and active parameters,
+tensor by tensor from the config alone, for lessons 02 and 04 (the tests check ``Decoder.num_parameters`` against
+it on the meta device, and both against the published figures).
 
 What changed from GLM-4 (dense, HF ``glm4``): the FFN of every layer from ``first_k_dense_replace`` on is
 an MoE (``glmkit.moe``), attention gets 96 query heads of 128 (2.4× the hidden size in GLM-4.5) over 8
 KV heads, optional per-head QK-norm, half-split partial RoPE on 64 of the 128 dims (θ = 1e6), and one
 multi-token-prediction (MTP) layer is stored after the last decoder layer.
 
-Sources for the values (shared/reference/glm-lineage.md §4.1): the GLM-4.7 ``config.json`` (same
-architecture as GLM-4.5 except max_position_embeddings), Megatron-Bridge's ``GLM45ModelProvider355B`` /
-``GLM45AirModelProvider106B`` and the INTELLECT-3-Base config (a GLM-4.5-Air-Base continuation). Field
-names are HF ``Glm4MoeConfig``'s, so ``MoE.from_config`` and the HF interop read them directly. Note that
-HF's class defaults (46 layers, 128 experts, attention_bias False) are close to Air but are neither model.
+The configs are the presets ``glm-4.5`` and ``glm-4.5-air`` (``glmkit.models.presets``, with their sources). Note
+that HF's ``Glm4MoeConfig`` class defaults (46 layers, 128 experts, attention_bias False) are neither model.
 
 Counting (``param_counts``), per tensor stored in the checkpoint:
 
@@ -27,7 +26,7 @@ Counting (``param_counts``), per tensor stored in the checkpoint:
   checkpoint also stores ``embed_tokens`` and ``shared_head.head`` copies under the MTP layer (V·H each);
   HF and the paper tie them to the main model, so they are reported apart (``mtp_copies``).
 
-Which convention matches the published 355B/32B and 106B/12B (tests/test_moe_configs.py): totals
+Which convention matches the published 355B/32B and 106B/12B (tests/course/test_counting.py): totals
 WITHOUT the MTP layer (GLM-4.5 352.8B, −0.6%; Air 106.85B, +0.8%; with the MTP block they would be
 356.8B, +0.5%, and 109.2B, +3.0%, so Air rules MTP out), active WITHOUT embedding and LM head
 (GLM-4.5 32.08B, +0.25%; Air 12.18B, +1.5%: the published "12B" is rounded to 2 significant digits).
@@ -35,81 +34,11 @@ WITHOUT the MTP layer (GLM-4.5 352.8B, −0.6%; Air 106.85B, +0.8%; with the MTP
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
-B = 1_000_000_000  # one billion parameters
+from glmkit.models.presets import PRESETS, PUBLISHED, B
 
-
-@dataclass(frozen=True)
-class GLM45Config:
-    """A ``glm4_moe`` configuration with HF ``Glm4MoeConfig``'s field names (plus ``name``)."""
-
-    name: str
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int           # decoder layers of the main model (the MTP layer is stored after these)
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int           # dense FFN (layers < first_k_dense_replace)
-    moe_intermediate_size: int       # one routed or shared expert
-    n_routed_experts: int
-    n_shared_experts: int
-    num_experts_per_tok: int
-    first_k_dense_replace: int
-    n_group: int = 1
-    topk_group: int = 1
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
-    attention_bias: bool = True      # bias on q, k, v (not o)
-    use_qk_norm: bool = False
-    partial_rotary_factor: float = 0.5
-    rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 131072
-    tie_word_embeddings: bool = False
-    num_nextn_predict_layers: int = 1  # MTP layers stored in the checkpoint
-    initializer_range: float = 0.02
-    hidden_act: str = "silu"
-
-    def to_hf_dict(self) -> dict:
-        """The fields as a ``Glm4MoeConfig(**d)`` / config.json dict (``name`` dropped, RoPE in
-        transformers 5's ``rope_parameters``)."""
-        d = asdict(self)
-        d.pop("name")
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta"),
-                                "partial_rotary_factor": d.pop("partial_rotary_factor")}
-        d["model_type"] = "glm4_moe"
-        return d
-
-    def replace(self, **changes) -> "GLM45Config":
-        return replace(self, **changes)
-
-
-# zai-org/GLM-4.5 (355B-A32B). glm-lineage.md §4.1.
-GLM_4_5 = GLM45Config(
-    name="glm-4.5", vocab_size=151552, hidden_size=5120, num_hidden_layers=92,
-    num_attention_heads=96, num_key_value_heads=8, head_dim=128,
-    intermediate_size=12288, moe_intermediate_size=1536,
-    n_routed_experts=160, n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=3,
-    routed_scaling_factor=2.5, use_qk_norm=True,
-)
-
-# zai-org/GLM-4.5-Air (106B-A12B). glm-lineage.md §4.1.
-GLM_4_5_AIR = GLM45Config(
-    name="glm-4.5-air", vocab_size=151552, hidden_size=4096, num_hidden_layers=46,
-    num_attention_heads=96, num_key_value_heads=8, head_dim=128,
-    intermediate_size=10944, moe_intermediate_size=1408,
-    n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1,
-    routed_scaling_factor=1.0, use_qk_norm=False,
-)
-
-PRESETS = {c.name: c for c in (GLM_4_5, GLM_4_5_AIR)}
-
-# Published (total, active) parameters: zai-org/GLM-4.5 README model table ("GLM-4.5 355B-A32B",
-# "GLM-4.5-Air 106B-A12B") and its introduction ("355 billion total parameters with 32 billion active
-# parameters ... 106 billion total parameters and 12 billion active parameters").
-PUBLISHED = {"glm-4.5": (355 * B, 32 * B), "glm-4.5-air": (106 * B, 12 * B)}
+GLM_4_5, GLM_4_5_AIR = PRESETS["glm-4.5"], PRESETS["glm-4.5-air"]
 
 
 @dataclass(frozen=True)
@@ -168,7 +97,7 @@ class ParamCounts:
         return self.active + self.mtp_active
 
 
-def param_counts(cfg: GLM45Config) -> ParamCounts:
+def param_counts(cfg) -> ParamCounts:
     """Count ``cfg``'s parameters tensor by tensor (module docstring); exact integers."""
     H, V = cfg.hidden_size, cfg.vocab_size
     q_out = cfg.num_attention_heads * cfg.head_dim
@@ -185,7 +114,7 @@ def param_counts(cfg: GLM45Config) -> ParamCounts:
     shared = cfg.n_shared_experts * expert
     moe_ffn = router + router_bias + cfg.n_routed_experts * expert + shared
     moe_ffn_active = router + router_bias + cfg.num_experts_per_tok * expert + shared
-    n_dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    n_dense = cfg.mlp_layer_types.count("dense")
     n_mtp = cfg.num_nextn_predict_layers
     mtp_extra = 2 * H + 2 * H * H + H                     # enorm, hnorm; eh_proj [H, 2H]; shared_head.norm
     return ParamCounts(
@@ -205,15 +134,16 @@ def param_counts(cfg: GLM45Config) -> ParamCounts:
     )
 
 
-def summary(cfg: GLM45Config) -> str:
-    """A short table of a config's counts against its published figures (for the lesson)."""
+def summary(name: str) -> str:
+    """A short table of a preset's counts against its published figures (for the lesson)."""
+    cfg = PRESETS[name]
     c = param_counts(cfg)
-    pub = PUBLISHED.get(cfg.name)
+    pub = PUBLISHED.get(name)
     rows = [("total (no MTP)", c.total, 0), ("total + MTP", c.total_with_mtp, 0),
             ("total + MTP + its emb/head copies", c.total_with_mtp_copies, 0),
             ("active (no emb, no head)", c.active, 1), ("active + head", c.active_with_head, 1),
             ("active + emb + head", c.active_with_embeddings, 1)]
-    lines = [f"{cfg.name}"]
+    lines = [name]
     for label, n, which in rows:
         rel = f"  ({(n / pub[which] - 1) * 100:+.2f}% vs {pub[which] / B:.0f}B)" if pub else ""
         lines.append(f"  {label:<36}{n / B:9.3f}B{rel}")

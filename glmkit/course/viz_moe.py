@@ -1,8 +1,8 @@
 """Pictures, widgets and a small balancing experiment for lesson 04 (Mixture of Experts, GLM-4.5).
 
 Nothing here routes, balances or permutes on its own: the routers, ``expert_load``, ``max_violation``
-and ``update_bias`` are ``glmkit.moe``'s, the parameter counts ``glmkit.moe_configs``', the permutation
-``glmkit.kernels.moe_align``'s. This module only draws what they return and runs the toy experiment that
+and ``update_bias`` are ``glmkit.moe``'s, the parameter counts ``glmkit.course.counting``', the permutation
+``glmkit.ops.moe_align``'s. This module only draws what they return and runs the toy experiment that
 makes load balancing visible on a CPU in a second.
 
     param_breakdown(cfg)              (component, total, active) rows that add up to param_counts(cfg)
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit import moe
-from glmkit.moe_configs import GLM45Config, param_counts
+from glmkit.course.counting import param_counts
 
 B = 1_000_000_000
 
@@ -93,7 +93,7 @@ def _png(fig, dpi: int = 72) -> bytes:
 # ----------------------------------------------------------------------------------------------------
 
 
-def param_breakdown(cfg: GLM45Config) -> list[tuple[str, int, int]]:
+def param_breakdown(cfg) -> list[tuple[str, int, int]]:
     """(component, total, active per token) for ``cfg``, in the convention of ``param_counts``:
 
     the totals add up to ``param_counts(cfg).total`` and the actives to ``param_counts(cfg).active``
@@ -122,7 +122,7 @@ def param_breakdown(cfg: GLM45Config) -> list[tuple[str, int, int]]:
     ]
 
 
-def plot_param_breakdown(cfg: GLM45Config, ax=None, log: bool = False):
+def plot_param_breakdown(cfg, ax=None, log: bool = False):
     """Horizontal bars: each component's total parameters (light) and the part one token uses (dark),
     in billions. Embedding and LM head are hatched: outside the published 'active' figure."""
     ax = _new_ax(ax, (7, 3.2))
@@ -495,7 +495,7 @@ def plot_balance_runs(runs: Sequence[BalanceRun], fig=None):
     ax_mv = fig.add_subplot(gs[1, :half])
     plot_max_violation({r.label: r.maxvio for r in runs}, ax=ax_mv)
     ax_l = fig.add_subplot(gs[1, half:])
-    from glmkit.viz import smooth
+    from glmkit.course.viz import smooth
 
     for r in runs:
         ax_l.plot(np.arange(1, len(r.loss) + 1), smooth(r.loss), lw=1.5, label=r.label)
@@ -555,7 +555,7 @@ class BalanceExplorer:
         if self.reference is not None:
             curves[f"reference: {self.reference.label}"] = self.reference.maxvio
         plot_max_violation(curves, ax=ax1)
-        from glmkit.viz import smooth
+        from glmkit.course.viz import smooth
 
         ax2.plot(smooth(run.loss), label="your run")
         if self.reference is not None:

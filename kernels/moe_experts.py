@@ -1,13 +1,13 @@
 """Grouped GEMMs for the MoE experts, gathering rows by token id, with a SwiGLU epilogue, the weighted
 combine, and the backward (lesson 04's kernels).
 
-What it computes: the routed experts of a GLM-4.5 MoE layer, ``moe_experts(x, topk_idx, topk_weight,
-w_gate_up, w_down)`` = for each token t,
+What it computes: the routed experts of a GLM-4.5 MoE layer, ``glmkit.ops.moe_experts.moe_experts(x, topk_idx,
+topk_weight, w_gate_up, w_down)`` = for each token t,
 
     y[t] = Σ_j  w[t, j] · down_e( silu(gate_e(x[t])) · up_e(x[t]) ),   e = topk_idx[t, j]
 
 with the HF ``glm4_moe`` weight layout: ``w_gate_up [E, 2I, H]`` (gate rows first, then up) and
-``w_down [E, H, I]``, each used as ``x @ W[e]ᵀ``. The plain-torch loop over experts in glmkit.moe is the
+``w_down [E, H, I]``, each used as ``x @ W[e]ᵀ``. The plain-torch loop over experts in glmkit.ops.moe_experts is the
 reference; this is the fast path that replaces its E small matmuls by one launch per GEMM.
 
 How (the design of vLLM's fused MoE, re-derived): ``moe_align`` lists the S = N·k slots expert by expert,
@@ -51,8 +51,8 @@ Decode (a handful of tokens, e.g. N ≤ 16): the same kernels with BLOCK_M = 16 
 tile), chosen automatically when experts average ≤ 16 slots. vLLM's one-pair-per-block shortcut needs
 1-row tiles, which ``tl.dot`` does not take; with 16-row blocks a decode step wastes rows, not launches.
 
-Public API: ``moe_experts`` (differentiable layer), ``experts_triton`` (the ``impl=`` of glmkit.moe.Experts),
-and the pieces ``moe_gemm``, ``moe_combine``, ``moe_weight_grad`` (with ``moe_align`` from moe_align.py).
+Launchers: ``experts_fwd`` / ``experts_bwd`` (what ``glmkit.ops.moe_experts`` wires into autograd) and their
+pieces ``moe_gemm``, ``moe_combine``, ``moe_weight_grad`` (with ``moe_align`` from moe_align.py).
 Not done yet: split-K over slots in the weight gradient (one hot expert runs on M·N/(BM·BN) programs only),
 TMA loads, a persistent warp-specialized GEMM (what separates ours from torch._grouped_mm).
 
@@ -71,8 +71,6 @@ import triton.language as tl
 from glmkit.backend import require_kernel_device
 
 from .moe_align import moe_align
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # epilogues of _moe_gemm_kernel
 PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2
@@ -347,92 +345,28 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_tensor(name, t, dim):
-    if not isinstance(t, torch.Tensor) or t.dim() != dim:
-        raise ValueError(f"{name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t))}")
-
-
-def _check_routing(sorted_token_ids, expert_ids, num_tokens_post_pad, block_m, device):
-    for name, t in (("sorted_token_ids", sorted_token_ids), ("expert_ids", expert_ids),
-                    ("num_tokens_post_pad", num_tokens_post_pad)):
-        _check_tensor(name, t, 1)
-        if t.dtype != torch.int32 or t.device != device or not t.is_contiguous():
-            raise TypeError(f"{name} must be a contiguous int32 tensor on {device} (from moe_align)")
-    if not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot's smallest tile), got {block_m!r}")
-    if sorted_token_ids.numel() % block_m or expert_ids.numel() != sorted_token_ids.numel() // block_m:
-        raise ValueError(f"sorted_token_ids [{sorted_token_ids.numel()}] and expert_ids [{expert_ids.numel()}] "
-                         f"do not match block_m={block_m}: pass moe_align's outputs for this block_m")
-
-
-def moe_gemm(
-    a: torch.Tensor,
-    w: torch.Tensor,
-    sorted_token_ids: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_tokens_post_pad: torch.Tensor,
-    *,
-    top_k: int,
-    block_m: int,
-    swiglu: bool = False,
-    topk_weight: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    pre_out: torch.Tensor | None = None,
-    config: dict | None = None,
-) -> torch.Tensor:
+def moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, *, top_k: int, block_m: int,
+             swiglu: bool = False, topk_weight=None, pre_out=None) -> torch.Tensor:
     """Grouped GEMM over aligned slots: out[s] = a[s // top_k] @ w[e(s)]ᵀ for every slot s = token·k + j.
 
     a [rows, K] with rows·top_k = S slots (top_k = k gathers token rows; top_k = 1 reads an [S, K]
-    intermediate by slot); w [E, Nout, K] — the HF layout (x @ Wᵀ), any strides; the routing tensors
-    from ``moe_align(topk_idx, E, block_m)`` for this block_m.
-    swiglu: w is gate‖up ([E, 2I, K], gate rows first) and out[s] = silu(gate)·up is [S, I].
-    topk_weight: [N, k] or [S] routing weights: multiply row s by its weight (not with swiglu).
-    out: optional [S, Nout or I] buffer of a's dtype, last dim contiguous (rows of slots never routed to
-    an expert are not written). pre_out: with swiglu, also store the pre-activation [S, 2I] there.
-    config: fixed CUDA launch config {BLOCK_N, BLOCK_K, num_warps, num_stages} instead of the autotuner.
-    Returns out.
-    """
-    _check_tensor("a", a, 2)
-    _check_tensor("w", w, 3)
-    if a.dtype not in _FLOAT_DTYPES or w.dtype != a.dtype:
-        raise TypeError(f"a and w must share one dtype among float32/float16/bfloat16, got {a.dtype}, {w.dtype}")
-    dev = a.device
-    if w.device != dev:
-        raise ValueError(f"w must be on a's device {dev}, got {w.device}")
-    _check_routing(sorted_token_ids, expert_ids, num_tokens_post_pad, block_m, dev)
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    intermediate by slot); w [E, Nout, K], the HF layout (x @ Wᵀ), any strides; the routing tensors from
+    ``moe_align(topk_idx, E, block_m)``. swiglu: w is gate‖up ([E, 2I, K]) and out[s] = silu(gate)·up [S, I];
+    pre_out: with swiglu, also store the pre-activation [S, 2I] there. topk_weight [N, k] or [S]: multiply row
+    s by its weight (not with swiglu). Rows of slots never routed are not written. Returns out."""
+    require_kernel_device(a)
     E, n_w, K = w.shape
-    if a.shape[1] != K:
-        raise ValueError(f"a's last dim {a.shape[1]} must equal w's K = {K} (w is [E, Nout, K])")
     S = a.shape[0] * top_k
-    if swiglu and n_w % 2:
-        raise ValueError(f"swiglu needs an even Nout = 2I in w [E, 2I, K], got {n_w}")
-    if swiglu and topk_weight is not None:
-        raise ValueError("topk_weight is applied after the down projection, not with swiglu")
     n_out = n_w // 2 if swiglu else n_w
-    require_kernel_device(dev)
-    if out is None:
-        out = torch.empty((S, n_out), dtype=a.dtype, device=dev)
-    elif out.shape != (S, n_out) or out.dtype != a.dtype or out.device != dev or out.stride(-1) != 1:
-        raise ValueError(f"out must be a [S, N] = {(S, n_out)} tensor of {a.dtype} on {dev} with contiguous last dim")
-    if pre_out is not None:
-        if not swiglu:
-            raise ValueError("pre_out is only for swiglu=True")
-        if pre_out.shape != (S, n_w) or pre_out.dtype != a.dtype or pre_out.device != dev:
-            raise ValueError(f"pre_out must be a [S, 2I] = {(S, n_w)} tensor of {a.dtype} on {dev}")
-    topw = None
-    if topk_weight is not None:
-        if not isinstance(topk_weight, torch.Tensor) or topk_weight.numel() != S or not topk_weight.is_floating_point():
-            raise ValueError(f"topk_weight must be a float tensor of S = {S} routing weights ([N, k] or [S])")
-        topw = topk_weight.reshape(-1).contiguous()
+    out = torch.empty((S, n_out), dtype=a.dtype, device=a.device)
+    topw = None if topk_weight is None else topk_weight.reshape(-1).contiguous()
     _launch_gemm(a, w, out, sorted_token_ids, expert_ids, num_tokens_post_pad, topw, pre_out, None,
-                 n_out, K, S, top_k, block_m, SWIGLU if swiglu else PLAIN, config)
+                 n_out, K, S, top_k, block_m, SWIGLU if swiglu else PLAIN)
     return out
 
 
 def _launch_gemm(a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K, S, a_div, block_m,
-                 epilogue, config=None, aw=None, dw_sub=64):
+                 epilogue, aw=None, dw_sub=64):
     if S == 0 or sorted_ids.numel() == 0:
         return
     num_pid_m = sorted_ids.numel() // block_m
@@ -449,71 +383,47 @@ def _launch_gemm(a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K
     consts = dict(BLOCK_M=block_m, EPILOGUE=epilogue, MUL_W=epilogue == PLAIN and topw is not None,
                   STORE_PRE=epilogue == SWIGLU and pre is not None, DOT_PRECISION=_precision(a.dtype),
                   DW_SUB=dw_sub, STORE_AW=aw is not None)
-    if a.device.type == "cuda" and config is None and a.dtype != torch.float32:
+    if a.device.type == "cuda" and a.dtype != torch.float32:
         grid = lambda meta: (num_pid_m * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
         _moe_gemm_tuned[grid](*args, GROUP_M=8, **consts)
         return
-    if a.device.type == "cuda":
-        cfg = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2) if config is None else dict(config)
-    else:
-        cfg = dict(BLOCK_N=32, BLOCK_K=32)        # interpreter: few, mid-sized tiles run fastest
+    if a.device.type == "cuda":   # fp32, the checking dtype
+        cfg = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+    else:                         # interpreter: few, mid-sized tiles run fastest
+        cfg = dict(BLOCK_N=32, BLOCK_K=32)
     grid = (num_pid_m * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](*args, GROUP_M=8, **consts, **cfg)
 
 
-def moe_combine(z: torch.Tensor, top_k: int, topk_weight: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = Σ_j w[t, j] · z[t·k + j] (w = 1 without topk_weight): z [S, H] by slot → [N, H] in z's
-    dtype, summed in fp32 in a fixed order. topk_weight [N, k] or [S]; out: optional [N, H] buffer."""
-    _check_tensor("z", z, 2)
-    if z.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"z must be float32, float16 or bfloat16, got {z.dtype}")
-    if not isinstance(top_k, int) or top_k < 1 or z.shape[0] % top_k:
-        raise ValueError(f"top_k must be a positive int dividing z's rows {z.shape[0]}, got {top_k!r}")
+def moe_combine(z: torch.Tensor, top_k: int, topk_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = Σ_j w[t, j] · z[t·k + j] (w = 1 without topk_weight): z [S, H] by slot → [N, H] in z's dtype,
+    summed in fp32 in a fixed order. topk_weight [N, k] or [S]."""
     require_kernel_device(z)
     S, H = z.shape
     N = S // top_k
-    if z.stride(-1) != 1:
-        z = z.contiguous()
-    if topk_weight is not None:
-        if not isinstance(topk_weight, torch.Tensor) or topk_weight.numel() != S or not topk_weight.is_floating_point():
-            raise ValueError(f"topk_weight must be a float tensor of S = {S} routing weights ([N, k] or [S])")
-        topk_weight = topk_weight.reshape(-1).contiguous()
-    if out is None:
-        out = torch.empty((N, H), dtype=z.dtype, device=z.device)
-    elif out.shape != (N, H) or out.dtype != z.dtype or out.device != z.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be a [N, H] = {(N, H)} tensor of {z.dtype} on {z.device} with contiguous last dim")
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    topw = None if topk_weight is None else topk_weight.reshape(-1).contiguous()
+    out = torch.empty((N, H), dtype=z.dtype, device=z.device)
     if N and H:
         block = min(triton.next_power_of_2(H), 128 if z.device.type != "cuda" else 1024)
         _moe_combine_kernel[(N, triton.cdiv(H, block))](
-            z, topk_weight if topk_weight is not None else z, out, H, z.stride(0), out.stride(0),
-            TOP_K=top_k, BLOCK=block, HAS_W=topk_weight is not None,
+            z, topw if topw is not None else z, out, H, z.stride(0), out.stride(0),
+            TOP_K=top_k, BLOCK=block, HAS_W=topw is not None,
         )
     return out
 
 
-def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m, left_div, right_div,
-                    topk_weight=None, out=None, config=None):
+def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m: int, left_div: int, right_div: int,
+                    topk_weight=None) -> torch.Tensor:
     """dW[e] = Σ over expert e's slots s of (w[s]·) left[s // left_div]ᵀ ⊗ right[s // right_div]: [E, M, N].
 
     left [rows_l, M], right [rows_r, N] (rows·div = S each); sorted_token_ids and counts from
-    ``moe_align(…, block_m)``. Experts without slots get zeros. out: optional [E, M, N] buffer (last
-    dims any strides). Accumulates in fp32 over the expert's slots in sorted order (deterministic)."""
-    _check_tensor("left", left, 2)
-    _check_tensor("right", right, 2)
-    if left.dtype not in _FLOAT_DTYPES or right.dtype != left.dtype:
-        raise TypeError(f"left and right must share one float dtype, got {left.dtype}, {right.dtype}")
-    dev = left.device
-    S = left.shape[0] * left_div
-    if right.shape[0] * right_div != S:
-        raise ValueError(f"left ({left.shape[0]}·{left_div}) and right ({right.shape[0]}·{right_div}) disagree on S")
-    _check_tensor("counts", counts, 1)
+    ``moe_align(…, block_m)``. Experts without slots get zeros. Accumulates in fp32 over the expert's slots in
+    sorted order (deterministic)."""
+    require_kernel_device(left)
     E = counts.numel()
     M, N = left.shape[1], right.shape[1]
-    if out is None:
-        out = torch.empty((E, M, N), dtype=left.dtype, device=dev)
-    elif out.shape != (E, M, N) or out.dtype != left.dtype or out.device != dev:
-        raise ValueError(f"out must be an [E, M, N] = {(E, M, N)} tensor of {left.dtype} on {dev}")
+    out = torch.empty((E, M, N), dtype=left.dtype, device=left.device)
     topw = topk_weight.reshape(-1).contiguous() if topk_weight is not None else None
     args = (left, right, out, sorted_token_ids, counts, topw if topw is not None else left,
             M, N, E, left_div, right_div,
@@ -521,12 +431,12 @@ def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m, left_div,
             out.stride(0), out.stride(1), out.stride(2))
     consts = dict(ALIGN_M=block_m, E_P2=triton.next_power_of_2(E), MUL_W=topw is not None,
                   DOT_PRECISION=_precision(left.dtype))
-    if dev.type == "cuda" and config is None and left.dtype != torch.float32:
+    if left.device.type == "cuda" and left.dtype != torch.float32:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)  # noqa: E731
         _moe_wgrad_tuned[grid](*args, **consts)
         return out
-    if dev.type == "cuda":
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2) if config is None else dict(config)
+    if left.device.type == "cuda":
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
     else:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), E)
@@ -534,135 +444,53 @@ def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m, left_div,
     return out
 
 
-def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=False,
-                      config=None):
+def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=False):
     """g = dy[t] @ w_down[e] by slot, fused with the SwiGLU backward: returns dh [S, 2I], dw [S] fp32 and,
     with store_aw, aw [S, I] = w[s]·a[s] (dW_down's right operand; else None)."""
     S = dy.shape[0] * top_k
     dh = torch.empty((S, 2 * I), dtype=h.dtype, device=h.device)
     aw = torch.empty((S, I), dtype=h.dtype, device=h.device) if store_aw else None
     wt = w_down.transpose(1, 2)                   # [E, I, H] view: GEMM computes dy @ w_down[e] = dy @ wtᵀ
-    dev = dy.device
     # The partial sums of dw come in DW_SUB-column pieces whatever BLOCK_N is (every BLOCK_N the autotuner
     # or the fallbacks use is a multiple of it), so this GEMM is autotuned like the others.
-    sub = 32 if dev.type != "cuda" else min(64, config["BLOCK_N"]) if config else 64
-    dwp = torch.zeros((S, triton.cdiv(I, sub)), dtype=torch.float32, device=dev)   # unrouted slots stay 0
+    sub = 32 if dy.device.type != "cuda" else 64
+    dwp = torch.zeros((S, triton.cdiv(I, sub)), dtype=torch.float32, device=dy.device)   # unrouted slots stay 0
     _launch_gemm(dy, wt, dh, sorted_ids, expert_ids, ntpp, topw, h, dwp, I, dy.shape[1], S, top_k,
-                 block_m, SWIGLU_BWD, config=config, aw=aw, dw_sub=sub)
+                 block_m, SWIGLU_BWD, aw=aw, dw_sub=sub)
     return dh, dwp.sum(1), aw
 
 
-def _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep):
-    """align → GEMM 1 (+SwiGLU) → GEMM 2 → combine. keep: also store h = the pre-activation, and return
-    what the backward needs."""
-    N, H = x.shape
+def experts_fwd(x, topk_idx, topk_weight, w_gate_up, w_down, block_m: int, keep: bool = False):
+    """align → GEMM 1 (+SwiGLU) → GEMM 2 → combine: y [N, H]. keep: also store h = the pre-activation [S, 2I]
+    and return (y, saved) with what ``experts_bwd`` needs; else (y, None)."""
+    require_kernel_device(x)
     k = topk_idx.shape[1]
     E, two_i, _ = w_gate_up.shape
-    S = N * k
-    sorted_ids, expert_ids, ntpp, counts = moe_align(topk_idx, E, block_m, check=False)
+    S = x.shape[0] * k
+    sorted_ids, expert_ids, ntpp, counts = moe_align(topk_idx, E, block_m)
     h = torch.empty((S, two_i), dtype=x.dtype, device=x.device) if keep else None
     a = moe_gemm(x, w_gate_up, sorted_ids, expert_ids, ntpp, top_k=k, block_m=block_m, swiglu=True, pre_out=h)
     z = moe_gemm(a, w_down, sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
     topw = topk_weight.reshape(-1).float().contiguous()
     y = moe_combine(z, k, topw)
-    saved = (x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h) if keep else None
-    return y, saved
+    return y, ((x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h) if keep else None)
 
 
-class MoEExpertsFunction(torch.autograd.Function):
-    """Autograd for ``moe_experts``. Saves x, the routing and h = the pre-activation [S, 2I]; neither
-    a = the activation [S, I] (the backward recomputes it from h in the dgrad epilogue, which stores
-    w[s]·a[s] for dW_down) nor z [S, H] (the unweighted down outputs) is kept."""
-
-    @staticmethod
-    def forward(ctx, x, topk_idx, topk_weight, w_gate_up, w_down, block_m):
-        y, saved = _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep=True)
-        ctx.save_for_backward(*saved)
-        ctx.meta = (topk_idx.shape[1], w_gate_up.shape[1] // 2, block_m, topk_weight.dtype, topk_weight.shape)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h = ctx.saved_tensors
-        k, I, block_m, w_dtype, w_shape = ctx.meta
-        dy = dy.to(x.dtype)
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dh, dw, aw = _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, k, block_m, I,
-                                       store_aw=ctx.needs_input_grad[4])
-        dx = dwgu = dwd = None
-        if ctx.needs_input_grad[0]:
-            dx_slot = moe_gemm(dh, w_gate_up.transpose(1, 2), sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
-            dx = moe_combine(dx_slot, k)
-        if ctx.needs_input_grad[3]:
-            dwgu = moe_weight_grad(dh, x, sorted_ids, counts, block_m=block_m, left_div=1, right_div=k)
-        if ctx.needs_input_grad[4]:
-            dwd = moe_weight_grad(dy, aw, sorted_ids, counts, block_m=block_m, left_div=k, right_div=1)
-        dtopw = dw.to(w_dtype).reshape(w_shape) if ctx.needs_input_grad[2] else None
-        return dx, None, dtopw, dwgu, dwd, None
-
-
-def moe_experts(
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weight: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    *,
-    block_m: int | None = None,
-    check: bool = True,
-) -> torch.Tensor:
-    """The routed experts of a MoE layer on the grouped-GEMM kernels, differentiable.
-
-    x [N, H]; topk_idx [N, k] integer expert ids; topk_weight [N, k] float routing weights (already
-    normalised/scaled as the router wants); w_gate_up [E, 2I, H] (gate rows first) and w_down [E, H, I],
-    the HF glm4_moe layout; x and both weights share one dtype (fp32/fp16/bf16).
-    y[t] = Σ_j topk_weight[t, j] · w_down[e] @ (silu(w_gate[e] @ x[t]) · (w_up[e] @ x[t])), e = topk_idx[t, j]
-    Returns y [N, H] in x's dtype. Gradients flow to x, topk_weight, w_gate_up and w_down.
-    block_m: the alignment/GEMM row block (power of two >= 16); default ``default_block_m`` (16 for
-    decode-sized batches). check: validate the expert ids' range (one device→host sync).
-    """
-    _check_tensor("x", x, 2)
-    _check_tensor("topk_idx", topk_idx, 2)
-    _check_tensor("topk_weight", topk_weight, 2)
-    _check_tensor("w_gate_up", w_gate_up, 3)
-    _check_tensor("w_down", w_down, 3)
-    if x.dtype not in _FLOAT_DTYPES or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
-        raise TypeError(f"x, w_gate_up and w_down must share one dtype among float32/float16/bfloat16, "
-                        f"got {x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
-    if not topk_weight.is_floating_point():
-        raise TypeError(f"topk_weight must be a float tensor, got {topk_weight.dtype}")
-    N, H = x.shape
-    E, two_i, h2 = w_gate_up.shape
-    if h2 != H or two_i % 2 or two_i == 0:
-        raise ValueError(f"w_gate_up must be [E, 2I, H] with H = {H}, got {tuple(w_gate_up.shape)}")
-    I = two_i // 2
-    if w_down.shape != (E, H, I):
-        raise ValueError(f"w_down must be [E, H, I] = {(E, H, I)}, got {tuple(w_down.shape)}")
-    if topk_idx.shape[0] != N or topk_weight.shape != topk_idx.shape:
-        raise ValueError(f"topk_idx and topk_weight must both be [N, k] with N = {N}, "
-                         f"got {tuple(topk_idx.shape)} and {tuple(topk_weight.shape)}")
-    if not (x.device == topk_idx.device == topk_weight.device == w_gate_up.device == w_down.device):
-        raise ValueError("x, topk_idx, topk_weight, w_gate_up and w_down must be on one device")
-    if check and topk_idx.numel() and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= E):
-        raise ValueError(f"topk_idx values must lie in [0, E) = [0, {E})")
-    if block_m is None:
-        block_m = default_block_m(topk_idx.numel(), E, x.device)
-    if not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {block_m!r}")
-    if N == 0 or topk_idx.shape[1] == 0:
-        return x.new_zeros((N, H)) + 0 * (topk_weight.sum() + w_gate_up.sum() + w_down.sum()).to(x.dtype)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weight, w_gate_up, w_down)):
-        return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate_up, w_down, block_m)
-    return _experts_forward(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep=False)[0]   # inference
-
-
-def experts_triton(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, experts,
-                   block_m: int | None = None) -> torch.Tensor:
-    """``glmkit.moe.Experts``'s ``impl`` signature on these kernels: ``Experts(..., impl=experts_triton)``.
-    Reads ``experts.gate_up_proj [E, 2I, H]`` and ``experts.down_proj [E, H, I]``; on CUDA the expert
-    ids are not range-checked (no host sync: the router produces them)."""
-    return moe_experts(x, topk_idx, topk_weight, experts.gate_up_proj, experts.down_proj,
-                       block_m=block_m, check=not x.is_cuda)
+def experts_bwd(dy, saved, top_k: int, block_m: int, need=(True, True, True, True)):
+    """Gradients of ``experts_fwd`` from its ``saved`` tuple: (dx, d topk_weight [S] fp32, dW_gate_up, dW_down);
+    ``need`` says which of the four to compute (the others are None)."""
+    x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h = saved
+    I = w_gate_up.shape[1] // 2
+    dy = dy.to(x.dtype)
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dh, dw, aw = _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I,
+                                   store_aw=need[3])
+    dx = dwgu = dwd = None
+    if need[0]:
+        dx_slot = moe_gemm(dh, w_gate_up.transpose(1, 2), sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
+        dx = moe_combine(dx_slot, top_k)
+    if need[2]:
+        dwgu = moe_weight_grad(dh, x, sorted_ids, counts, block_m=block_m, left_div=1, right_div=top_k)
+    if need[3]:
+        dwd = moe_weight_grad(dy, aw, sorted_ids, counts, block_m=block_m, left_div=top_k, right_div=1)
+    return dx, (dw if need[1] else None), dwgu, dwd

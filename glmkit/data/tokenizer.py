@@ -232,7 +232,7 @@ class WordTokenizer:
         n = self.n_ids = self.n_special + len(pieces)  # ids in use; the table is rounded up to 8
         self.vocab_size = -(-n // 8) * 8  # rows n..vocab_size-1 are never produced (generate bans them)
         self.mask_ids = (self.mask_id, self.smask_id, self.gmask_id)
-        # For [sMASK] sentences and whitespace handling in glmkit.blank_infilling.
+        # For [sMASK] sentences and whitespace handling in glmkit.data.blank_infilling.
         self.sentence_end_ids = tuple(i for p, i in self.piece_to_id.items() if p.strip(" ") and
                                       p.strip(" ")[-1] in _SENTENCE_END_CHARS)
         self.whitespace_ids = tuple(i for p, i in self.piece_to_id.items() if not p.strip())

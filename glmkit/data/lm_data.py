@@ -2,15 +2,15 @@
 
 What it implements
     ``LMData(text=None, tokenizer=None, batch_size=16, seq_len=128, seed=0, split="train")`` cuts a text —
-    by default the built-in ``stories`` corpus (``glmkit.corpus``), byte-tokenized — into a training part and
-    a held-out tail (``glmkit.corpus.train_val_split``: the last ``val_fraction`` of the text, cut at a line
+    by default the built-in ``stories`` corpus (``glmkit.data.corpus``), byte-tokenized — into a training part and
+    a held-out tail (``glmkit.data.corpus.train_val_split``: the last ``val_fraction`` of the text, cut at a line
     start, so no line is in both), and ``batch(step)`` draws ``batch_size`` random windows of ``seq_len + 1``
     tokens from one part. Each window gives ``input_ids = w[:-1]`` and ``targets = w[1:]``: the target at
     position t is the token after input t. The result is an ``LMBatch`` (``input_ids``, ``targets``,
     both [B, T] int64), which ``glmkit.train.train`` feeds to ``model.loss(input_ids, targets)`` of the
     dense and MoE GLM models (``glmkit.models.glm_dense``, ``glmkit.models.glm_moe``).
 
-How it differs from the blank-infilling data of lesson 01 (``glmkit.blank_infilling.BlankInfillingData``)
+How it differs from the blank-infilling data of lesson 01 (``glmkit.data.blank_infilling.BlankInfillingData``)
     Nothing is corrupted: there are no masked spans, no Part A / Part B, no 2D positions and no ``sep``.
     The model reads the window left to right under a plain causal mask (``sep = 0``) and every position
     predicts its successor, so all B·T targets count in the loss (blank infilling scores only Part B, the
@@ -81,7 +81,7 @@ class LMData:
     """Batches of random next-token windows from one split of a text, a pure function of (seed, step).
 
     text:        a str (encoded with ``tokenizer``) or 1-D token ids; None = the built-in corpus ``corpus``.
-    tokenizer:   None = ``glmkit.tokenizer.ByteTokenizer()`` (vocab 264: the presets cpu-small, gpu-small
+    tokenizer:   None = ``glmkit.data.tokenizer.ByteTokenizer()`` (vocab 264: the presets cpu-small, gpu-small
                  and cpu-moe are sized for it).
     split:       "train" (the head of the text) or "val" (the held-out tail, ``val_fraction`` of it).
     batch_size, seq_len: B windows of T = seq_len inputs (each window is seq_len + 1 tokens long).
@@ -96,12 +96,12 @@ class LMData:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if tokenizer is None:
-            from glmkit.tokenizer import ByteTokenizer
+            from glmkit.data.tokenizer import ByteTokenizer
             tokenizer = ByteTokenizer()
         if text is None:
-            from glmkit.corpus import load_corpus
+            from glmkit.data.corpus import load_corpus
             text = load_corpus(corpus)
-        from glmkit.corpus import train_val_split
+        from glmkit.data.corpus import train_val_split
 
         if isinstance(text, str):
             if not text:

@@ -1,13 +1,44 @@
-"""Flash attention backward under GLM's blank-infilling mask: dq, dk, dv from dO and the forward's lse.
+"""Flash attention under GLM's blank-infilling mask, forward and backward (lessons 01-03): the kernels of
+``glmkit.ops.attention``, whose ``attention_reference`` is the definition they are tested against.
 
-What it computes: the gradients of ``glmkit.attention.attention_reference`` (the forward is
-``glmkit.kernels.glm_attention``) with respect to q, k and v, for the GLM mask "key j is visible to
-query i iff j < sep or j <= i" (sep = 0: causal; sep = T or sep=None: no mask), with grouped-query
-attention (H_kv divides H). It differs from its predecessor, the forward kernel, in what it keeps on chip:
-the forward keeps a running softmax per query row; the backward never rebuilds a softmax at all, it
-recomputes each probability exactly from the row's saved log-sum-exp.
+What it computes: softmax(scale · q kᵀ + mask) v with the GLM mask "key j is visible to query i iff j < sep
+(Part A) or j <= i (causal Part B)", ``sep`` being each sample's Part-A length (0: causal; T: no mask), with
+grouped-query attention (query head h reads k/v head h // (H / H_kv)). It differs from the causal flash
+attention of GPT-style models in one place: the visible region of a query block is not a triangle but a
+triangle *plus a rectangle* (all of Part A), whose width changes from sample to sample, so each program loads
+its sample's ``sep``.
 
-The math (FlashAttention-2, Dao 2023), per head, with S = scale · q kᵀ, P = softmax(S) under the mask,
+Forward. How (FlashAttention, Dao et al. 2022): one program owns BLOCK_M query rows of one (batch, head). It
+walks over key/value blocks of BLOCK_N columns, keeping for each row a running max ``m``, a running
+softmax denominator ``l`` and an unnormalised output ``acc``; when a new block raises the max, the old
+``l`` and ``acc`` are rescaled by exp(m_old - m_new). Scores never leave the chip: memory traffic is
+O(T·D) per head instead of O(T²).
+
+Which key blocks a query block visits (the point of the lesson). Query rows [m0, m0+BM), one sample with
+Part-A length sep; key blocks of width BN, left to right:
+
+        key j →   0        sep                      T
+                  |        |                        |
+    rows in A     FFFFFFFFFP.........................     visit [0, sep):   full blocks, then one partial
+    (m0+BM<=sep)                                          block if sep is not a multiple of BN
+    rows in B     FFFFFFFFFFFFFFFFFFFFDD..............    visit [0, m0+BM): full blocks up to the
+    (m0 >= sep)                       ^ diagonal          diagonal, then the diagonal blocks (masked)
+
+    F = fully visible block: no mask computed at all (phase 1, the fast loop)
+    P, D = boundary blocks (Part-A edge, diagonal, or the end of the sequence): element mask applied
+    . = fully masked blocks: never loaded, never computed. Skipping them is what makes the kernel do
+        only the ~(sep² + (T² - sep²)/2) / T² share of dense work the mask allows.
+
+So for query block [m0, m0+BM): keys visible to some row = [0, hi) with hi = min(max(sep, m0+BM), T);
+keys visible to every row (fully visible blocks) = [0, full) with full = max(sep, m0+1) rounded down to a
+multiple of BN (and never past the last whole block of T). Phase 1 loops over [0, full) without masks;
+phase 2 loops over [full, hi) with the element mask (j < sep or j <= i) and the j < T bound.
+
+No row ever has all of its keys masked: key j = 0 satisfies j <= i for every row, and phase 1 or 2
+always starts at key 0, so after the first block every row's running max is finite, and later fully
+masked entries contribute exp2(-inf) = 0. There is no 0/0 to guard against.
+
+Backward. The math (FlashAttention-2, Dao 2023), per head, with S = scale · q kᵀ, P = softmax(S) under the mask,
 O = P v and dO the incoming gradient:
 
     P_ij  = exp(S_ij - lse_i)                (lse from the forward: no max/sum pass needed)
@@ -58,9 +89,9 @@ The dq kernel visits, for query block [m0, m0+BM), the key blocks of the forward
 with full = max(sep, m0+1) rounded down to BN, then [full, hi) masked with hi = min(max(sep, m0+BM), T);
 keys at [hi, T) are invisible to every row of the block and skipped.
 
-Runs natively on CUDA, and on CPU tensors under the Triton interpreter (``glmkit.kernels`` sets
-TRITON_INTERPRET=1 on machines without CUDA). ``glmkit.attention.glm_attention`` calls it through a
-``torch.autograd.Function`` when gradients are needed.
+Launchers: ``attention_fwd`` (o, and the log-sum-exp the backward needs) and ``attention_bwd`` (dq, dk, dv).
+They expect arguments ``glmkit.ops.attention`` has validated. Runs natively on CUDA (autotuned tiles for
+fp16/bf16, fixed small tiles for fp32, the checking dtype) and on CPU tensors under the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -73,9 +104,209 @@ import triton.language as tl
 
 from glmkit.backend import require_kernel_device
 
-from glmkit.kernels.glm_attention import LOG2E, SUPPORTED_HEAD_DIMS, _check_sep, _t_bucket
+# exp(x) = 2^(x · log2(e)): the kernels work with exp2 (one MUFU.EX2 instruction on NVIDIA GPUs), so
+# log2(e) is folded into the softmax scale once, on the host, instead of multiplying every score.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453  # converts the kernel's log2-domain log-sum-exp back to natural log
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
+# ================================================ forward ================================================
+@triton.jit
+def _attend_blocks(
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kt, stride_vt,
+    offs_m, offs_n, offs_d,
+    sep, T, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,       # False: fully visible, in-bounds blocks (phase 1); True: boundary blocks
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi), in steps of BLOCK_N.
+
+    Scores stay raw (q·k) until one fused multiply-add turns them into the exp2 argument:
+    p = exp2(qk · qk_scale - m), with m kept in the scaled (log2) domain. The max of the raw scores times
+    qk_scale is the max of the scaled ones because qk_scale > 0.
+    """
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n                                          # [BN] key indices
+        if MASKED:
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)      # [BM, BN] raw scores, fp32
+        if MASKED:
+            visible = ((cols[None, :] < sep) | (cols[None, :] <= offs_m[:, None])) & (cols[None, :] < T)
+            s = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))      # finite from the first block on (key 0 is visible)
+            p = tl.math.exp2(s - m_new[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)              # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, SEP, O, LSE,
+    qk_scale,                                   # softmax scale · log2(e)
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, T, GROUP,                                # GROUP = H // H_kv query heads per key/value head
+    T_BUCKET,                                   # only an autotune key (T rounded up to a size class)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+):
+    # Grid: (query blocks, B·H). Query blocks are taken last-to-first: later blocks of a sample see more
+    # keys (the causal part grows), so launching the heaviest programs first shortens the tail.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kvh = h // GROUP                            # grouped-query attention: the shared k/v head
+
+    sep = tl.load(SEP + b).to(tl.int32)
+    sep = tl.minimum(tl.maximum(sep, 0), T)     # out-of-range values act as the nearest bound
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Keys visible to SOME row of this block: [0, hi). Keys visible to EVERY row, whole blocks only: [0, full).
+    hi = tl.minimum(tl.maximum(sep, m0 + BLOCK_M), T)
+    full = (tl.minimum(tl.maximum(sep, m0 + 1), T) // BLOCK_N) * BLOCK_N
+    # Phase 1: fully visible blocks, no mask, no bounds checks.
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, sep, T, 0, full, qk_scale,
+                                   BLOCK_N, False, DOT_PRECISION)
+    # Phase 2: boundary blocks (Part-A edge, diagonal, end of sequence) with the element mask.
+    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, offs_n, offs_d, sep, T, full, hi, qk_scale,
+                                   BLOCK_N, True, DOT_PRECISION)
+    # Blocks at [hi, T) are fully masked for every row here: skipped.
+
+    out = acc / l_i[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    if STORE_LSE:
+        # natural-log log-sum-exp of the scaled scores: log Σ_j exp(scale · q_i·k_j), for the backward
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # · ln(2) (= LN2 above)
+        tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+# Measured on one H200 (benchmarks/results/glm_attention_h200_sweep.md, bf16, T = 8K): for D = 128,
+# 128×128 tiles with 8 warps and 3 stages led (482 TFLOP/s), 128×64 close behind (473-478); for D = 64,
+# 128×64 with 8 warps and 4 stages led (428), and 64×64 with 4 warps won the autotune at T = 2K. 4 warps
+# on 128-row tiles at D = 128 was far slower (218-280). D = 16/32 lists are guesses, not measured.
+# The lists are kept short: each entry costs a compile per autotune key.
+_CONFIGS = {  # head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    128: [(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3)],
+    64: [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
+    32: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 4, 3)],
+    16: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 4, 3)],
+}
+
+
+
+def _fwd_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for lst in _CONFIGS.values() for bm, bn, w, s in lst]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    wanted = set(_CONFIGS.get(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")), _CONFIGS[64]))
+    keep, seen = [], set()
+    for c in configs:
+        key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        if key in wanted and key not in seen:
+            seen.add(key)
+            keep.append(c)
+    return keep or configs[:1]
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_fwd_configs(),
+    key=["HEAD_DIM", "T_BUCKET", "DOT_PRECISION"],  # tensor dtypes are added to the key by triton
+    prune_configs_by={"early_config_prune": _prune_fwd},
+)(_attn_fwd_kernel)
+
+
+def _t_bucket(T: int) -> int:
+    """Size class of T for the autotune cache: ≤1K, ≤4K, ≤16K, larger."""
+    for b in (1024, 4096, 16384):
+        if T <= b:
+            return b
+    return 1 << 20
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact fp32 dots, not TF32
+
+
+def _sep_or_full(sep: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    return torch.full((B,), T, dtype=torch.int64, device=device) if sep is None else sep.contiguous()
+
+
+def attention_fwd(q, k, v, sep, scale: float | None = None, return_lse: bool = False):
+    """q [B, H, T, D]; k, v [B, H_kv, T, D]; sep [B] int Part-A lengths or None (no mask); scale default
+    1/sqrt(D). Returns o [B, H, T, D] in q's dtype, and with ``return_lse`` also lse [B, H, T] fp32 = the
+    natural-log log-sum-exp of each row's visible scaled scores."""
+    require_kernel_device(q)
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    sep = _sep_or_full(sep, B, T, q.device)
+    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device) if return_lse else out  # dummy ptr
+    args = (q, k, v, sep, out, lse, scale * LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, T, H // H_kv, _t_bucket(T))
+    consts = dict(HEAD_DIM=D, DOT_PRECISION=_precision(q.dtype), STORE_LSE=return_lse)
+    if q.device.type == "cuda" and q.dtype != torch.float32:
+        _attn_fwd_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*args, **consts)
+    elif q.device.type == "cuda":   # fp32, the checking dtype: one small fixed config
+        _attn_fwd_kernel[(triton.cdiv(T, 64), B * H)](*args, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
+                                                      **consts)
+    else:                           # interpreter
+        _attn_fwd_kernel[(triton.cdiv(T, 16), B * H)](*args, BLOCK_M=16, BLOCK_N=16, **consts)
+    return (out, lse) if return_lse else out
+
+
+def visible_pairs(T: int, sep: int) -> int:
+    """Number of (query, key) pairs the GLM mask lets through for one head: rows in Part A see sep keys,
+    row i >= sep sees i + 1. FLOPs of the forward = 4 · D · visible_pairs per head."""
+    sep = max(0, min(sep, T))
+    return sep * sep + (T * (T + 1) - sep * (sep + 1)) // 2
+
+
+# ================================================ backward ===============================================
 @triton.jit
 def _bwd_preprocess(
     O, DO, DELTA,
@@ -141,7 +372,7 @@ def _dkdv_blocks(
 
 
 @triton.jit
-def _glm_attn_bwd_dkdv_kernel(
+def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, SEP, DK, DV,
     scale, qk_scale,
     stride_qb, stride_qh, stride_qt,
@@ -241,7 +472,7 @@ def _dq_blocks(
 
 
 @triton.jit
-def _glm_attn_bwd_dq_kernel(
+def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, SEP, DQ,
     scale, qk_scale,
     stride_qb, stride_qh, stride_qt,
@@ -335,91 +566,24 @@ _KEY = ["HEAD_DIM", "T_BUCKET", "DOT_PRECISION", "GROUP"]
 # Each kernel writes every element of its output exactly once (no accumulation into the output), so the
 # autotuner's repeated launches leave correct results behind.
 _dkdv_tuned = triton.autotune(configs=_configs(_DKDV_CONFIGS), key=_KEY,
-                              prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})(_glm_attn_bwd_dkdv_kernel)
+                              prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})(_attn_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(configs=_configs(_DQ_CONFIGS), key=_KEY,
-                            prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)})(_glm_attn_bwd_dq_kernel)
+                            prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)})(_attn_bwd_dq_kernel)
 
 
-def _check_out(name, t, shape, dtype, device):
-    if t is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or t.stride(-1) != 1:
-        raise ValueError(f"{name} must be a {list(shape)} tensor of {dtype} on {device} with contiguous last dim, "
-                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
-    return t
-
-
-def glm_attention_bwd(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o: torch.Tensor,
-    lse: torch.Tensor,
-    sep: torch.Tensor | None,
-    scale: float | None = None,
-    *,
-    dq: torch.Tensor | None = None,
-    dk: torch.Tensor | None = None,
-    dv: torch.Tensor | None = None,
-    delta: torch.Tensor | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    check: bool = True,
-):
-    """Flash attention backward under the GLM mask: returns (dq, dk, dv).
-
-    do, q, o [B, H, T, D]; k, v [B, H_kv, T, D] (H % H_kv == 0); one dtype among fp32/fp16/bf16; D in
-    {16, 32, 64, 128}; last dim contiguous (otherwise copied). lse [B, H, T] fp32: the forward's natural-log
-    log-sum-exp (``glm_attention_fwd(..., return_lse=True)``). sep [B] int Part-A lengths in [0, T], or
-    None = no mask. scale: the forward's (default 1/sqrt(D)).
-    dq / dk / dv: optional output buffers of q's / k's / v's shape and dtype (tests pass NaN-poisoned ones);
-    delta: optional fp32 [B, H, T] scratch for rowsum(dO ⊙ O).
-    block_m / block_n: fixed tiles for BOTH kernels (dk/dv: BLOCK_M streamed query rows, BLOCK_N resident
-    keys; dq: BLOCK_M resident query rows, BLOCK_N streamed keys); default: autotuned on CUDA for
-    fp16/bf16, fixed small tiles for fp32, 16×16 under the interpreter.
-    check: validate sep's range (one device→host sync).
-    Returns dq [B, H, T, D], dk, dv [B, H_kv, T, D] in the input dtype.
-    """
-    for name, t in (("do", do), ("q", q), ("k", k), ("v", v), ("o", o)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, T, D], got {getattr(t, 'shape', type(t))}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or any(t.dtype != q.dtype for t in (k, v, o, do)):
-        raise TypeError(f"q, k, v, o, do must share one dtype among float32/float16/bfloat16, got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}, {o.dtype}, {do.dtype}")
-    B, H, T, D = q.shape
-    if o.shape != q.shape or do.shape != q.shape:
-        raise ValueError(f"o and do must have q's shape {tuple(q.shape)}, got {tuple(o.shape)}, {tuple(do.shape)}")
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
-        raise ValueError(f"k and v must be [B, H_kv, T, D] matching q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
-    H_kv = k.shape[1]
-    if H_kv == 0 or H % H_kv:
-        raise ValueError(f"q's heads H={H} must be a multiple of k/v's heads H_kv={H_kv}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim D={D} not supported by the kernel: use one of {SUPPORTED_HEAD_DIMS}")
-    if any(t.device != q.device for t in (k, v, o, do, lse)):
-        raise ValueError("q, k, v, o, do and lse must be on one device")
-    if T == 0 or B == 0 or H == 0:
-        raise ValueError(f"empty input: q has shape {tuple(q.shape)}")
-    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, T) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be the forward's fp32 [B, H, T] = {(B, H, T)} log-sum-exp, got "
-                         f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    sep = _check_sep(sep, B, T, q.device, check)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
+def attention_bwd(do, q, k, v, o, lse, sep, scale: float | None = None):
+    """Gradients of ``attention_fwd``: do, q, o [B, H, T, D]; k, v [B, H_kv, T, D]; lse [B, H, T] fp32 from
+    ``attention_fwd(..., return_lse=True)``; sep and scale as the forward's. Returns dq, dk, dv."""
     require_kernel_device(q)
-
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
-    lse, sep = lse.contiguous(), sep.contiguous()
-    dq = _check_out("dq", dq, (B, H, T, D), q.dtype, q.device)
-    dk = _check_out("dk", dk, (B, H_kv, T, D), q.dtype, q.device)
-    dv = _check_out("dv", dv, (B, H_kv, T, D), q.dtype, q.device)
-    if delta is None:
-        delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    elif delta.shape != (B, H, T) or delta.dtype != torch.float32 or not delta.is_contiguous():
-        raise ValueError(f"delta must be a contiguous fp32 [B, H, T] = {(B, H, T)} tensor")
+    lse, sep = lse.contiguous(), _sep_or_full(sep, B, T, q.device)
+    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
 
     interp = q.device.type != "cuda"
     pre_bm = 16 if interp else 128
@@ -427,52 +591,29 @@ def glm_attention_bwd(
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, T, HEAD_DIM=D, BLOCK_M=pre_bm, **({} if interp else dict(num_warps=4)),
     )
-
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32: exact fp32 dots, not TF32
-    common = (scale, scale * LOG2E,
-              q.stride(0), q.stride(1), q.stride(2),
-              k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2),
-              do.stride(0), do.stride(1), do.stride(2))
+    common = (scale, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dkdv_args = (q, k, v, do, lse, delta, sep, dk, dv, *common,
                  dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                  H, H_kv, T, H // H_kv, _t_bucket(T))
     dq_args = (q, k, v, do, lse, delta, sep, dq, *common,
                dq.stride(0), dq.stride(1), dq.stride(2), H, T, H // H_kv, _t_bucket(T))
-
-    fixed = block_m is not None or block_n is not None or num_warps is not None or num_stages is not None
-    if not interp and not fixed and q.dtype != torch.float32:
-        _dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)](
-            *dkdv_args, HEAD_DIM=D, DOT_PRECISION=precision)
-        _dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-            *dq_args, HEAD_DIM=D, DOT_PRECISION=precision)
+    consts = dict(HEAD_DIM=D, DOT_PRECISION=_precision(q.dtype))
+    if not interp and q.dtype != torch.float32:
+        _dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)](*dkdv_args, **consts)
+        _dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*dq_args, **consts)
         return dq, dk, dv
-
     if interp:
-        kd = dict(bm=block_m or 16, bn=block_n or 16)
-        kq = dict(kd)
+        kd = kq = dict(BLOCK_M=16, BLOCK_N=16)
         kw = {}
-    else:
-        if fixed:
-            kd = dict(bm=block_m or 32, bn=block_n or 64)
-            kq = dict(bm=block_m or 64, bn=block_n or 32)
-        else:  # fp32 on CUDA: small tiles, the checking dtype
-            kd, kq = dict(bm=16, bn=32), dict(bm=32, bn=16)
-        kw = dict(num_warps=num_warps or 4, num_stages=num_stages or (1 if q.dtype == torch.float32 else 3))
-    for cfg in (kd, kq):
-        for name, val in (("block_m", cfg["bm"]), ("block_n", cfg["bn"])):
-            if val < 16 or val & (val - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {val}")
-    _glm_attn_bwd_dkdv_kernel[(triton.cdiv(T, kd["bn"]), B * H_kv)](
-        *dkdv_args, HEAD_DIM=D, BLOCK_M=kd["bm"], BLOCK_N=kd["bn"], DOT_PRECISION=precision, **kw)
-    _glm_attn_bwd_dq_kernel[(triton.cdiv(T, kq["bm"]), B * H)](
-        *dq_args, HEAD_DIM=D, BLOCK_M=kq["bm"], BLOCK_N=kq["bn"], DOT_PRECISION=precision, **kw)
+    else:  # fp32 on CUDA: small tiles, the checking dtype
+        kd, kq, kw = dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16), dict(num_warps=4, num_stages=1)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, kd["BLOCK_N"]), B * H_kv)](*dkdv_args, **kd, **kw, **consts)
+    _attn_bwd_dq_kernel[(triton.cdiv(T, kq["BLOCK_M"]), B * H)](*dq_args, **kq, **kw, **consts)
     return dq, dk, dv
 
 
 def bwd_flops(T: int, D: int, sep: int, B: int = 1, H: int = 1) -> int:
     """FLOPs charged to the backward by convention: 2.5 × the forward's 4·D·(visible pairs) per head
     (five T×T×D matmuls against the forward's two)."""
-    from glmkit.kernels.glm_attention import visible_pairs
-
     return int(2.5 * 4 * D * visible_pairs(T, sep) * B * H)

@@ -1,6 +1,8 @@
-"""Course helpers for the lesson notebooks: fast mode, the lesson clock, and the course map.
+"""The course's tooling, apart from the library (``glmkit`` never imports it): lesson helpers here; plots and
+widgets in ``viz``, ``viz_positions``, ``viz_moe``; the machine check in ``doctor``; parameter counting in
+``counting``; the generations no checkpoint needs (LayerNorm, GeGLU, 2D RoPE, DeepNorm) in ``lineage``.
 
-Not part of the model lineage itself: this is the plumbing every lesson shares, so notebooks stay short.
+Lesson helpers, the plumbing every lesson shares so notebooks stay short:
 
     fast_mode()         True when GLMKIT_FAST=1: CI and the browser tests shrink every lesson with it.
                         The default (unset) is the full lesson, whose run time the lesson header states.
@@ -112,7 +114,7 @@ class Lesson:
 
 
 def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 LESSONS: tuple[Lesson, ...] = (

@@ -160,9 +160,9 @@ class HFTokenizer:
 
 def chat(model, tokenizer: HFTokenizer, messages: Sequence[dict[str, str]], max_new_tokens: int = 256,
          **generate_kwargs: Any) -> str:
-    """One assistant reply: GLM-4 prompt → ``glmkit.sampling.generate`` (stopping on ``stop_token_ids``) →
+    """One assistant reply: GLM-4 prompt → ``glmkit.generate.generate`` (stopping on ``stop_token_ids``) →
     decoded text. ``generate_kwargs``: temperature, top_k, top_p, use_cache, generator."""
-    from glmkit.sampling import generate
+    from glmkit.generate import generate
 
     ids = tokenizer.chat_ids(messages)
     generate_kwargs.setdefault("stop_tokens", tokenizer.stop_token_ids)

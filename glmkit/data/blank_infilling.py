@@ -44,7 +44,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from glmkit.tokenizer import SENTENCE_END_BYTES, WHITESPACE_BYTES
+from glmkit.data.tokenizer import SENTENCE_END_BYTES, WHITESPACE_BYTES
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (torch's cross_entropy default ignore_index)
 MODES = ("mask", "smask", "gmask")  # [MASK] spans, [sMASK] sentences, [gMASK] one suffix
@@ -538,10 +538,10 @@ class BlankInfillingData:
     def __init__(self, text_or_token_ids=None, tokenizer=None, seq_len: int = 128, batch_size: int = 16,
                  cfg: BlankInfillingConfig | None = None, seed: int = 0, pad_to_seq_len: bool = False) -> None:
         if text_or_token_ids is None:  # the built-in corpus
-            from glmkit.corpus import load_corpus
+            from glmkit.data.corpus import load_corpus
             text_or_token_ids = load_corpus("default")
         if tokenizer is None:
-            from glmkit.tokenizer import ByteTokenizer
+            from glmkit.data.tokenizer import ByteTokenizer
             tokenizer = ByteTokenizer()
         self.cfg = BlankInfillingConfig() if cfg is None else cfg
         if not isinstance(self.cfg, BlankInfillingConfig):

@@ -1,6 +1,6 @@
 """Text to train on, with no download: built-in corpora built at run time, and loading your own text.
 
-Built-in corpora (``list_corpora()``; sizes from ``corpus_stats(name)`` or ``python -m glmkit.corpus``):
+Built-in corpora (``list_corpora()``; sizes from ``corpus_stats(name)`` or ``python -m glmkit.data.corpus``):
 
 * ``stories`` — generated short stories and facts from templates (who has which coloured object, counting,
   small sums, weekdays, spelling). The text is built by a self-contained pseudo-random generator, so it is

@@ -1,7 +1,7 @@
 """Pictures and widgets for the lessons: the GLM mask, the Part A / Part B table, the blank-infilling
 explorer, the attention kernel's block grid, and training curves.
 
-Nothing here computes the objective: every function draws what ``glmkit.blank_infilling`` built, so what a
+Nothing here computes the objective: every function draws what ``glmkit.data.blank_infilling`` built, so what a
 learner sees is exactly what the model trains on.
 
     plot_mask(sep_or_mask, T)          heatmap of the GLM mask, Part A / Part B boundary drawn
@@ -14,6 +14,8 @@ learner sees is exactly what the model trains on.
 """
 
 from __future__ import annotations
+
+import time
 
 import html
 import io
@@ -169,7 +171,7 @@ def example_table_text(example: Any, tokenizer=None, index: int = 0, max_tokens:
 
 def _mask_from(sep_or_mask, T: int | None) -> tuple[torch.Tensor, int | None]:
     """A [T, T] bool mask and its Part-A length (None if unknown) from an int sep or a mask."""
-    from glmkit.blank_infilling import attention_mask
+    from glmkit.ops.attention import attention_mask
 
     if isinstance(sep_or_mask, torch.Tensor) and sep_or_mask.dim() >= 2:
         m = sep_or_mask
@@ -255,11 +257,11 @@ def block_grid(sep: int, T: int, block_m: int, block_n: int) -> np.ndarray:
     """Status of each (query block, key block) tile under the GLM mask for one sample:
     0 = fully masked (the kernel skips it), 1 = partly masked (mask applied inside), 2 = fully visible.
 
-    Derived from ``glmkit.blank_infilling.attention_mask`` itself, so it is a check on any skipping rule.
+    Derived from ``glmkit.ops.attention.attention_mask`` itself, so it is a check on any skipping rule.
     Returns int array [cdiv(T, block_m), cdiv(T, block_n)]; the ragged last blocks count only real rows
     and columns.
     """
-    from glmkit.blank_infilling import attention_mask
+    from glmkit.ops.attention import attention_mask
 
     m = attention_mask(torch.tensor([int(sep)]), T)[0]
     nm, nn = -(-T // block_m), -(-T // block_n)
@@ -394,7 +396,7 @@ def parse_spans(text: str) -> list[tuple[int, int]]:
 def _build_for_explorer(tokenizer, text: str, mode: str, seed: int, spans: list[tuple[int, int]] | None):
     """One example for the explorer, built by glmkit.blank_infilling (never re-implemented here).
     Returns (example, spans_used)."""
-    from glmkit import blank_infilling as bi
+    from glmkit.data import blank_infilling as bi
 
     ids = tokenizer.encode(text)
     rng = np.random.default_rng(seed)
@@ -430,7 +432,7 @@ class BlankInfillingExplorer:
         import ipywidgets as W
 
         if tokenizer is None:
-            from glmkit.tokenizer import ByteTokenizer
+            from glmkit.data.tokenizer import ByteTokenizer
 
             tokenizer = ByteTokenizer()
         if mode not in MODES:
@@ -484,7 +486,7 @@ class BlankInfillingExplorer:
             return
         f = example_fields(example)
         T = len(f["input_ids"])
-        from glmkit.blank_infilling import attention_mask
+        from glmkit.ops.attention import attention_mask
 
         self.example, self.spans_used, self.error = example, list(used), None
         self.sep = f["sep"]
@@ -499,3 +501,38 @@ class BlankInfillingExplorer:
         labels = self.tokenizer.token_strings(f["input_ids"]) if hasattr(self.tokenizer, "token_strings") else None
         self.image.value = mask_png(self.mask, sep=self.sep, labels=labels)
         self.updates += 1
+
+
+class LivePlot:
+    """A ``train`` callback that redraws the loss curve in place in a notebook output, at most once every
+    ``min_interval_s`` (a PNG in one IPython display handle: works in any Jupyter frontend, no backend setting).
+    ``train(model, data, cfg, callback=viz.LivePlot())``."""
+
+    def __init__(self, title: str = "training loss", min_interval_s: float = 2.0):
+        from IPython.display import display
+
+        self.title, self.min_interval_s = title, min_interval_s
+        self.handle = display(self._png(None), display_id=True)
+        self._last = time.perf_counter()
+
+    def _png(self, history):
+        from IPython.display import Image
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.4, 3.2), dpi=90, layout="constrained")
+        ax = fig.add_subplot()
+        if history is not None and history.losses:
+            plot_loss(history, ax=ax)
+        ax.set_title(self.title)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return Image(data=buf.getvalue(), format="png")
+
+    def __call__(self, step, metrics, history) -> None:
+        now = time.perf_counter()
+        if now - self._last >= self.min_interval_s:
+            self._last = now
+            self.handle.update(self._png(history))
+
+    def finish(self, history) -> None:
+        self.handle.update(self._png(history))

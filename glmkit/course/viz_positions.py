@@ -1,6 +1,6 @@
 """Pictures and a widget for lesson 02: what each GLM position scheme does to q·k over distance.
 
-Nothing here defines a position scheme: every rotation is ``glmkit.rope``'s (``rope_cos_sin``,
+Nothing here defines a position scheme: every rotation is ``glmkit.ops.rope``'s (``rope_cos_sin``,
 ``apply_rope_reference``, ``apply_rope_2d``), so the curves are exactly what the models compute.
 
 The schemes, in lineage order (shared/reference/glm-lineage.md §1.6, §2.2, §3, §9):
@@ -29,7 +29,8 @@ import math
 import numpy as np
 import torch
 
-from glmkit.rope import apply_rope_2d, apply_rope_reference, rope_cos_sin
+from glmkit.course.lineage import rope_2d
+from glmkit.ops.rope import rope_cos_sin, rope_reference
 
 # name -> (kind, theta, rotary fraction, pairing)
 SCHEMES: dict[str, tuple[str, float, float, str]] = {
@@ -72,14 +73,14 @@ def _rotate_at(x: torch.Tensor, positions: torch.Tensor, kind: str, theta: float
     elif kind == "rope2d":
         cos_p, sin_p = rope_cos_sin(positions, D // 2, theta)
         cos_b, sin_b = rope_cos_sin(torch.zeros_like(positions), D // 2, theta)   # block position 0 (Part A)
-        out = apply_rope_2d(xs, cos_p, sin_p, cos_b, sin_b)
+        out = rope_2d(xs, cos_p, sin_p, cos_b, sin_b)
     else:
         R = rotary_dim_for(D, fraction)
         if R == 0:
             out = xs
         else:
             cos, sin = rope_cos_sin(positions, R, theta)
-            out = apply_rope_reference(xs, cos, sin, R, pairing)
+            out = rope_reference(xs, cos, sin, R, pairing)
     return out[:, 0]
 
 
