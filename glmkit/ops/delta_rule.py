@@ -1,4 +1,4 @@
-"""Linear attention with a delta rule: DeltaNet → Gated DeltaNet → KDA, recurrent and chunkwise (``kernels/delta_rule.py``).
+"""Linear attention with a delta rule: DeltaNet → Gated DeltaNet → KDA (kernels: ``kernels/delta_rule.py``).
 
 A linear-attention layer replaces the growing KV cache with a fixed-size state per head, a matrix
 H ∈ R^{K×V} that maps keys to values. Every step of the lineage changes only how a token writes into it:
@@ -153,3 +153,103 @@ def chunk_gated_delta_rule_reference(
         S = G_last.exp().transpose(-1, -2) * S + (k[:, :, n] * (G_last - G[:, :, n]).exp()).transpose(-1, -2) @ Vn
     o = rearrange(torch.stack(o, 2), "b h n c v -> b (n c) h v")[:, :T]
     return o.to(dtype), (S if output_final_state else None)
+
+
+# ---- the kernels as one differentiable op, and the public dispatch --------------------------------------------
+
+
+def _check(q, k, v, g, beta, initial_state, scale) -> None:
+    """Shapes, dtypes and devices (never values: that would cost a host sync)."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dim() != 4 or q.shape[1] == 0:
+        raise ValueError(f"q must be [B, T, H, K] with T > 0, got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if g.shape not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"g must be [B, T, H] (Gated DeltaNet) or [B, T, H, K] (KDA), got {tuple(g.shape)}")
+    if beta.shape != (B, T, H):
+        raise ValueError(f"beta must be [B, T, H] = [{B}, {T}, {H}], got {tuple(beta.shape)}")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or initial_state.dtype != torch.float32:
+            raise TypeError(f"initial_state must be a float32 tensor, got {getattr(initial_state, 'dtype', None)}")
+        if initial_state.shape != (B, H, K, v.shape[-1]) or initial_state.device != q.device:
+            raise ValueError(
+                f"initial_state must be [B, H, K, V] = [{B}, {H}, {K}, {v.shape[-1]}] on {q.device}, "
+                f"got {tuple(initial_state.shape)} on {initial_state.device}"
+            )
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+
+
+class GatedDeltaRuleFunction(torch.autograd.Function):
+    """The chunked kernels as one differentiable op. Saves only the inputs: the backward recomputes the
+    chunk intermediates (cheaper to redo than to keep, as in fla)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state):
+        from glmkit.kernels.delta_rule import chunk_gated_delta_rule_fwd
+
+        o, final_state = chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.scale = scale
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        from glmkit.kernels.delta_rule import chunk_gated_delta_rule_bwd
+
+        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
+            q, k, v, g, beta, ctx.scale, initial_state, do.contiguous(), None if dht is None else dht.contiguous()
+        )
+        return dq, dk, dv, dg, dbeta, None, dh0, None
+
+
+def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """The gated delta rule over a whole sequence (training, prefill): ``gated_delta_rule_reference``'s result,
+    differentiable in q, k, v, g, beta and initial_state, on the chunked Triton kernels where ``glmkit.backend``
+    resolves to "triton" (the chunk reference otherwise). g [B, T, H] is Gated DeltaNet, g [B, T, H, K] KDA;
+    g = 0 is DeltaNet. Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] fp32 or None)."""
+    _check(q, k, v, g, beta, initial_state, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    path = "triton" if backend.resolve(q) == "triton" else "torch"
+    backend.record("delta_rule", path)
+    if path == "torch":
+        return chunk_gated_delta_rule_reference(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if q.shape[-1] > MAX_KEY_DIM:
+        raise ValueError(f"the kernels take K ≤ {MAX_KEY_DIM}, got K = {q.shape[-1]}")
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    return GatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+@torch.no_grad()
+def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
+    """Decode: a few tokens (T ≥ 1, usually 1) of the recurrence from ``state`` [B, H, K, V] fp32, which is
+    updated in place (the fused recurrent kernel reads and writes it once). Inference only (no autograd).
+    Shapes as ``gated_delta_rule``; returns o [B, T, H, V] in q's dtype."""
+    _check(q, k, v, g, beta, state, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    path = "triton" if backend.resolve(q) == "triton" else "torch"
+    backend.record("delta_rule_step", path)
+    if path == "torch":
+        o, final_state = gated_delta_rule_reference(q, k, v, g, beta, scale, state, True)
+        state.copy_(final_state)
+        return o
+    if q.shape[-1] > MAX_KEY_DIM:
+        raise ValueError(f"the kernels take K ≤ {MAX_KEY_DIM}, got K = {q.shape[-1]}")
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous (it is updated in place)")
+    from glmkit.kernels.delta_rule import fused_recurrent_gated_delta_rule
+
+    q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
+    return fused_recurrent_gated_delta_rule(q, k, v, g, beta, state, scale)
