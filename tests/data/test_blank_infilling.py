@@ -11,29 +11,42 @@ import numpy as np
 import pytest
 import torch
 
-from glmkit.blank_infilling import (
-    IGNORE_INDEX, BlankInfillingConfig, BlankInfillingData, GLMBatch, attention_mask, build_example, collate,
-    corrupt, gmask_span, max_example_len, sample_span_lengths, sample_spans, sentence_spans, source_len_for,
+from glmkit.data.blank_infilling import (
+    IGNORE_INDEX,
+    BlankInfillingConfig,
+    BlankInfillingData,
+    GLMBatch,
+    build_example,
+    collate,
+    corrupt,
+    gmask_span,
+    max_example_len,
+    sample_span_lengths,
+    sample_spans,
+    sentence_spans,
+    source_len_for,
     span_length_distribution,
 )
-from glmkit.tokenizer import ByteTokenizer
+from glmkit.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 M, S, E = TOK.mask_id, TOK.sop_id, TOK.eop_id
 IDS = dict(mask_id=M, sop_id=S, eop_id=E)
-TEXT = ("Anna has a red ball. Ben has a blue kite! Does Anna give the ball to Ben? She does; now Ben has both.\n"
-        "Count: 1, 2, 3.  The end")
+TEXT = (
+    "Anna has a red ball. Ben has a blue kite! Does Anna give the ball to Ben? She does; now Ben has both.\n"
+    "Count: 1, 2, 3.  The end"
+)
 
 
 # ---- the paper's worked example -------------------------------------------------------------------------
+
 
 def test_worked_example_exact():
     x = [11, 12, 13, 14, 15, 16]  # x1..x6
     ex = build_example(x, [(2, 3), (4, 6)], order=[1, 0], **IDS)
     assert ex.sep == 5
     assert ex.input_ids.tolist() == [11, 12, M, 14, M, S, 15, 16, S, 13]
-    assert ex.position_ids.tolist() == [[0, 1, 2, 3, 4, 4, 4, 4, 2, 2],
-                                        [0, 0, 0, 0, 0, 1, 2, 3, 1, 2]]
+    assert ex.position_ids.tolist() == [[0, 1, 2, 3, 4, 4, 4, 4, 2, 2], [0, 0, 0, 0, 0, 1, 2, 3, 1, 2]]
     assert ex.targets.tolist() == [IGNORE_INDEX] * 5 + [15, 16, E, 13, E]
     assert ex.input_ids.dtype == ex.targets.dtype == ex.position_ids.dtype == torch.int64
     assert ex.part_a == [11, 12, M, 14, M] and ex.part_b == [S, 15, 16, S, 13]
@@ -49,8 +62,9 @@ def test_worked_example_in_order_and_own_mask_tokens():
 
 # ---- span lengths ------------------------------------------------------------------------------------------
 
+
 def poisson_truncated(lam, max_len):
-    pmf = [math.exp(-lam) * lam ** k / math.factorial(k) for k in range(1, max_len + 1)]
+    pmf = [math.exp(-lam) * lam**k / math.factorial(k) for k in range(1, max_len + 1)]
     return [p / sum(pmf) for p in pmf]
 
 
@@ -89,6 +103,7 @@ def test_span_lengths_stop_at_the_ratio():
 
 
 # ---- span placement ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ratio", [0.15, 0.5, 0.9])
 def test_spans_cover_ratio_and_never_touch(ratio):
@@ -149,6 +164,7 @@ def test_sentence_spans_align_to_sentences():
 
 # ---- random examples ---------------------------------------------------------------------------------------
 
+
 def check_example(ex, tokens):
     """Properties every example must have, checked without the builder's logic."""
     L, sep = ex.length, ex.sep
@@ -168,9 +184,9 @@ def check_example(ex, tokens):
         assert len(set(pos[0][a:b])) == 1
         where = pos[0][a]
         assert where < sep and inp[where] in TOK.mask_ids  # points at its own mask token in Part A
-        assert inp[a + 1:b] == tgt[a:b - 1]  # teacher forcing: input is the target shifted right
+        assert inp[a + 1 : b] == tgt[a : b - 1]  # teacher forcing: input is the target shifted right
         assert where not in filled
-        filled[where] = tgt[a:b - 1]
+        filled[where] = tgt[a : b - 1]
     # Put every span back into its mask token: the original text comes back.
     rebuilt = []
     for i, t in enumerate(inp[:sep]):
@@ -215,25 +231,12 @@ def test_mode_frequencies_and_shuffle():
         assert ex.order == list(range(len(ex.spans)))
 
 
-# ---- the mask ----------------------------------------------------------------------------------------------
-
-def test_attention_mask_matches_brute_force():
-    rng = np.random.default_rng(2)
-    for T in (1, 2, 7, 19):
-        seps = sorted({0, 1, T} | {int(s) for s in rng.integers(0, T + 1, size=3)})
-        got = attention_mask(torch.tensor(seps), T)
-        assert got.shape == (len(seps), T, T) and got.dtype == torch.bool
-        for b, sep in enumerate(seps):
-            for i in range(T):
-                for j in range(T):
-                    assert bool(got[b, i, j]) == (j < sep or j <= i), (T, sep, i, j)
-
-
 # ---- batches -----------------------------------------------------------------------------------------------
+
 
 def test_collate_pads_after_part_b():
     a = build_example([1, 2, 3, 4, 5, 6], [(2, 3), (4, 6)], [1, 0], **IDS)  # L = 10
-    b = build_example([7, 8, 9], [(0, 1)], **IDS)                        # L = 5
+    b = build_example([7, 8, 9], [(0, 1)], **IDS)  # L = 5
     batch = collate([a, b], pad_id=TOK.pad_id)
     assert batch.input_ids.shape == (2, 10) and batch.position_ids.shape == (2, 2, 10)
     assert batch.sep.tolist() == [5, 3] and batch.sep.dtype == torch.int64
@@ -267,7 +270,7 @@ def test_data_is_a_function_of_seed_and_step():
 
     later = d1.batch(7)
     assert same(d1.batch(5), d2.batch(5))  # fresh object, same seed and step
-    assert same(d1.batch(7), later)        # order of calls does not matter
+    assert same(d1.batch(7), later)  # order of calls does not matter
     assert not same(d1.batch(5), d1.batch(6))
     assert not same(d1.batch(5), BlankInfillingData(text, TOK, 64, 4, cfg, seed=4).batch(5))
     resumed = d2.iterate(start_step=7)
@@ -276,8 +279,10 @@ def test_data_is_a_function_of_seed_and_step():
 
 def test_data_never_exceeds_seq_len():
     text = TEXT * 40
-    for cfg in (BlankInfillingConfig(), BlankInfillingConfig(mask_ratio=0.6, span_prob=0.5, sentence_prob=0.5,
-                                                             sentence_ratio=0.5)):
+    for cfg in (
+        BlankInfillingConfig(),
+        BlankInfillingConfig(mask_ratio=0.6, span_prob=0.5, sentence_prob=0.5, sentence_ratio=0.5),
+    ):
         for seq_len in (3, 10, 64):
             data = BlankInfillingData(text, TOK, seq_len=seq_len, batch_size=8, cfg=cfg, seed=0)
             assert max_example_len(data.source_len, cfg) <= seq_len
@@ -304,13 +309,20 @@ def test_source_len_for():
 
 # ---- errors ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(mask_ratio=0.0), "mask_ratio"), (dict(mask_ratio=1.0), "mask_ratio"),
-    (dict(sentence_ratio=1.2), "sentence_ratio"), (dict(span_prob=-0.1), "span_prob"),
-    (dict(span_prob=0.7, sentence_prob=0.5), r"span_prob \+ sentence_prob"),
-    (dict(max_span_len=0), "max_span_len"), (dict(poisson_lambda=0.0), "poisson_lambda"),
-    (dict(gmask_min_ratio=0.0), "gmask_min_ratio"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mask_ratio=0.0), "mask_ratio"),
+        (dict(mask_ratio=1.0), "mask_ratio"),
+        (dict(sentence_ratio=1.2), "sentence_ratio"),
+        (dict(span_prob=-0.1), "span_prob"),
+        (dict(span_prob=0.7, sentence_prob=0.5), r"span_prob \+ sentence_prob"),
+        (dict(max_span_len=0), "max_span_len"),
+        (dict(poisson_lambda=0.0), "poisson_lambda"),
+        (dict(gmask_min_ratio=0.0), "gmask_min_ratio"),
+    ],
+)
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BlankInfillingConfig(**kwargs)

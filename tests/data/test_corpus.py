@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from glmkit import corpus
-from glmkit.corpus import corpus_stats, list_corpora, load_corpus, load_text, train_val_split
-from glmkit.tokenizer import ByteTokenizer
+from glmkit.data import corpus
+from glmkit.data.corpus import corpus_stats, list_corpora, load_corpus, load_text, train_val_split
+from glmkit.data.tokenizer import ByteTokenizer
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
@@ -37,8 +37,11 @@ def test_stories_are_self_consistent():
     for today, tomorrow, yesterday in days:
         i = DAYS.index(today)
         assert (DAYS[(i + 1) % 7], DAYS[(i - 1) % 7]) == (tomorrow, yesterday)
-    gifts = re.findall(r"(\w+) has a (\w+) (\w+)\. (\w+) has a (\w+) (\w+)\. (\w+) gives the (\w+) (\w+) to (\w+)\. "
-                       r"Now (\w+) has a (\w+) (\w+) and a (\w+) (\w+)", text)
+    gifts = re.findall(
+        r"(\w+) has a (\w+) (\w+)\. (\w+) has a (\w+) (\w+)\. (\w+) gives the (\w+) (\w+) to (\w+)\. "
+        r"Now (\w+) has a (\w+) (\w+) and a (\w+) (\w+)",
+        text,
+    )
     assert len(gifts) > 100
     for a, c1, t1, b, c2, t2, giver, gc, gt, receiver, now, nc1, nt1, nc2, nt2 in gifts:
         assert (giver, gc, gt, receiver, now) == (a, c1, t1, b, b)

@@ -7,15 +7,31 @@ import json
 import pytest
 import torch
 
-tokenizers = pytest.importorskip("tokenizers", reason="HFTokenizer needs the tokenizers library (pip install tokenizers)")
+tokenizers = pytest.importorskip(
+    "tokenizers", reason="HFTokenizer needs the tokenizers library (pip install tokenizers)"
+)
 
-from glmkit.hf_tokenizer import HFTokenizer, chat  # noqa: E402
+from glmkit.data.hf_tokenizer import HFTokenizer, chat  # noqa: E402
 
-SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-            "<|assistant|>", "<|observation|>"]
-CORPUS = ["The cat sat on the mat.", "GLM fills in the blanks, one span at a time.",
-          "Rotary embeddings rotate pairs of dimensions.", "Grouped-query attention shares keys and values.",
-          "Bonjour, ça va ? Très bien — merci !"] * 20
+SPECIALS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+]
+CORPUS = [
+    "The cat sat on the mat.",
+    "GLM fills in the blanks, one span at a time.",
+    "Rotary embeddings rotate pairs of dimensions.",
+    "Grouped-query attention shares keys and values.",
+    "Bonjour, ça va ? Très bien — merci !",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +41,15 @@ def folder(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     path = tmp_path_factory.mktemp("tok")
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|endoftext|>", "pad_token": {"content": "<|endoftext|>", "special": True}}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "pad_token": {"content": "<|endoftext|>", "special": True}})
+    )
     return path
 
 
@@ -45,7 +63,7 @@ def test_round_trip_and_specials(folder):
     assert tok.pad_token_id == tok.eos_token_id and tok.bos_token_id is None
     assert set(SPECIALS) <= set(tok.special_tokens)
     ids = tok.encode("hi<|user|>there")
-    assert tok.token_to_id("<|user|>") in ids                      # written specials become one id
+    assert tok.token_to_id("<|user|>") in ids  # written specials become one id
     assert "<|user|>" not in tok.decode(ids, skip_special_tokens=True)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([10**6])
@@ -66,12 +84,23 @@ def test_glm4_chat_format(folder):
 
 
 def test_chat_with_a_tiny_model(folder):
-    from glmkit.models.glm_dense import GLMDenseModel, get_config
+    """chat() is the greedy continuation of the GLM-4 prompt, stopping at a stop token: checked against an argmax
+    loop written here over full forward passes (no cache, no glmkit.generate)."""
+    from glmkit.models.decoder import Decoder
+    from glmkit.models.presets import get_config
 
     tok = HFTokenizer.from_folder(folder)
-    model = GLMDenseModel(get_config("cpu-small", n_layers=1, vocab_size=tok.vocab_size)).eval()
-    reply = chat(model, tok, [{"role": "user", "content": "Hello"}], max_new_tokens=5)
-    assert isinstance(reply, str)
+    model = Decoder(get_config("cpu-small", num_hidden_layers=1, vocab_size=tok.vocab_size)).eval()
+    messages = [{"role": "user", "content": "Hello"}]
+    reply = chat(model, tok, messages, max_new_tokens=5)
+    ids, new = tok.chat_ids(messages), []
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            new.append(nxt)
+            if nxt in tok.stop_token_ids:
+                break
+    assert reply == tok.decode(new, skip_special_tokens=True)
 
 
 def test_missing_and_inconsistent_files(tmp_path, folder):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from glmkit.tokenizer import ByteTokenizer
+from glmkit.data.tokenizer import ByteTokenizer
 
 SPECIAL_NAMES = ("[MASK]", "[sMASK]", "[gMASK]", "[START]", "[END]", "[PAD]")
 
@@ -16,8 +16,14 @@ def tok():
 
 def random_text(rng, n):
     """Mixed ASCII, accented Latin, Greek, CJK and emoji code points."""
-    pools = [range(0x20, 0x7F), range(0xC0, 0x180), range(0x391, 0x3C9), range(0x4E00, 0x4E80),
-             range(0x1F600, 0x1F640), [0x0A, 0x09]]
+    pools = [
+        range(0x20, 0x7F),
+        range(0xC0, 0x180),
+        range(0x391, 0x3C9),
+        range(0x4E00, 0x4E80),
+        range(0x1F600, 0x1F640),
+        [0x0A, 0x09],
+    ]
     return "".join(chr(int(rng.choice(pools[int(rng.integers(len(pools)))]))) for _ in range(n))
 
 
@@ -90,7 +96,7 @@ def test_errors(tok):
 
 
 # ---- WordTokenizer ------------------------------------------------------------------------------------
-from glmkit.tokenizer import WordTokenizer  # noqa: E402
+from glmkit.data.tokenizer import WordTokenizer  # noqa: E402
 
 WORD_TEXT = "The cat sat on the mat.\nThe dog sat, too!  Then it ran to the park: 12 steps.\n"
 
@@ -103,9 +109,10 @@ def wtok():
 def test_word_roundtrip_and_pieces(wtok):
     assert wtok.decode(wtok.encode(WORD_TEXT)) == WORD_TEXT
     pieces = [wtok.decode([i]) for i in wtok.encode("The cat sat.")]
-    assert pieces == ["The", " cat", " sat", "."]          # one piece per word, its leading space included
+    assert pieces == ["The", " cat", " sat", "."]  # one piece per word, its leading space included
     assert wtok.decode(wtok.encode(" the dog ran, too")) == " the dog ran, too"
-    from glmkit.corpus import load_corpus
+    from glmkit.data.corpus import load_corpus
+
     text = load_corpus("stories")[:20000]
     t = WordTokenizer.fit(text)
     ids = t.encode(text)
@@ -116,10 +123,10 @@ def test_word_specials_and_vocab(wtok):
     ids = [wtok.pad_id, wtok.mask_id, wtok.smask_id, wtok.gmask_id, wtok.sop_id, wtok.eop_id, wtok.unk_id]
     assert len(set(ids)) == len(ids) and all(wtok.is_special(i) for i in ids)
     assert wtok.vocab_size % 8 == 0 and wtok.vocab_size >= wtok.n_special + len(wtok.pieces)
-    assert wtok.encode("[MASK]") != [wtok.mask_id]                   # literal text unless asked
+    assert wtok.encode("[MASK]") != [wtok.mask_id]  # literal text unless asked
     ids = wtok.encode("The cat [MASK] on [gMASK]", parse_special=True)
     assert ids == wtok.encode("The cat") + [wtok.mask_id] + wtok.encode(" on") + [wtok.gmask_id]
-    assert wtok.decode(ids) == "The cat[MASK] on[gMASK]"             # the space before a blank is the fill's
+    assert wtok.decode(ids) == "The cat[MASK] on[gMASK]"  # the space before a blank is the fill's
     assert wtok.decode(ids, skip_special=True) == "The cat on"
     assert wtok.token_strings(wtok.encode("The cat\n")) == ["The", "␣cat", "⏎"]
     assert wtok.token_strings([wtok.eop_id]) == ["[END]"]
@@ -135,7 +142,7 @@ def test_word_unknown_words(wtok):
 
 def test_word_fit_order_and_save_load(wtok, tmp_path):
     assert wtok.pieces[0] == " the" or wtok.pieces.index(" sat") < wtok.pieces.index(" park")  # by count
-    assert WordTokenizer.fit(WORD_TEXT).pieces == wtok.pieces                                  # deterministic
+    assert WordTokenizer.fit(WORD_TEXT).pieces == wtok.pieces  # deterministic
     assert len(WordTokenizer.fit(WORD_TEXT, max_vocab=3).pieces) == 3
     assert " the" not in WordTokenizer.fit(WORD_TEXT, min_count=3).pieces
     path = tmp_path / "vocab.json"
@@ -159,7 +166,7 @@ def test_word_errors(wtok, tmp_path):
         wtok.encode(5)
     with pytest.raises(ValueError, match="out of range"):
         wtok.decode([wtok.vocab_size])
-    two = WordTokenizer(["a", "b"])           # 9 specials + 2 pieces, table rounded up to 16 rows
+    two = WordTokenizer(["a", "b"])  # 9 specials + 2 pieces, table rounded up to 16 rows
     assert two.vocab_size == 16
     with pytest.raises(ValueError, match="padding of the table"):
         two.decode([11])
@@ -173,22 +180,30 @@ def test_word_errors(wtok, tmp_path):
 
 def test_word_tokenizer_drives_the_data_and_the_model(wtok):
     import numpy as np
-    from glmkit import blank_infilling as bi
-    from glmkit.generate import fill_blanks, generate
+
+    from glmkit.data import blank_infilling as bi
+    from glmkit.generate import complete, fill_blanks
     from glmkit.models.glm2021 import GLMModel, get_config
 
-    data = bi.BlankInfillingData(WORD_TEXT * 20, wtok, seq_len=32, batch_size=4, seed=0,
-                                 cfg=bi.BlankInfillingConfig(span_prob=0.5, sentence_prob=0.3))
+    data = bi.BlankInfillingData(
+        WORD_TEXT * 20,
+        wtok,
+        seq_len=32,
+        batch_size=4,
+        seed=0,
+        cfg=bi.BlankInfillingConfig(span_prob=0.5, sentence_prob=0.3),
+    )
     batch = data.batch(0)
     assert int(batch.input_ids.max()) < wtok.vocab_size
     for mode in ("mask", "smask", "gmask"):
         ex = bi.corrupt(wtok.encode(WORD_TEXT), bi.BlankInfillingConfig(), np.random.default_rng(0), wtok, mode=mode)
         assert wtok.decode(ex.part_a).count(wtok.id_to_special[ex.mask_token_ids[0]]) == len(ex.spans)
     torch.manual_seed(0)
-    model = GLMModel(get_config("cpu-words", vocab_size=wtok.vocab_size, n_layers=1, d_model=32, d_ff=64))
+    model = GLMModel(
+        get_config("cpu-words", vocab_size=wtok.vocab_size, num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    )
     assert torch.isfinite(model.loss(batch))
     r = fill_blanks(model, wtok, "The cat [MASK] on the mat.", max_span_len=3)
     assert len(r.fills) == 1 and r.text.startswith("The cat")
-    g = generate(model, wtok, "The dog", max_new_tokens=3)
-    assert g.text.startswith("The dog") and all(wtok.n_special <= i < wtok.n_ids for i in g.ids)
-
+    g = complete(model, wtok, "The dog", max_new_tokens=3)
+    assert g.text.startswith("The dog") and all(wtok.n_special <= i < wtok.n_ids for i in g.fill_ids[0])
