@@ -8,16 +8,26 @@ import sys
 
 import pytest
 
-from glmkit import doctor
 from glmkit.__main__ import main as cli_main
-from glmkit.doctor import Check
+from glmkit.course import doctor
+from glmkit.course.doctor import Check
 
 
 def test_run_checks_returns_named_checks():
     checks = doctor.run_checks()
     names = {c.name for c in checks}
-    assert {"python", "torch", "numpy", "triton", "device", "bf16", "kernel mode", "kernel runs",
-            "jupyterlab", "widgets"} <= names
+    assert {
+        "python",
+        "torch",
+        "numpy",
+        "triton",
+        "device",
+        "bf16",
+        "kernel mode",
+        "kernel runs",
+        "jupyterlab",
+        "widgets",
+    } <= names
     for c in checks:
         assert isinstance(c, Check) and isinstance(c.ok, bool) and c.detail
         if not c.ok:
@@ -46,14 +56,17 @@ def test_torch_out_of_range_and_missing():
         assert not c.ok and "pip install" in c.fix and "torch" in c.fix
 
 
-@pytest.mark.parametrize("ipyw, labw, ext, ok", [
-    ("8.1.5", "3.0.13", "/x", True),
-    ("8.1.5", "1.1.0", "/x", False),      # lab side too old for ipywidgets 8
-    ("7.8.1", "1.1.7", "/x", False),      # the course needs ipywidgets 8
-    (None, "3.0.13", "/x", False),
-    ("8.1.5", None, "/x", False),
-    ("8.1.5", "3.0.13", None, False),     # lab extension missing from every Jupyter path
-])
+@pytest.mark.parametrize(
+    "ipyw, labw, ext, ok",
+    [
+        ("8.1.5", "3.0.13", "/x", True),
+        ("8.1.5", "1.1.0", "/x", False),  # lab side too old for ipywidgets 8
+        ("7.8.1", "1.1.7", "/x", False),  # the course needs ipywidgets 8
+        (None, "3.0.13", "/x", False),
+        ("8.1.5", None, "/x", False),
+        ("8.1.5", "3.0.13", None, False),  # lab extension missing from every Jupyter path
+    ],
+)
 def test_widgets_compatibility(ipyw, labw, ext, ok):
     c = doctor.check_widgets(ipyw, labw, ext)
     assert c.ok is ok
@@ -83,6 +96,7 @@ def test_exit_status_follows_blocking_problems(monkeypatch, capsys):
 def test_a_crashing_check_is_reported_not_raised(monkeypatch):
     def boom():
         raise RuntimeError("kaput")
+
     monkeypatch.setattr(doctor, "CHECKS", (boom,))
     (c,) = doctor.run_checks()
     assert not c.ok and "kaput" in c.detail and c.fix

@@ -25,8 +25,7 @@ def test_scale_add_matches_torch(n, dtype):
     out = poisoned((n,), dtype, _dev())
     y = primer.scale_add(x, b, a, out=out)
     assert y is out  # wrote into the buffer it was given
-    assert_close("scale_add", primer.scale_add_reference(x.float(), b.float(), a).to(dtype), y,
-                 tol=REL_TOL[dtype])
+    assert_close("scale_add", primer.scale_add_reference(x.float(), b.float(), a).to(dtype), y, tol=REL_TOL[dtype])
 
 
 @pytest.mark.parametrize("block", [16, 64, 128])
@@ -87,4 +86,6 @@ def test_scale_add_native_on_gpu(n):
 @pytest.mark.gpu
 def test_row_softmax_native_on_gpu():
     x = torch.randn(257, 1000, device="cuda")
-    assert_close("row_softmax", primer.row_softmax_reference(x), primer.row_softmax(x, out=poisoned(x.shape, device="cuda")))
+    assert_close(
+        "row_softmax", primer.row_softmax_reference(x), primer.row_softmax(x, out=poisoned(x.shape, device="cuda"))
+    )
