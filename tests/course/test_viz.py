@@ -1,5 +1,5 @@
-"""glmkit.viz: the mask picture, the Part A/B table, the block grid, the loss plot and the explorer widget
-(driven from Python, no frontend)."""
+"""glmkit.course.viz: the mask picture, the Part A/B table, the block grid, the loss plot (and its live version
+for train()) and the explorer widget (driven from Python, no frontend)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from glmkit import viz
-from glmkit.blank_infilling import attention_mask
+from glmkit.course import viz
+from glmkit.ops.attention import attention_mask
 
 
 def _worked_example():
     """The paper's example (x1..x6, spans {x3}, {x5, x6}, s2 first) as a one-sample batch: ids 1..6 stand
     for x1..x6, 90 = [MASK], 91 = [START], 92 = [END]."""
-    return dict(input_ids=torch.tensor([[1, 2, 90, 4, 90, 91, 5, 6, 91, 3]]),
-                targets=torch.tensor([[-100] * 5 + [5, 6, 92, 3, 92]]),
-                position_ids=torch.tensor([[[0, 1, 2, 3, 4, 4, 4, 4, 2, 2], [0, 0, 0, 0, 0, 1, 2, 3, 1, 2]]]),
-                sep=torch.tensor([5]))
+    return dict(
+        input_ids=torch.tensor([[1, 2, 90, 4, 90, 91, 5, 6, 91, 3]]),
+        targets=torch.tensor([[-100] * 5 + [5, 6, 92, 3, 92]]),
+        position_ids=torch.tensor([[[0, 1, 2, 3, 4, 4, 4, 4, 2, 2], [0, 0, 0, 0, 0, 1, 2, 3, 1, 2]]]),
+        sep=torch.tensor([5]),
+    )
 
 
 def test_example_fields_reads_a_batch_row():
@@ -71,12 +73,12 @@ def test_block_grid_agrees_with_the_mask(T, sep, bm, bn):
     assert g.shape == (-(-T // bm), -(-T // bn))
     for a in range(g.shape[0]):
         for b in range(g.shape[1]):
-            tile = m[a * bm:(a + 1) * bm, b * bn:(b + 1) * bn]
+            tile = m[a * bm : (a + 1) * bm, b * bn : (b + 1) * bn]
             assert g[a, b] == (2 if tile.all() else 1 if tile.any() else 0)
     if sep == T:
-        assert (g == 2).all()                     # fully bidirectional: nothing to skip or mask
+        assert (g == 2).all()  # fully bidirectional: nothing to skip or mask
     if sep == 0:
-        assert (g[np.triu_indices(g.shape[0], 1)] == 0).all()   # causal: everything above the diagonal skipped
+        assert (g[np.triu_indices(g.shape[0], 1)] == 0).all()  # causal: everything above the diagonal skipped
     viz.plot_block_grid(sep, T, bm, bn)
     matplotlib.pyplot.close("all")
 
@@ -89,12 +91,15 @@ def test_parse_spans():
             viz.parse_spans(bad)
 
 
-@pytest.mark.parametrize("history", [
-    [3.0, 2.5, 2.0],
-    [(10, 3.0), (20, 2.0)],
-    [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}],
-    {"step": [1, 2], "loss": [3.0, 2.0]},
-])
+@pytest.mark.parametrize(
+    "history",
+    [
+        [3.0, 2.5, 2.0],
+        [(10, 3.0), (20, 2.0)],
+        [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}],
+        {"step": [1, 2], "loss": [3.0, 2.0]},
+    ],
+)
 def test_plot_loss_accepts_histories(history):
     ax = viz.plot_loss(history)
     assert len(ax.lines) == 2
@@ -103,15 +108,60 @@ def test_plot_loss_accepts_histories(history):
 
 def test_smooth_is_bias_corrected():
     np.testing.assert_allclose(viz.smooth([2.0, 2.0, 2.0]), [2.0, 2.0, 2.0])
+    # the EMA with bias correction, written out: a_t = b·a_{t-1} + (1-b)·x_t, reported as a_t / (1 - b^t)
+    x, beta, avg, want = [3.0, 1.0, 4.0, 1.0, 5.0], 0.9, 0.0, []
+    for t, v in enumerate(x, 1):
+        avg = beta * avg + (1 - beta) * v
+        want.append(avg / (1 - beta**t))
+    np.testing.assert_allclose(viz.smooth(x, beta), want)
+
+
+def test_plot_loss_draws_a_train_history():
+    """What train() returns (glmkit.train.History) plots at its own steps (a resumed run need not start at 1)."""
+    from glmkit.train import History
+
+    h = History(steps=[11, 12, 13], losses=[5.0, 4.0, 3.5], eval_steps=[13], eval_losses=[3.7])
+    ax = viz.plot_loss(h)
+    raw, smoothed = ax.lines
+    np.testing.assert_array_equal(raw.get_xdata(), [11, 12, 13])
+    np.testing.assert_array_equal(raw.get_ydata(), [5.0, 4.0, 3.5])
+    np.testing.assert_allclose(smoothed.get_ydata(), viz.smooth([5.0, 4.0, 3.5]))
+    assert ax.get_xlabel() == "step"
+    matplotlib.pyplot.close("all")
+
+
+def test_live_plot_redraws_in_place_and_throttles(monkeypatch):
+    """LivePlot (a train() callback) shows one PNG and updates that display handle: at most once per
+    min_interval_s while training, always at finish()."""
+    import IPython.display
+
+    from glmkit.train import History
+
+    shown, updates = [], []
+
+    class Handle:
+        def update(self, obj):
+            updates.append(obj)
+
+    monkeypatch.setattr(IPython.display, "display", lambda obj, display_id=None: shown.append(obj) or Handle())
+    h = History(steps=[1, 2, 3], losses=[5.0, 4.0, 3.5])
+    plot = viz.LivePlot(min_interval_s=100.0)
+    assert len(shown) == 1 and shown[0].data[:4] == b"\x89PNG"
+    assert plot(3, {"loss": 3.5}, h) is None and updates == []  # throttled: the first draw was just now
+    plot.finish(h)
+    assert len(updates) == 1 and updates[0].data[:4] == b"\x89PNG" and updates[0].data != shown[0].data
+    plot.min_interval_s = 0.0
+    plot(4, {"loss": 3.4}, h)
+    assert len(updates) == 2
 
 
 # ---- the explorer, driven from Python (no frontend) ------------------------------------------------
 
-from glmkit.tokenizer import ByteTokenizer  # noqa: E402
+from glmkit.data.tokenizer import ByteTokenizer  # noqa: E402
 
 
 def test_worked_example_from_glmkit_renders():
-    from glmkit.blank_infilling import build_example
+    from glmkit.data.blank_infilling import build_example
 
     ex = build_example([1, 2, 3, 4, 5, 6], [(2, 3), (4, 6)], [1, 0], mask_id=90, sop_id=91, eop_id=92)
     f = viz.example_fields(ex)

@@ -1,5 +1,5 @@
-"""glmkit.viz_positions: the q·k-over-distance curves agree with rotating vectors by hand through
-glmkit.rope, the dims layout matches each pairing, and the explorer redraws when a control moves."""
+"""glmkit.course.viz_positions: the q·k-over-distance curves agree with rotating vectors by hand through
+glmkit.ops.rope, the dims layout matches each pairing, and the explorer redraws when a control moves."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from glmkit import viz_positions as vp
-from glmkit.rope import apply_rope_reference, rope_cos_sin
+from glmkit.course import viz_positions as vp
+from glmkit.ops.rope import rope_cos_sin, rope_reference
 
 
 @pytest.mark.parametrize("pairing", ["interleaved", "half"])
@@ -22,11 +22,11 @@ def test_curve_is_q_dot_k_of_rotated_vectors(pairing, fraction):
     q, k = torch.randn(D), torch.randn(D)
     curve = vp.qk_curve(q, k, kind="rope", theta=theta, fraction=fraction, pairing=pairing, max_dist=dist)
     R = vp.rotary_dim_for(D, fraction)
-    m = int(torch.randint(0, 500, ()))          # any query position: only Δ matters
+    m = int(torch.randint(0, 500, ()))  # any query position: only Δ matters
     pos = torch.tensor([m, m + 7, m + dist])
     cos, sin = rope_cos_sin(pos, R, theta)
-    rq = apply_rope_reference(q[None, None, None].expand(1, 1, 3, D).contiguous(), cos, sin, R, pairing)[0, 0]
-    rk = apply_rope_reference(k[None, None, None].expand(1, 1, 3, D).contiguous(), cos, sin, R, pairing)[0, 0]
+    rq = rope_reference(q[None, None, None].expand(1, 1, 3, D).contiguous(), cos, sin, R, pairing)[0, 0]
+    rk = rope_reference(k[None, None, None].expand(1, 1, 3, D).contiguous(), cos, sin, R, pairing)[0, 0]
     norm = (q.norm() * k.norm()).item()
     assert curve.shape == (dist + 1,)
     np.testing.assert_allclose(curve[7], (rq[0] @ rk[1]).item() / norm, atol=1e-4)
@@ -70,7 +70,7 @@ def test_explorer_redraws_on_every_control():
     e.scheme.value = "GLM-2021: learned 2D"
     assert e.kind == "learned" and np.allclose(e.curve, 1.0)
     n = e.updates
-    e.scheme.value = "GLM-4.5: partial, half-split"      # a preset sets three controls: one redraw
+    e.scheme.value = "GLM-4.5: partial, half-split"  # a preset sets three controls: one redraw
     assert e.updates == n + 1 and e.pairing.value == "half" and e.theta.value == pytest.approx(1e6)
     with pytest.raises(ValueError, match="scheme"):
         vp.RopeExplorer(scheme="nope")
