@@ -1,7 +1,8 @@
-"""The fused SwiGLU kernel (glmkit.kernels.swiglu) and glmkit.mlp against the torch references.
+"""glmkit.ops.swiglu and its fused kernels (glmkit.kernels.swiglu) against the torch reference, and the SwiGLU
+``glmkit.layers.MLP`` on both backends.
 
-CPU: the Triton interpreter at odd sizes (I = 1, 33, 100, 300 — not multiples of the block), fp32 and
-fp16, forward and backward into NaN-poisoned buffers. `-m gpu`: natively, fp32/fp16/bf16, GLM-4 sizes.
+CPU: the Triton interpreter at odd sizes (I = 1, 33, 100, 300: not multiples of the block), fp32 and fp16, forward and
+backward with NaN-poisoned allocations (the ``poison`` fixture). ``-m gpu``: natively, fp32/fp16/bf16, GLM-4 sizes.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import glmkit.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 on machines without CUDA)
-from glmkit import use_backend
-from glmkit.kernels.swiglu import swiglu_bwd, swiglu_fwd, swiglu_triton
-from glmkit.mlp import MLP, geglu_reference, swiglu, swiglu_path, swiglu_reference
-from glmkit.testing import assert_close, poisoned
+from glmkit import backend, use_backend
+from glmkit.kernels.swiglu import swiglu_bwd, swiglu_fwd
+from glmkit.layers import MLP
+from glmkit.ops.swiglu import swiglu, swiglu_reference
+from glmkit.testing import assert_close
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -35,32 +37,38 @@ def _ref_grad(gate_up, dy):
     return x.grad
 
 
-CASES = [((7,), 33, torch.float32), ((3,), 100, torch.float32), ((1,), 1, torch.float32),
-         ((2, 5), 64, torch.float32), ((4,), 300, torch.float32), ((7,), 33, torch.float16),
-         ((2, 3), 100, torch.float16)]
+CASES = [
+    ((7,), 33, torch.float32),
+    ((3,), 100, torch.float32),
+    ((1,), 1, torch.float32),
+    ((2, 5), 64, torch.float32),
+    ((4,), 300, torch.float32),
+    ((7,), 33, torch.float16),
+    ((2, 3), 100, torch.float16),
+]
 
 
 @pytest.mark.parametrize("lead,I,dtype", CASES)
-def test_forward_backward_match_reference(lead, I, dtype):
+def test_forward_backward_match_reference(lead, I, dtype, poison):
     gate_up, dy = _inputs(lead, I, dtype)
-    out = poisoned((*lead, I), dtype, gate_up.device)
-    y = swiglu_fwd(gate_up, out=out)
-    assert y.data_ptr() == out.data_ptr()
+    y = swiglu_fwd(gate_up)
+    assert y.shape == (*lead, I) and y.dtype == dtype
     assert_close(f"swiglu fwd {lead} I={I} {dtype}", swiglu_reference(gate_up), y)
-    dbuf = poisoned(gate_up.shape, dtype, gate_up.device)
-    d = swiglu_bwd(dy, gate_up, out=dbuf)
-    assert d.data_ptr() == dbuf.data_ptr()
+    d = swiglu_bwd(dy, gate_up)
+    assert d.shape == gate_up.shape and d.dtype == dtype
     assert_close(f"swiglu bwd {lead} I={I} {dtype}", _ref_grad(gate_up, dy), d)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_autograd_on_strided_view(dtype):
-    """gate_up as a column slice of a wider tensor (row stride 2I + 3), through autograd."""
+def test_autograd_on_strided_view(dtype, poison):
+    """gate_up as a column slice of a wider tensor (row stride 2I + 4), through autograd on the "triton" backend."""
     I = 45
     base, dy = _inputs((6,), I + 2, dtype, key="strided")
     leaf = base.detach().clone().requires_grad_()
     gate_up = leaf[:, : 2 * I]
-    y = swiglu_triton(gate_up)
+    with use_backend("triton"), backend.audit() as a:
+        y = swiglu(gate_up)
+    assert a.paths("swiglu") == {"triton"}
     dy = dy[:, :I].contiguous()
     y.backward(dy)
     assert_close("fwd", swiglu_reference(gate_up.detach()), y.detach())
@@ -76,61 +84,63 @@ def test_gate_is_first_half():
     assert_close("reference", F.silu(gate) * up, swiglu_reference(h))
     with use_backend("triton"):
         assert_close("kernel", F.silu(gate) * up, swiglu(h))
-    # GLM-130B's GeGLU puts the activation on the second half by default
-    assert_close("geglu", gate * F.gelu(up, approximate="tanh"), geglu_reference(h))
-    assert_close("geglu gate first", F.gelu(gate, approximate="tanh") * up, geglu_reference(h, gate_first=True))
+    hb = h.bfloat16()
+    assert swiglu_reference(hb).dtype == torch.bfloat16
+    assert_close("bf16 reference, fp32 inside", swiglu_reference(hb.float()), swiglu_reference(hb))
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu"])
-def test_mlp_module_both_backends(activation):
-    mlp = MLP(24, 40, activation, device=DEV)
+def test_mlp_module_both_backends():
+    """MLP = down(silu(gate(x)) · up(x)) with the fused gate_up_proj (gate rows first): same values and gradients
+    on both backends, and equal to the formula written with the two halves of the weight."""
+    mlp = MLP(24, 40).to(DEV)
     x = torch.randn(2, 5, 24, device=DEV)
+    gate_w, up_w = mlp.gate_up_proj.weight.detach().chunk(2, 0)
+    want = (F.silu(x @ gate_w.T) * (x @ up_w.T)) @ mlp.down_proj.weight.detach().T
     res = {}
     for name in ("torch", "triton"):
         mlp.zero_grad()
         xi = x.clone().requires_grad_()
-        with use_backend(name):
-            if activation == "swiglu":
-                assert swiglu_path(xi) == name
+        with use_backend(name), backend.audit() as a:
             y = mlp(xi)
+        assert a.paths("swiglu") == {name}
+        assert_close(f"mlp formula ({name})", want, y.detach())
         y.pow(2).sum().backward()
         res[name] = [y.detach(), xi.grad] + [p.grad.clone() for p in mlp.parameters()]
+    assert len(res["torch"]) == 4
     for a, b in zip(res["torch"], res["triton"]):
-        assert_close(f"mlp {activation}", a, b)
+        assert_close("mlp torch vs triton", a, b)
 
 
 def test_bad_inputs_are_named():
-    with pytest.raises(ValueError, match="even"):
-        swiglu_fwd(torch.randn(3, 7))
-    with pytest.raises(TypeError, match="gate_up"):
-        swiglu_fwd(torch.randn(3, 8).long())
-    with pytest.raises(ValueError, match="out must be"):
-        swiglu_fwd(torch.randn(3, 8), out=torch.empty(3, 8))
-    with pytest.raises(ValueError, match="dy"):
-        swiglu_bwd(torch.randn(3, 3), torch.randn(3, 8))
-    with pytest.raises(ValueError, match="gate_up"):
-        swiglu(torch.randn(3, 5))
-    with pytest.raises(ValueError, match="activation"):
-        MLP(8, 8, "relu")
+    for fn in (swiglu, swiglu_reference):
+        with pytest.raises(ValueError, match="even"):
+            fn(torch.randn(3, 7))
+        with pytest.raises(ValueError, match="gate_up"):
+            fn(torch.randn(3, 0))
+        with pytest.raises(TypeError, match="gate_up"):
+            fn(torch.randn(3, 8).long())
 
 
 # ---- native, on the H200 ----
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,I", [(4096, 13696), (1000, 10944), (257, 1536), (3, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gpu_forward_backward(rows, I, dtype):
+def test_gpu_forward_backward(rows, I, dtype, poison):
     gate_up, dy = _inputs((rows,), I, dtype, device="cuda")
-    y = swiglu_fwd(gate_up, out=poisoned((rows, I), dtype, "cuda"))
+    y = swiglu_fwd(gate_up)
     assert_close(f"fwd {rows}x{I} {dtype}", swiglu_reference(gate_up), y)
-    d = swiglu_bwd(dy, gate_up, out=poisoned((rows, 2 * I), dtype, "cuda"))
+    d = swiglu_bwd(dy, gate_up)
     assert_close(f"bwd {rows}x{I} {dtype}", _ref_grad(gate_up, dy), d)
 
 
 @pytest.mark.gpu
 def test_gpu_mlp_bf16_uses_kernel():
-    mlp = MLP(4096, 13696, device="cuda", dtype=torch.bfloat16)
+    mlp = MLP(4096, 13696).to("cuda", torch.bfloat16)
     x = torch.randn(2, 256, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert swiglu_path(x) == "triton"
-    mlp(x).float().square().mean().backward()
+    with backend.audit() as a:
+        y = mlp(x)
+    assert a.paths("swiglu") == {"triton"}
+    y.float().square().mean().backward()
     assert torch.isfinite(x.grad).all()
