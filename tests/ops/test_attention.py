@@ -282,18 +282,16 @@ def test_reference_checks_the_sep_range(sep):
 
 
 # (B, H, H_kv, T, D, dtype, sep mode): lengths that are not tile multiples, GQA, Part-A length 0 / 1 / T / random
+# (every backward case below runs the forward kernel too, with the lse)
 FWD_CASES = [
     (2, 2, 2, 1, 16, torch.float32, "random"),
     (2, 2, 2, 7, 32, torch.float32, "random"),
     (2, 2, 2, 33, 16, torch.float32, "zero"),
     (2, 2, 2, 33, 16, torch.float32, "one"),
     (2, 2, 2, 33, 16, torch.float32, "full"),
-    (3, 2, 2, 50, 32, torch.float32, "random"),
     (3, 4, 2, 50, 32, torch.float32, "random"),
     (2, 4, 1, 50, 16, torch.float32, "random"),
     (2, 2, 2, 64, 64, torch.float32, "half"),
-    (4, 2, 1, 45, 64, torch.float32, "random"),
-    (2, 4, 2, 50, 32, torch.float16, "random"),
     (2, 2, 2, 33, 64, torch.float16, "one"),
     (2, 4, 1, 47, 64, torch.float16, "random"),
     (5, 2, 1, 20, 32, torch.float32, "random"),
