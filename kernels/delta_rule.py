@@ -9,15 +9,17 @@ Forward, per chunk of BT tokens (64 on a GPU), each line one kernel:
 
     G  = in-chunk cumsum of g                              _cumsum_kernel     (fp32; per channel for KDA)
     A_kk, A_qk by sub-chunks (KDA only)                    _kda_intra_kernel
-    T = (I + A_kk)^{-1};  W = T·βK·exp(G), U = T·βV        _solve_kernel      (A_kk inline for a scalar gate)
+    T = (I + A_kk)^{-1};  W = T·βK·exp(G), U = T·βV        _solve_kernel      (A_kk inline for a scalar gate;
+                                                                              KDA: also K exp(G_last − G))
     for each chunk in order: hs[n] = H; V' = U − W H;      _state_fwd_kernel  (the only sequential pass,
         H ← exp(G_last) H + (K exp(G_last − G))ᵀ V'                            one program per (b, h, V-block))
     O = scale·(Q exp(G)) hs[n] + A_qk V'                   _output_kernel     (A_qk inline for a scalar gate)
 
 The UT transform inverts the unit lower-triangular (I + A) in two steps: the BC×BC diagonal blocks (BC = 16)
-by column elimination, all blocks at once in one BT×BT register tile (BC steps), then the off-diagonal
-blocks by the truncated Neumann series T = Σ_{m<NC} (−T_D L)^m T_D, where T_D is the block-diagonal
-inverse, L the strictly block-lower part of A and NC = BT/BC (T_D L is nilpotent of order NC).
+by column elimination, all NC = BT/BC blocks at once as one [NC, BC, BC] tile (BC steps, each a pair of
+reductions inside a block), then the off-diagonal blocks by the truncated Neumann series
+T = Σ_{m<NC} (−T_D L)^m T_D, where T_D is the block-diagonal inverse and L the strictly block-lower part of A
+(T_D L is nilpotent of order NC): NC matmuls instead of a 64-step substitution.
 
 KDA's A_kk, A_qk need Σ_c x_rc k_jc exp(G_rc − G_jc). A per-channel decay does not factor out of that sum, and
 exp(G_r) alone under- or overflows across a chunk. So the chunk is cut into sub-chunks of BC rows: a block
@@ -60,6 +62,10 @@ from glmkit.backend import require_kernel_device
 
 SUB_CHUNK = 16  # BC: rows per sub-chunk; the smallest tile tl.dot accepts
 
+# Addressing: every [B, T, H, D] tensor is contiguous, so token t of head h of sequence b sits at (b·T + t)·H + h
+# rows of D. Each program moves its pointers once to the first row of its chunk (an int64 scalar) and addresses
+# the chunk with small int32 offsets (row r at r·H·D): 64-bit offsets per element would cost a register pair each.
+
 
 @triton.jit
 def _cumsum_kernel(
@@ -68,12 +74,13 @@ def _cumsum_kernel(
     """In-chunk (reverse) cumulative sum over tokens of x [B, T, H, D] (D = 1 for a scalar gate), in fp32."""
     i_t, i_bh, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    rows = i_t * BT + tl.arange(0, BT)
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    r = tl.arange(0, BT)
     cd = i_d * BD + tl.arange(0, BD)
-    m = (rows < T)[:, None] & (cd < D)[None, :]
-    p = ((i_b * T + rows).to(tl.int64) * H + i_h)[:, None] * D + cd[None, :]
-    s = tl.cumsum(tl.load(x + p, mask=m, other=0.0).to(tl.float32), axis=0, reverse=REVERSE)
-    tl.store(y + p, s.to(y.dtype.element_ty), mask=m)
+    m = (i_t * BT + r < T)[:, None] & (cd < D)[None, :]
+    p = (r * H)[:, None] * D + cd[None, :]
+    s = tl.cumsum(tl.load(x + t0 * D + p, mask=m, other=0.0).to(tl.float32), axis=0, reverse=REVERSE)
+    tl.store(y + t0 * D + p, s.to(y.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -98,72 +105,75 @@ def _kda_intra_kernel(
     i_ts, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, i_s = i_ts // NC, i_ts % NC
     i_b, i_h = i_bh // H, i_bh % H
-    n0 = i_t * BT + i_s * BC
+    n0 = i_t * BT + i_s * BC  # the sub-chunk's first row
     if n0 >= T:
         return
-    rows = n0 + tl.arange(0, BC)
-    cols = i_t * BT + tl.arange(0, BT)
-    mr, mc = rows < T, cols < T
-    tr = (i_b * T + rows).to(tl.int64) * H + i_h
-    tc = (i_b * T + cols).to(tl.int64) * H + i_h
-    t_n = (i_b * T + n0).to(tl.int64) * H + i_h
-    before = cols < n0  # columns of earlier sub-chunks: the blocks below the diagonal
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    q, k, G, beta, aqk, akk = q + t0 * K, k + t0 * K, G + t0 * K, beta + t0, aqk + t0 * BT, akk + t0 * BT
+    c = tl.arange(0, BT)  # columns: every row of the chunk
+    rs = i_s * BC + tl.arange(0, BC)  # this sub-chunk's rows
+    mr, mc = i_t * BT + rs < T, i_t * BT + c < T
+    before = c < i_s * BC  # columns of earlier sub-chunks: the blocks left of the diagonal
     s_qk = tl.zeros([BC, BT], dtype=tl.float32)
     s_kk = tl.zeros([BC, BT], dtype=tl.float32)
     for i_k in range(0, K, BK):
         ck = i_k + tl.arange(0, BK)
         mk = ck < K
+        p_r = (rs * H)[:, None] * K + ck[None, :]
         m_r = mr[:, None] & mk[None, :]
-        q_r = tl.load(q + tr[:, None] * K + ck[None, :], mask=m_r, other=0.0).to(tl.float32)
-        k_r = tl.load(k + tr[:, None] * K + ck[None, :], mask=m_r, other=0.0).to(tl.float32)
-        g_r = tl.load(G + tr[:, None] * K + ck[None, :], mask=m_r, other=0.0)
-        g_n = tl.load(G + t_n * K + ck, mask=mk, other=0.0)  # G at the sub-chunk's first row
+        q_r = tl.load(q + p_r, mask=m_r, other=0.0).to(tl.float32)
+        k_r = tl.load(k + p_r, mask=m_r, other=0.0).to(tl.float32)
+        g_r = tl.load(G + p_r, mask=m_r, other=0.0)
+        g_n = tl.load(G + i_s * BC * H * K + ck, mask=mk, other=0.0)  # G at row n0
         e_r = tl.exp(tl.where(mr[:, None], g_r - g_n[None, :], 0.0))
-        m_c = mk[:, None] & mc[None, :]
-        k_ct = tl.load(k + tc[None, :] * K + ck[:, None], mask=m_c, other=0.0).to(tl.float32)  # [BK, BT]
-        g_ct = tl.load(G + tc[None, :] * K + ck[:, None], mask=m_c, other=0.0)
-        k_ct = k_ct * tl.exp(tl.where(before[None, :], g_n[:, None] - g_ct, float("-inf")))
-        s_qk += tl.dot(q_r * e_r, k_ct, input_precision=PREC)
-        s_kk += tl.dot(k_r * e_r, k_ct, input_precision=PREC)
-        for c in range(BC):  # the diagonal block, one column j at a time
-            j = n0 + c
-            k_j = tl.load(k + (t_n + c * H) * K + ck, mask=mk & (j < T), other=0.0).to(tl.float32)
-            g_j = tl.load(G + (t_n + c * H) * K + ck, mask=mk & (j < T), other=0.0)
-            incl = mr & (rows >= j)
+        p_t = ck[:, None] + (c * H)[None, :] * K  # [BK, BT]: the chunk's keys, transposed
+        m_t = mk[:, None] & mc[None, :]
+        k_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32)
+        k_t *= tl.exp(tl.where(before[None, :], g_n[:, None] - tl.load(G + p_t, mask=m_t, other=0.0), float("-inf")))
+        s_qk += tl.dot(q_r * e_r, k_t, input_precision=PREC)
+        s_kk += tl.dot(k_r * e_r, k_t, input_precision=PREC)
+        for j in range(BC):  # the diagonal block, one column at a time
+            m_j = mk & (n0 + j < T)
+            k_j = tl.load(k + (i_s * BC + j) * H * K + ck, mask=m_j, other=0.0).to(tl.float32)
+            g_j = tl.load(G + (i_s * BC + j) * H * K + ck, mask=m_j, other=0.0)
+            incl = mr & (rs >= i_s * BC + j)
             f = tl.exp(tl.where(incl[:, None], g_r - g_j[None, :], float("-inf"))) * k_j[None, :]
-            col = cols[None, :] == j
+            col = (c == i_s * BC + j)[None, :]
             s_qk += tl.where(col, tl.sum(q_r * f, 1)[:, None], 0.0)
-            s_kk += tl.where(col & (rows > j)[:, None], tl.sum(k_r * f, 1)[:, None], 0.0)
-    b_r = tl.load(beta + tr, mask=mr, other=0.0).to(tl.float32)
-    p = tr[:, None] * BT + tl.arange(0, BT)[None, :]
+            s_kk += tl.where(col & (rs > i_s * BC + j)[:, None], tl.sum(k_r * f, 1)[:, None], 0.0)
+    b_r = tl.load(beta + rs * H, mask=mr, other=0.0).to(tl.float32)
+    p = (rs * H)[:, None] * BT + c[None, :]
     tl.store(aqk + p, s_qk * scale, mask=mr[:, None])
     tl.store(akk + p, s_kk * b_r[:, None], mask=mr[:, None])
 
 
 @triton.jit
 def _invert_unit_lower(a, BT: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
-    """(I + a)^{-1} for a strictly lower [BT, BT] fp32 tile: diagonal BC-blocks by column elimination (every
-    block at once), the rest by the Neumann series of the block-lower part (see the module docstring)."""
-    r = tl.arange(0, BT)
-    blk = r // BC * BC  # first row of each row's sub-chunk
-    same = blk[:, None] == blk[None, :]
-    d = tl.where(same, a, 0.0)
-    t_d = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    """(I + a)^{-1} for a strictly lower [BT, BT] fp32 tile: the NC = BT/BC diagonal blocks by column elimination,
+    all at once as one [NC, BC, BC] tile (BC steps), the rest by the Neumann series of the block-lower part."""
+    NC: tl.constexpr = BT // BC
+    blk = tl.arange(0, NC)
+    diag = (blk[:, None] == blk[None, :])[:, None, :, None]  # [NC, 1, NC, 1]: row and column in one sub-chunk
+    d = tl.sum(tl.where(diag, tl.reshape(a, (NC, BC, NC, BC)), 0.0), axis=2)  # the diagonal blocks [NC, BC, BC]
+    x = tl.arange(0, BC)
+    t = tl.where(x[:, None] == x[None, :], 1.0, 0.0)[None, :, :] + tl.zeros([NC, BC, BC], dtype=tl.float32)
     for i in range(BC):
-        # T_D ← (I − l_j e_jᵀ) T_D for the column j = blk + i of every block: T_D[x, c] −= D[x, j] T_D[j, c]
-        step = blk + i
-        l_col = tl.sum(tl.where(r[None, :] == step[:, None], d, 0.0), axis=1)
-        t_row = tl.sum(tl.where(r[:, None] == step[None, :], t_d, 0.0), axis=0)
-        t_d -= tl.where(same, l_col[:, None] * t_row[None, :], 0.0)
-    n = tl.dot(t_d, a - d, input_precision=PREC)  # T_D L, strictly block-lower
-    t = t_d
-    for _ in tl.static_range(BT // BC - 1):
-        t = t_d - tl.dot(n, t, input_precision=PREC)
-    return t
+        # T ← (I − d_i e_iᵀ) T in every block: T[x, y] −= d[x, i] · T[i, y]
+        d_col = tl.sum(tl.where((x == i)[None, None, :], d, 0.0), axis=2)
+        t_row = tl.sum(tl.where((x == i)[None, :, None], t, 0.0), axis=1)
+        t -= d_col[:, :, None] * t_row[:, None, :]
+    t_d = tl.reshape(tl.where(diag, t[:, :, None, :], 0.0), (BT, BT))  # block-diagonal [BT, BT]
+    r = tl.arange(0, BT)
+    n = tl.dot(t_d, tl.where((r[:, None] // BC) == (r[None, :] // BC), 0.0, a), input_precision=PREC)
+    res = t_d
+    for _ in tl.static_range(NC - 1):  # Σ_{m<NC} (−N)^m T_D by Horner's rule, N = T_D L nilpotent
+        res = t_d - tl.dot(n, res, input_precision=PREC)
+    return res
 
 
 @triton.jit
 def _solve_kernel(
+    q,
     k,
     v,
     G,
@@ -172,6 +182,8 @@ def _solve_kernel(
     w,
     u,
     tm,
+    kg,
+    qg,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -184,45 +196,58 @@ def _solve_kernel(
     STORE_T: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """T = (I + A_kk)^{-1} of one chunk, then W = T·(βK ⊙ exp(G)) [B, T, H, K] and U = T·βV [B, T, H, V]."""
+    """T = (I + A_kk)^{-1} of one chunk, then W = T·(βK ⊙ exp(G)) [B, T, H, K] and U = T·βV [B, T, H, V]. For
+    KDA also the gated keys of the state update, kg = K ⊙ exp(G_last − G), and (with STORE_T, the backward's
+    recompute) qg = Q ⊙ exp(G): the sequential state kernels then need no per-channel exponentials."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    k, v, beta, w, u = k + t0 * K, v + t0 * V, beta + t0, w + t0 * K, u + t0 * V
     r = tl.arange(0, BT)
-    rows = i_t * BT + r
-    mr = rows < T
-    tr = (i_b * T + rows).to(tl.int64) * H + i_h
-    b_r = tl.load(beta + tr, mask=mr, other=0.0).to(tl.float32)
+    rh = r * H
+    mr = i_t * BT + r < T
+    b_r = tl.load(beta + rh, mask=mr, other=0.0).to(tl.float32)
     if PER_CHANNEL:
-        a = tl.load(akk + tr[:, None] * BT + r[None, :], mask=mr[:, None], other=0.0)
+        G += t0 * K
+        last = tl.minimum(BT, T - i_t * BT) - 1  # the chunk's last row
+        a = tl.load(akk + t0 * BT + rh[:, None] * BT + r[None, :], mask=mr[:, None], other=0.0)
     else:
-        g_r = tl.load(G + tr, mask=mr, other=0.0)
+        G += t0
+        g_r = tl.load(G + rh, mask=mr, other=0.0)
         a = tl.zeros([BT, BT], dtype=tl.float32)
         for i_k in range(0, K, BK):
             ck = i_k + tl.arange(0, BK)
-            k_r = tl.load(k + tr[:, None] * K + ck[None, :], mask=mr[:, None] & (ck < K)[None, :], other=0.0)
-            k_t = tl.load(k + tr[None, :] * K + ck[:, None], mask=(ck < K)[:, None] & mr[None, :], other=0.0)
+            k_r = tl.load(k + rh[:, None] * K + ck[None, :], mask=mr[:, None] & (ck < K)[None, :], other=0.0)
+            k_t = tl.load(k + ck[:, None] + rh[None, :] * K, mask=(ck < K)[:, None] & mr[None, :], other=0.0)
             a += tl.dot(k_r, k_t, input_precision=PREC)
         strict = (r[:, None] > r[None, :]) & mr[:, None]
         a = tl.where(strict, a * tl.exp(tl.where(strict, g_r[:, None] - g_r[None, :], 0.0)), 0.0) * b_r[:, None]
     t = _invert_unit_lower(a, BT, BC, PREC).to(w.dtype.element_ty)
     if STORE_T:
-        tl.store(tm + tr[:, None] * BT + r[None, :], t, mask=mr[:, None])
+        tl.store(tm + t0 * BT + rh[:, None] * BT + r[None, :], t, mask=mr[:, None])
     for i_k in range(0, K, BK):
         ck = i_k + tl.arange(0, BK)
+        p = rh[:, None] * K + ck[None, :]
         m = mr[:, None] & (ck < K)[None, :]
-        k_r = tl.load(k + tr[:, None] * K + ck[None, :], mask=m, other=0.0).to(tl.float32)
+        k_r = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
         if PER_CHANNEL:
-            k_r = k_r * tl.exp(tl.load(G + tr[:, None] * K + ck[None, :], mask=m, other=0.0)) * b_r[:, None]
+            g_r = tl.load(G + p, mask=m, other=0.0)
+            g_last = tl.load(G + last * H * K + ck, mask=ck < K, other=0.0)
+            k_g = k_r * tl.exp(tl.where(mr[:, None], g_last[None, :] - g_r, float("-inf")))
+            tl.store(kg + t0 * K + p, k_g.to(t.dtype), mask=m)
+            if STORE_T:
+                q_r = tl.load(q + t0 * K + p, mask=m, other=0.0).to(tl.float32)
+                tl.store(qg + t0 * K + p, (q_r * tl.exp(g_r)).to(t.dtype), mask=m)
+            k_r = k_r * tl.exp(g_r) * b_r[:, None]
         else:
             k_r = k_r * (b_r * tl.exp(g_r))[:, None]
-        w_r = tl.dot(t, k_r.to(w.dtype.element_ty), input_precision=PREC)
-        tl.store(w + tr[:, None] * K + ck[None, :], w_r.to(w.dtype.element_ty), mask=m)
+        tl.store(w + p, tl.dot(t, k_r.to(t.dtype), input_precision=PREC).to(t.dtype), mask=m)
     for i_v in range(0, V, BV):
         cv = i_v + tl.arange(0, BV)
+        p = rh[:, None] * V + cv[None, :]
         m = mr[:, None] & (cv < V)[None, :]
-        v_r = tl.load(v + tr[:, None] * V + cv[None, :], mask=m, other=0.0).to(tl.float32) * b_r[:, None]
-        u_r = tl.dot(t, v_r.to(u.dtype.element_ty), input_precision=PREC)
-        tl.store(u + tr[:, None] * V + cv[None, :], u_r.to(u.dtype.element_ty), mask=m)
+        v_r = tl.load(v + p, mask=m, other=0.0).to(tl.float32) * b_r[:, None]
+        tl.store(u + p, tl.dot(t, v_r.to(t.dtype), input_precision=PREC).to(t.dtype), mask=m)
 
 
 @triton.jit
@@ -237,50 +262,53 @@ def _state_fwd_kernel(
     ht,
     T,
     NT,
+    BH,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BK: tl.constexpr,
+    KP: tl.constexpr,
     BV: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The sequential pass over chunks for one (b, h, V-block), the [K, BV] state in registers (BK ≥ K):
-    stores the state entering each chunk (hs [B, NT, H, K, V]) and V' = U − W H (vn [B, T, H, V])."""
+    """The sequential pass over chunks for one (b, h, V-block), the [K, BV] state in registers (KP ≥ K):
+    stores the state entering each chunk (hs [B, NT, H, K, V]) and V' = U − W H (vn [B, T, H, V]). For KDA, k is
+    the gated kg of _solve_kernel.
+    BH = B·H is only an autotune key (the grid has B·H·V/BV programs)."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = w.dtype.element_ty
-    ck = tl.arange(0, BK)
+    ck = tl.arange(0, KP)
     cv = i_v * BV + tl.arange(0, BV)
     mk, mv = ck < K, cv < V
     m_kv = mk[:, None] & mv[None, :]
     p_kv = ck[:, None] * V + cv[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
+    r = tl.arange(0, BT)
+    rh = r * H
+    state = tl.zeros([KP, BV], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(h0 + i_bh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
     for n in range(NT):
-        rows = n * BT + tl.arange(0, BT)
-        mr = rows < T
-        tr = (i_b * T + rows).to(tl.int64) * H + i_h
+        t0 = (i_b * T + n * BT).to(tl.int64) * H + i_h
+        mr = n * BT + r < T
+        last = tl.minimum(BT, T - n * BT) - 1  # the chunk's last row
         tl.store(hs + ((i_b * NT + n).to(tl.int64) * H + i_h) * K * V + p_kv, state.to(DT), mask=m_kv)
-        w_r = tl.load(w + tr[:, None] * K + ck[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        w_r = tl.load(w + t0 * K + rh[:, None] * K + ck[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        p_v = t0 * V + rh[:, None] * V + cv[None, :]
         m_v = mr[:, None] & mv[None, :]
-        v_new = tl.load(u + tr[:, None] * V + cv[None, :], mask=m_v, other=0.0).to(tl.float32)
+        v_new = tl.load(u + p_v, mask=m_v, other=0.0).to(tl.float32)
         v_new -= tl.dot(w_r, state.to(DT), input_precision=PREC)
-        tl.store(vn + tr[:, None] * V + cv[None, :], v_new.to(DT), mask=m_v)
-        t_last = (i_b * T + tl.minimum(n * BT + BT, T) - 1).to(tl.int64) * H + i_h
-        k_t = tl.load(k + tr[None, :] * K + ck[:, None], mask=mk[:, None] & mr[None, :], other=0.0)  # [BK, BT]
-        if PER_CHANNEL:
-            g_last = tl.load(G + t_last * K + ck, mask=mk, other=0.0)
-            g_t = tl.load(G + tr[None, :] * K + ck[:, None], mask=mk[:, None] & mr[None, :], other=0.0)
-            k_t = (k_t * tl.exp(tl.where(mr[None, :], g_last[:, None] - g_t, float("-inf")))).to(DT)
-            state = state * tl.exp(g_last)[:, None]
+        tl.store(vn + p_v, v_new.to(DT), mask=m_v)
+        m_t = mk[:, None] & mr[None, :]
+        k_t = tl.load(k + t0 * K + ck[:, None] + rh[None, :] * K, mask=m_t, other=0.0)  # [KP, BT]
+        if PER_CHANNEL:  # k holds K ⊙ exp(G_last − G) (from _solve_kernel)
+            state = state * tl.exp(tl.load(G + t0 * K + last * H * K + ck, mask=mk, other=0.0))[:, None]
         else:
-            g_last = tl.load(G + t_last)
-            g_r = tl.load(G + tr, mask=mr, other=0.0)
+            g_last = tl.load(G + t0 + last * H)
+            g_r = tl.load(G + t0 + rh, mask=mr, other=0.0)
             v_new = v_new * tl.exp(tl.where(mr, g_last - g_r, float("-inf")))[:, None]
             state = state * tl.exp(g_last)
         state = tl.dot(k_t, v_new.to(DT), state, input_precision=PREC)
@@ -313,37 +341,42 @@ def _output_kernel(
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     DT = vn.dtype.element_ty
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    q, k, vn, o = q + t0 * K, k + t0 * K, vn + t0 * V, o + t0 * V
+    hs += ((i_b * NT + i_t).to(tl.int64) * H + i_h) * K * V
     r = tl.arange(0, BT)
-    rows = i_t * BT + r
-    mr = rows < T
-    tr = (i_b * T + rows).to(tl.int64) * H + i_h
+    rh = r * H
+    mr = i_t * BT + r < T
     cv = i_v * BV + tl.arange(0, BV)
     mv = cv < V
-    h_base = hs + ((i_b * NT + i_t).to(tl.int64) * H + i_h) * K * V
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     s = tl.zeros([BT, BT], dtype=tl.float32)
-    if not PER_CHANNEL:
-        g_r = tl.load(G + tr, mask=mr, other=0.0)
+    if PER_CHANNEL:
+        G += t0 * K
+    else:
+        g_r = tl.load(G + t0 + rh, mask=mr, other=0.0)
     for i_k in range(0, K, BK):
         ck = i_k + tl.arange(0, BK)
+        p = rh[:, None] * K + ck[None, :]
         m = mr[:, None] & (ck < K)[None, :]
-        q_r = tl.load(q + tr[:, None] * K + ck[None, :], mask=m, other=0.0)
-        h = tl.load(h_base + ck[:, None] * V + cv[None, :], mask=(ck < K)[:, None] & mv[None, :], other=0.0)
+        q_r = tl.load(q + p, mask=m, other=0.0)
+        h = tl.load(hs + ck[:, None] * V + cv[None, :], mask=(ck < K)[:, None] & mv[None, :], other=0.0)
         if PER_CHANNEL:
-            q_g = q_r * tl.exp(tl.load(G + tr[:, None] * K + ck[None, :], mask=m, other=0.0))
+            q_g = q_r * tl.exp(tl.load(G + p, mask=m, other=0.0))
         else:
             q_g = q_r * tl.exp(g_r)[:, None]
-            k_t = tl.load(k + tr[None, :] * K + ck[:, None], mask=(ck < K)[:, None] & mr[None, :], other=0.0)
+            k_t = tl.load(k + ck[:, None] + rh[None, :] * K, mask=(ck < K)[:, None] & mr[None, :], other=0.0)
             s += tl.dot(q_r, k_t, input_precision=PREC)
         acc += tl.dot(q_g.to(DT), h, input_precision=PREC)
     if PER_CHANNEL:
-        s = tl.load(aqk + tr[:, None] * BT + r[None, :], mask=mr[:, None], other=0.0)
+        s = tl.load(aqk + t0 * BT + rh[:, None] * BT + r[None, :], mask=mr[:, None], other=0.0)
     else:
         incl = (r[:, None] >= r[None, :]) & mr[:, None]
         s = tl.where(incl, s * tl.exp(tl.where(incl, g_r[:, None] - g_r[None, :], 0.0)), 0.0) * scale
-    v_new = tl.load(vn + tr[:, None] * V + cv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
-    acc = acc * scale + tl.dot(s.to(DT), v_new, input_precision=PREC)
-    tl.store(o + tr[:, None] * V + cv[None, :], acc.to(o.dtype.element_ty), mask=mr[:, None] & mv[None, :])
+    p_v = rh[:, None] * V + cv[None, :]
+    m_v = mr[:, None] & mv[None, :]
+    acc = acc * scale + tl.dot(s.to(DT), tl.load(vn + p_v, mask=m_v, other=0.0), input_precision=PREC)
+    tl.store(o + p_v, acc.to(o.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -371,19 +404,20 @@ def _dv_local_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = vn.dtype.element_ty
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    vn, do, dvl = vn + t0 * V, do + t0 * V, dvl + t0 * V
     r = tl.arange(0, BT)
-    rows = i_t * BT + r
-    mr = rows < T
-    tr = (i_b * T + rows).to(tl.int64) * H + i_h
+    rh = r * H
+    mr = i_t * BT + r < T
     if PER_CHANNEL:  # A_qkᵀ, loaded transposed: s_t[j, r] = A_qk[r, j]
-        s_t = tl.load(aqk + tr[None, :] * BT + r[:, None], mask=mr[None, :], other=0.0)
+        s_t = tl.load(aqk + t0 * BT + r[:, None] + rh[None, :] * BT, mask=mr[None, :], other=0.0)
     else:  # A_qkᵀ computed transposed, as K Qᵀ
-        g_r = tl.load(G + tr, mask=mr, other=0.0)
+        g_r = tl.load(G + t0 + rh, mask=mr, other=0.0)
         s_t = tl.zeros([BT, BT], dtype=tl.float32)
         for i_k in range(0, K, BK):
             ck = i_k + tl.arange(0, BK)
-            k_r = tl.load(k + tr[:, None] * K + ck[None, :], mask=mr[:, None] & (ck < K)[None, :], other=0.0)
-            q_t = tl.load(q + tr[None, :] * K + ck[:, None], mask=(ck < K)[:, None] & mr[None, :], other=0.0)
+            k_r = tl.load(k + t0 * K + rh[:, None] * K + ck[None, :], mask=mr[:, None] & (ck < K)[None, :], other=0.0)
+            q_t = tl.load(q + t0 * K + ck[:, None] + rh[None, :] * K, mask=(ck < K)[:, None] & mr[None, :], other=0.0)
             s_t += tl.dot(k_r, q_t, input_precision=PREC)
         upper = (r[:, None] <= r[None, :]) & mr[None, :]
         s_t = tl.where(upper, s_t * tl.exp(tl.where(upper, g_r[None, :] - g_r[:, None], 0.0)), 0.0) * scale
@@ -391,13 +425,14 @@ def _dv_local_kernel(
     d_s = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(0, V, BV):
         cv = i_v + tl.arange(0, BV)
+        p = rh[:, None] * V + cv[None, :]
         m = mr[:, None] & (cv < V)[None, :]
-        do_r = tl.load(do + tr[:, None] * V + cv[None, :], mask=m, other=0.0)
-        v_t = tl.load(vn + tr[None, :] * V + cv[:, None], mask=(cv < V)[:, None] & mr[None, :], other=0.0)
+        do_r = tl.load(do + p, mask=m, other=0.0)
+        v_t = tl.load(vn + cv[:, None] + rh[None, :] * V, mask=(cv < V)[:, None] & mr[None, :], other=0.0)
         d_s += tl.dot(do_r, v_t, input_precision=PREC)
-        tl.store(dvl + tr[:, None] * V + cv[None, :], tl.dot(s_t, do_r, input_precision=PREC), mask=m)
+        tl.store(dvl + p, tl.dot(s_t, do_r, input_precision=PREC), mask=m)
     d_s = tl.where((r[:, None] >= r[None, :]) & mr[:, None], d_s, 0.0)
-    tl.store(daqk + tr[:, None] * BT + r[None, :], d_s, mask=mr[:, None])
+    tl.store(daqk + t0 * BT + rh[:, None] * BT + r[None, :], d_s, mask=mr[:, None])
 
 
 @triton.jit
@@ -415,11 +450,12 @@ def _state_bwd_kernel(
     scale,
     T,
     NT,
+    BH,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BK: tl.constexpr,
+    KP: tl.constexpr,
     BV: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_DHT: tl.constexpr,
@@ -427,48 +463,49 @@ def _state_bwd_kernel(
     PREC: tl.constexpr,
 ):
     """The reverse pass over chunks: dhs[n] = dL/dH after chunk n ([B, NT, H, K, V]), dV' = dV'_local +
-    K exp(G_last − G) dhs[n] ([B, T, H, V] fp32), and dL/d(initial state) at the end."""
+    K exp(G_last − G) dhs[n] ([B, T, H, V] fp32), and dL/d(initial state) at the end. BH as _state_fwd_kernel;
+    for KDA, q and k are the gated qg, kg of _solve_kernel."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = w.dtype.element_ty
-    ck = tl.arange(0, BK)
+    ck = tl.arange(0, KP)
     cv = i_v * BV + tl.arange(0, BV)
     mk, mv = ck < K, cv < V
     m_kv = mk[:, None] & mv[None, :]
     p_kv = ck[:, None] * V + cv[None, :]
-    dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    r = tl.arange(0, BT)
+    rh = r * H
+    dstate = tl.zeros([KP, BV], dtype=tl.float32)
     if HAS_DHT:
         dstate += tl.load(dht + i_bh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
     for i in range(NT):
         n = NT - 1 - i
-        rows = n * BT + tl.arange(0, BT)
-        mr = rows < T
-        tr = (i_b * T + rows).to(tl.int64) * H + i_h
+        t0 = (i_b * T + n * BT).to(tl.int64) * H + i_h
+        mr = n * BT + r < T
+        last = tl.minimum(BT, T - n * BT) - 1
         tl.store(dhs + ((i_b * NT + n).to(tl.int64) * H + i_h) * K * V + p_kv, dstate.to(DT), mask=m_kv)
-        t_last = (i_b * T + tl.minimum(n * BT + BT, T) - 1).to(tl.int64) * H + i_h
-        m_rk = mr[:, None] & mk[None, :]
-        k_r = tl.load(k + tr[:, None] * K + ck[None, :], mask=m_rk, other=0.0)
-        q_t = tl.load(q + tr[None, :] * K + ck[:, None], mask=mk[:, None] & mr[None, :], other=0.0).to(tl.float32)
-        if PER_CHANNEL:
-            g_last = tl.load(G + t_last * K + ck, mask=mk, other=0.0)
-            g_r = tl.load(G + tr[:, None] * K + ck[None, :], mask=m_rk, other=0.0)
-            k_r = (k_r * tl.exp(tl.where(mr[:, None], g_last[None, :] - g_r, float("-inf")))).to(DT)
+        p_r = t0 * K + rh[:, None] * K + ck[None, :]
+        p_t = t0 * K + ck[:, None] + rh[None, :] * K
+        m_r, m_t = mr[:, None] & mk[None, :], mk[:, None] & mr[None, :]
+        k_r = tl.load(k + p_r, mask=m_r, other=0.0)
+        q_t = tl.load(q + p_t, mask=m_t, other=0.0)
+        if PER_CHANNEL:  # q, k hold Q ⊙ exp(G) and K ⊙ exp(G_last − G) (from _solve_kernel)
             d_v = tl.dot(k_r, dstate.to(DT), input_precision=PREC)
-            q_t = q_t * tl.exp(tl.load(G + tr[None, :] * K + ck[:, None], mask=mk[:, None] & mr[None, :], other=0.0))
-            decay = tl.exp(g_last)[:, None]
+            decay = tl.exp(tl.load(G + t0 * K + last * H * K + ck, mask=mk, other=0.0))[:, None]
         else:
-            g_last = tl.load(G + t_last)
-            g_r = tl.load(G + tr, mask=mr, other=0.0)
+            g_last = tl.load(G + t0 + last * H)
+            g_r = tl.load(G + t0 + rh, mask=mr, other=0.0)
             d_v = tl.dot(k_r, dstate.to(DT), input_precision=PREC)
             d_v = d_v * tl.exp(tl.where(mr, g_last - g_r, float("-inf")))[:, None]
-            q_t = q_t * tl.exp(g_r)[None, :]
+            q_t = (q_t.to(tl.float32) * tl.exp(g_r)[None, :]).to(DT)
             decay = tl.exp(g_last)
+        p_v = t0 * V + rh[:, None] * V + cv[None, :]
         m_v = mr[:, None] & mv[None, :]
-        d_v += tl.load(dvl + tr[:, None] * V + cv[None, :], mask=m_v, other=0.0)
-        tl.store(dvn + tr[:, None] * V + cv[None, :], d_v, mask=m_v)
-        do_r = tl.load(do + tr[:, None] * V + cv[None, :], mask=m_v, other=0.0)
-        w_t = tl.load(w + tr[None, :] * K + ck[:, None], mask=mk[:, None] & mr[None, :], other=0.0)
-        dstate = dstate * decay + scale * tl.dot(q_t.to(DT), do_r, input_precision=PREC)
+        d_v += tl.load(dvl + p_v, mask=m_v, other=0.0)
+        tl.store(dvn + p_v, d_v, mask=m_v)
+        do_r = tl.load(do + p_v, mask=m_v, other=0.0)
+        w_t = tl.load(w + p_t, mask=m_t, other=0.0)
+        dstate = dstate * decay + scale * tl.dot(q_t, do_r, input_precision=PREC)
         dstate -= tl.dot(w_t, d_v.to(DT), input_precision=PREC)
     if STORE_DH0:
         tl.store(dh0 + i_bh.to(tl.int64) * K * V + p_kv, dstate, mask=m_kv)
@@ -510,34 +547,43 @@ def _grad_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     DT = vn.dtype.element_ty
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    q, k, dq_p, dk_p = q + t0 * K, k + t0 * K, dq_p + t0 * K, dk_p + t0 * K
+    v, vn, dvn, do, dv = v + t0 * V, vn + t0 * V, dvn + t0 * V, do + t0 * V, dv + t0 * V
+    beta, db_p, tm, dakk = beta + t0, db_p + t0, tm + t0 * BT, dakk + t0 * BT
+    h_off = ((i_b * NT + i_t).to(tl.int64) * H + i_h) * K * V
+    hs, dhs = hs + h_off, dhs + h_off
     r = tl.arange(0, BT)
-    rows = i_t * BT + r
-    mr = rows < T
-    tr = (i_b * T + rows).to(tl.int64) * H + i_h
-    t_last = (i_b * T + tl.minimum(i_t * BT + BT, T) - 1).to(tl.int64) * H + i_h
-    is_last = rows == tl.minimum(i_t * BT + BT, T) - 1
-    h_base = ((i_b * NT + i_t).to(tl.int64) * H + i_h) * K * V
-    b_r = tl.load(beta + tr, mask=mr, other=0.0).to(tl.float32)
-    t_t = tl.load(tm + tr[None, :] * BT + r[:, None], mask=mr[None, :], other=0.0)  # Tᵀ
+    rh = r * H
+    mr = i_t * BT + r < T
+    last = tl.minimum(BT, T - i_t * BT) - 1
+    b_r = tl.load(beta + rh, mask=mr, other=0.0).to(tl.float32)
+    t_t = tl.load(tm + r[:, None] + rh[None, :] * BT, mask=mr[None, :], other=0.0)  # Tᵀ
     # V side: U = T βV  →  dv = β Tᵀ dV', dβ += Σ_v v Tᵀ dV', dT += dV' (βV)ᵀ
     d_t = tl.zeros([BT, BT], dtype=tl.float32)
     d_b = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(0, V, BV):
         cv = i_v + tl.arange(0, BV)
+        p = rh[:, None] * V + cv[None, :]
         m = mr[:, None] & (cv < V)[None, :]
-        dvn_r = tl.load(dvn + tr[:, None] * V + cv[None, :], mask=m, other=0.0).to(DT)
-        v_r = tl.load(v + tr[:, None] * V + cv[None, :], mask=m, other=0.0).to(tl.float32)
-        v_t = tl.load(v + tr[None, :] * V + cv[:, None], mask=(cv < V)[:, None] & mr[None, :], other=0.0)
+        dvn_r = tl.load(dvn + p, mask=m, other=0.0).to(DT)
+        v_r = tl.load(v + p, mask=m, other=0.0).to(tl.float32)
+        v_t = tl.load(v + cv[:, None] + rh[None, :] * V, mask=(cv < V)[:, None] & mr[None, :], other=0.0)
         d_t += tl.dot(dvn_r, (v_t.to(tl.float32) * b_r[None, :]).to(DT), input_precision=PREC)
         tdv = tl.dot(t_t, dvn_r, input_precision=PREC)
-        tl.store(dv + tr[:, None] * V + cv[None, :], (tdv * b_r[:, None]).to(dv.dtype.element_ty), mask=m)
+        tl.store(dv + p, (tdv * b_r[:, None]).to(dv.dtype.element_ty), mask=m)
         d_b += tl.sum(v_r * tdv, 1)
     # K side, one K-block at a time
     d_g_row = tl.zeros([BT], dtype=tl.float32)  # scalar gate: dG summed over the channels
-    if not PER_CHANNEL:
-        g_v = tl.load(G + tr, mask=mr, other=0.0)
+    if PER_CHANNEL:
+        G += t0 * K
+        dg_p += t0 * K
+    else:
+        G += t0
+        dg_p += t0
+        g_v = tl.load(G + rh, mask=mr, other=0.0)
         g_r = g_v[:, None]
-        g_last = tl.load(G + t_last)
+        g_last = tl.load(G + last * H)
         g_l = g_last
     for i_k in range(0, K, BK):
         ck = i_k + tl.arange(0, BK)
@@ -549,27 +595,28 @@ def _grad_kernel(
         for i_v in range(0, V, BV):
             cv = i_v + tl.arange(0, BV)
             mv = cv < V
+            p = rh[:, None] * V + cv[None, :]
             m = mr[:, None] & mv[None, :]
-            m_vk = mv[:, None] & mk[None, :]
-            h_t = tl.load(hs + h_base + ck[None, :] * V + cv[:, None], mask=m_vk, other=0.0)  # [BV, BK]
-            dh_t = tl.load(dhs + h_base + ck[None, :] * V + cv[:, None], mask=m_vk, other=0.0)
-            do_r = tl.load(do + tr[:, None] * V + cv[None, :], mask=m, other=0.0)
-            dvn_r = tl.load(dvn + tr[:, None] * V + cv[None, :], mask=m, other=0.0).to(DT)
-            vn_r = tl.load(vn + tr[:, None] * V + cv[None, :], mask=m, other=0.0)
-            d_q += tl.dot(do_r, h_t, input_precision=PREC)
-            d_w -= tl.dot(dvn_r, h_t, input_precision=PREC)
-            d_kd += tl.dot(vn_r, dh_t, input_precision=PREC)
+            p_h = ck[None, :] * V + cv[:, None]  # [BV, BK]: the states, transposed
+            m_h = mv[:, None] & mk[None, :]
+            h_t = tl.load(hs + p_h, mask=m_h, other=0.0)
+            dh_t = tl.load(dhs + p_h, mask=m_h, other=0.0)
+            d_q += tl.dot(tl.load(do + p, mask=m, other=0.0), h_t, input_precision=PREC)
+            d_w -= tl.dot(tl.load(dvn + p, mask=m, other=0.0).to(DT), h_t, input_precision=PREC)
+            d_kd += tl.dot(tl.load(vn + p, mask=m, other=0.0), dh_t, input_precision=PREC)
             d_gl += tl.sum(h_t.to(tl.float32) * dh_t.to(tl.float32), 0)
+        p = rh[:, None] * K + ck[None, :]
         m = mr[:, None] & mk[None, :]
-        q_r = tl.load(q + tr[:, None] * K + ck[None, :], mask=m, other=0.0).to(tl.float32)
-        k_r = tl.load(k + tr[:, None] * K + ck[None, :], mask=m, other=0.0).to(tl.float32)
+        p_t = ck[:, None] + rh[None, :] * K
         m_t = mk[:, None] & mr[None, :]
-        k_t = tl.load(k + tr[None, :] * K + ck[:, None], mask=m_t, other=0.0).to(tl.float32)  # Kᵀ
+        q_r = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
+        k_r = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
+        k_t = tl.load(k + p_t, mask=m_t, other=0.0).to(tl.float32)  # Kᵀ
         if PER_CHANNEL:
-            g_r = tl.load(G + tr[:, None] * K + ck[None, :], mask=m, other=0.0)
-            g_last = tl.load(G + t_last * K + ck, mask=mk, other=0.0)
+            g_r = tl.load(G + p, mask=m, other=0.0)
+            g_last = tl.load(G + last * H * K + ck, mask=mk, other=0.0)
             g_l = g_last[None, :]
-            k_bg_t = k_t * b_r[None, :] * tl.exp(tl.load(G + tr[None, :] * K + ck[:, None], mask=m_t, other=0.0))
+            k_bg_t = k_t * b_r[None, :] * tl.exp(tl.load(G + p_t, mask=m_t, other=0.0))
         else:
             k_bg_t = k_t * (b_r * tl.exp(g_v))[None, :]
         gam = tl.exp(g_r)
@@ -581,24 +628,24 @@ def _grad_kernel(
         d_gl = tl.sum(kde, 0) + d_gl * tl.exp(g_last)  # dL/dG_last: the state's decay and K exp(G_last − G)
         k_bg = k_r * b_r[:, None] * gam
         d_t += tl.dot(d_w, k_bg_t, input_precision=PREC)
-        d_kbg = tl.dot(t_t.to(tl.float32), d_w, input_precision=PREC)
+        d_kbg = tl.dot(t_t, d_w.to(DT), input_precision=PREC)
         d_k += d_kbg * b_r[:, None] * gam
         d_b += tl.sum(d_kbg * k_r * gam, 1)
-        d_g += d_kbg * k_bg + tl.where(is_last[:, None], d_gl[None, :], 0.0)
-        tl.store(dq_p + tr[:, None] * K + ck[None, :], d_q, mask=m)
-        tl.store(dk_p + tr[:, None] * K + ck[None, :], d_k, mask=m)
+        d_g += d_kbg * k_bg + tl.where((r == last)[:, None], d_gl[None, :], 0.0)
+        tl.store(dq_p + p, d_q, mask=m)
+        tl.store(dk_p + p, d_k, mask=m)
         if PER_CHANNEL:
-            tl.store(dg_p + tr[:, None] * K + ck[None, :], d_g, mask=m)
+            tl.store(dg_p + p, d_g, mask=m)
         else:
             d_g_row += tl.sum(d_g, 1)
-    tl.store(db_p + tr, d_b, mask=mr)
+    tl.store(db_p + rh, d_b, mask=mr)
     if not PER_CHANNEL:
-        tl.store(dg_p + tr, d_g_row, mask=mr)
+        tl.store(dg_p + rh, d_g_row, mask=mr)
     # T = (I + A_kk)^{-1}  →  dA_kk = −Tᵀ dT Tᵀ, strictly lower
     t_t = t_t.to(tl.float32)
     d_a = -tl.dot(tl.dot(t_t, d_t, input_precision=PREC), t_t, input_precision=PREC)
     d_a = tl.where((r[:, None] > r[None, :]) & mr[:, None], d_a, 0.0)
-    tl.store(dakk + tr[:, None] * BT + r[None, :], d_a, mask=mr[:, None])
+    tl.store(dakk + rh[:, None] * BT + r[None, :], d_a, mask=mr[:, None])
 
 
 @triton.jit
@@ -629,18 +676,29 @@ def _intra_bwd_kernel(
     adds to the partial dq, dk, dβ, dG and writes the totals (dG still per position, before the cumsum)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    q, k, dq_p, dk_p, dq, dk = q + t0 * K, k + t0 * K, dq_p + t0 * K, dk_p + t0 * K, dq + t0 * K, dk + t0 * K
+    G, beta, db_p, dg_p, db, dg, dakk, daqk = (
+        G + t0,
+        beta + t0,
+        db_p + t0,
+        dg_p + t0,
+        db + t0,
+        dg + t0,
+        dakk + t0 * BT,
+        daqk + t0 * BT,
+    )
     r = tl.arange(0, BT)
-    rows = i_t * BT + r
-    mr = rows < T
-    tr = (i_b * T + rows).to(tl.int64) * H + i_h
-    g_r = tl.load(G + tr, mask=mr, other=0.0)
-    b_r = tl.load(beta + tr, mask=mr, other=0.0).to(tl.float32)
+    rh = r * H
+    mr = i_t * BT + r < T
+    g_r = tl.load(G + rh, mask=mr, other=0.0)
+    b_r = tl.load(beta + rh, mask=mr, other=0.0).to(tl.float32)
     incl = (r[:, None] >= r[None, :]) & mr[:, None]
     gam = tl.where(incl, tl.exp(tl.where(incl, g_r[:, None] - g_r[None, :], 0.0)), 0.0)
     incl_t = (r[:, None] <= r[None, :]) & mr[None, :]
     gam_t = tl.where(incl_t, tl.exp(tl.where(incl_t, g_r[None, :] - g_r[:, None], 0.0)), 0.0)  # Γᵀ
-    p_a = tr[:, None] * BT + r[None, :]
-    p_at = tr[None, :] * BT + r[:, None]
+    p_a = rh[:, None] * BT + r[None, :]
+    p_at = r[:, None] + rh[None, :] * BT
     m_kk = tl.load(dakk + p_a, mask=mr[:, None], other=0.0) * gam  # dA_kk ⊙ Γ (dA_kk is 0 for j ≥ r)
     n_qk = tl.load(daqk + p_a, mask=mr[:, None], other=0.0) * gam * scale
     m_kk_t = tl.load(dakk + p_at, mask=mr[None, :], other=0.0) * gam_t * b_r[None, :]  # the same, transposed
@@ -650,9 +708,9 @@ def _intra_bwd_kernel(
     for i_k in range(0, K, BK):
         ck = i_k + tl.arange(0, BK)
         m = mr[:, None] & (ck < K)[None, :]
-        k_r = tl.load(k + tr[:, None] * K + ck[None, :], mask=m, other=0.0)
-        q_r = tl.load(q + tr[:, None] * K + ck[None, :], mask=m, other=0.0)
-        k_t = tl.load(k + tr[None, :] * K + ck[:, None], mask=(ck < K)[:, None] & mr[None, :], other=0.0)
+        k_r = tl.load(k + rh[:, None] * K + ck[None, :], mask=m, other=0.0)
+        q_r = tl.load(q + rh[:, None] * K + ck[None, :], mask=m, other=0.0)
+        k_t = tl.load(k + ck[:, None] + rh[None, :] * K, mask=(ck < K)[:, None] & mr[None, :], other=0.0)
         kk += tl.dot(k_r, k_t, input_precision=PREC)
         qk += tl.dot(q_r, k_t, input_precision=PREC)
     d_b = tl.sum(m_kk * kk, 1)
@@ -662,7 +720,7 @@ def _intra_bwd_kernel(
     for i_k in range(0, K, BK):
         ck = i_k + tl.arange(0, BK)
         m = mr[:, None] & (ck < K)[None, :]
-        p = tr[:, None] * K + ck[None, :]
+        p = rh[:, None] * K + ck[None, :]
         k_r = tl.load(k + p, mask=m, other=0.0).to(tl.float32)
         q_r = tl.load(q + p, mask=m, other=0.0).to(tl.float32)
         d_q = tl.load(dq_p + p, mask=m, other=0.0) + tl.dot(n_qk, k_r, input_precision=PREC)
@@ -670,8 +728,8 @@ def _intra_bwd_kernel(
         d_k += tl.dot(m_kk_t, k_r, input_precision=PREC) + tl.dot(n_qk_t, q_r, input_precision=PREC)
         tl.store(dq + p, d_q.to(dq.dtype.element_ty), mask=m)
         tl.store(dk + p, d_k.to(dk.dtype.element_ty), mask=m)
-    tl.store(db + tr, (tl.load(db_p + tr, mask=mr, other=0.0) + d_b).to(db.dtype.element_ty), mask=mr)
-    tl.store(dg + tr, tl.load(dg_p + tr, mask=mr, other=0.0) + d_g, mask=mr)
+    tl.store(db + rh, (tl.load(db_p + rh, mask=mr, other=0.0) + d_b).to(db.dtype.element_ty), mask=mr)
+    tl.store(dg + rh, tl.load(dg_p + rh, mask=mr, other=0.0) + d_g, mask=mr)
 
 
 @triton.jit
@@ -709,20 +767,20 @@ def _kda_intra_bwd_kernel(
     n0 = i_t * BT + i_s * BC
     if n0 >= T:
         return
-    c_r = i_s * BC + tl.arange(0, BC)  # the rows' positions inside the chunk
-    rows = i_t * BT + c_r
-    cols = i_t * BT + tl.arange(0, BT)
-    mr, mc = rows < T, cols < T
-    tr = (i_b * T + rows).to(tl.int64) * H + i_h
-    tc = (i_b * T + cols).to(tl.int64) * H + i_h
-    t_n = (i_b * T + n0).to(tl.int64) * H + i_h
-    t_m = (i_b * T + tl.minimum(n0 + BC, T) - 1).to(tl.int64) * H + i_h  # the sub-chunk's last row
-    before = cols < n0
-    after = (cols >= n0 + BC) & mc
-    b_r = tl.load(beta + tr, mask=mr, other=0.0).to(tl.float32)
-    b_c = tl.load(beta + tc, mask=mc, other=0.0).to(tl.float32)
-    p_row = tr[:, None] * BT + tl.arange(0, BT)[None, :]  # rows of dA: [BC, BT]
-    p_col = tc[None, :] * BT + c_r[:, None]  # columns of dA, transposed: [BC, BT]
+    t0 = (i_b * T + i_t * BT).to(tl.int64) * H + i_h
+    q, k, G, dq_p, dk_p, dg_p = q + t0 * K, k + t0 * K, G + t0 * K, dq_p + t0 * K, dk_p + t0 * K, dg_p + t0 * K
+    dq, dk, dg, beta, db_p, db = dq + t0 * K, dk + t0 * K, dg + t0 * K, beta + t0, db_p + t0, db + t0
+    dakk, daqk = dakk + t0 * BT, daqk + t0 * BT
+    c = tl.arange(0, BT)
+    rs = i_s * BC + tl.arange(0, BC)  # this sub-chunk's rows
+    mr, mc = i_t * BT + rs < T, i_t * BT + c < T
+    m_last = tl.minimum(i_s * BC + BC, T - i_t * BT) - 1  # the sub-chunk's last row
+    before = c < i_s * BC
+    after = (c >= i_s * BC + BC) & mc
+    b_r = tl.load(beta + rs * H, mask=mr, other=0.0).to(tl.float32)
+    b_c = tl.load(beta + c * H, mask=mc, other=0.0).to(tl.float32)
+    p_row = (rs * H)[:, None] * BT + c[None, :]  # rows of dA: [BC, BT]
+    p_col = rs[:, None] + (c * H)[None, :] * BT  # columns of dA, transposed: [BC, BT]
     da_kk = tl.load(dakk + p_row, mask=mr[:, None], other=0.0)
     da_qk = tl.load(daqk + p_row, mask=mr[:, None], other=0.0) * scale
     da_kk_t = tl.load(dakk + p_col, mask=mc[None, :], other=0.0)
@@ -731,17 +789,18 @@ def _kda_intra_bwd_kernel(
     for i_k in range(0, K, BK):
         ck = i_k + tl.arange(0, BK)
         mk = ck < K
+        p_r = (rs * H)[:, None] * K + ck[None, :]
         m_r = mr[:, None] & mk[None, :]
+        p_c = (c * H)[:, None] * K + ck[None, :]
         m_c = mc[:, None] & mk[None, :]
-        p_r = tr[:, None] * K + ck[None, :]
         q_r = tl.load(q + p_r, mask=m_r, other=0.0).to(tl.float32)
         k_r = tl.load(k + p_r, mask=m_r, other=0.0).to(tl.float32)
         g_r = tl.load(G + p_r, mask=m_r, other=0.0)
-        q_c = tl.load(q + tc[:, None] * K + ck[None, :], mask=m_c, other=0.0).to(tl.float32)
-        k_c = tl.load(k + tc[:, None] * K + ck[None, :], mask=m_c, other=0.0).to(tl.float32)
-        g_c = tl.load(G + tc[:, None] * K + ck[None, :], mask=m_c, other=0.0)
-        g_n = tl.load(G + t_n * K + ck, mask=mk, other=0.0)
-        g_m = tl.load(G + t_m * K + ck, mask=mk, other=0.0)
+        q_c = tl.load(q + p_c, mask=m_c, other=0.0).to(tl.float32)
+        k_c = tl.load(k + p_c, mask=m_c, other=0.0).to(tl.float32)
+        g_c = tl.load(G + p_c, mask=m_c, other=0.0)
+        g_n = tl.load(G + i_s * BC * H * K + ck, mask=mk, other=0.0)
+        g_m = tl.load(G + m_last * H * K + ck, mask=mk, other=0.0)
         # row side, blocks left of the diagonal: reference row n0, both factors ≤ 1
         k_left = k_c * tl.exp(tl.where(before[:, None], g_n[None, :] - g_c, float("-inf")))
         e_rn = tl.exp(tl.where(mr[:, None], g_r - g_n[None, :], 0.0))
@@ -753,17 +812,17 @@ def _kda_intra_bwd_kernel(
         ck_side += tl.dot(da_qk_t, q_c * f_below, input_precision=PREC)
         ck_side *= tl.exp(tl.where(mr[:, None], g_m[None, :] - g_r, 0.0))
         # the diagonal block, one column j at a time: row side for the rows r ≥ j, column side for j
-        for c in range(BC):
-            j = n0 + c
-            k_j = tl.load(k + (t_n + c * H) * K + ck, mask=mk & (j < T), other=0.0).to(tl.float32)
-            g_j = tl.load(G + (t_n + c * H) * K + ck, mask=mk & (j < T), other=0.0)
-            f = tl.exp(tl.where((mr & (rows >= j))[:, None], g_r - g_j[None, :], float("-inf")))
-            a_kk = tl.load(dakk + tr * BT + i_s * BC + c, mask=mr, other=0.0)  # dA_kk[r, j], 0 for r ≤ j
-            a_qk = tl.load(daqk + tr * BT + i_s * BC + c, mask=mr, other=0.0) * scale
+        for j in range(BC):
+            m_j = mk & (n0 + j < T)
+            k_j = tl.load(k + (i_s * BC + j) * H * K + ck, mask=m_j, other=0.0).to(tl.float32)
+            g_j = tl.load(G + (i_s * BC + j) * H * K + ck, mask=m_j, other=0.0)
+            f = tl.exp(tl.where((mr & (rs >= i_s * BC + j))[:, None], g_r - g_j[None, :], float("-inf")))
+            a_kk = tl.load(dakk + (rs * H) * BT + i_s * BC + j, mask=mr, other=0.0)  # dA_kk[r, j], 0 for r ≤ j
+            a_qk = tl.load(daqk + (rs * H) * BT + i_s * BC + j, mask=mr, other=0.0) * scale
             rk += a_kk[:, None] * f * k_j[None, :]
             rq += a_qk[:, None] * f * k_j[None, :]
             col = tl.sum(((a_kk * b_r)[:, None] * k_r + a_qk[:, None] * q_r) * f, 0)
-            ck_side += tl.where((tl.arange(0, BC) == c)[:, None], col[None, :], 0.0)
+            ck_side += tl.where((tl.arange(0, BC) == j)[:, None], col[None, :], 0.0)
         d_b += tl.sum(k_r * rk, 1)
         rk = rk * b_r[:, None]
         d_q = tl.load(dq_p + p_r, mask=m_r, other=0.0) + rq
@@ -772,10 +831,103 @@ def _kda_intra_bwd_kernel(
         tl.store(dq + p_r, d_q.to(dq.dtype.element_ty), mask=m_r)
         tl.store(dk + p_r, d_k.to(dk.dtype.element_ty), mask=m_r)
         tl.store(dg + p_r, d_g, mask=m_r)
-    tl.store(db + tr, (tl.load(db_p + tr, mask=mr, other=0.0) + d_b).to(db.dtype.element_ty), mask=mr)
+    tl.store(db + rs * H, (tl.load(db_p + rs * H, mask=mr, other=0.0) + d_b).to(db.dtype.element_ty), mask=mr)
+
+
+@triton.jit
+def _recurrent_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    state,
+    o,
+    scale,
+    T,
+    BH,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    KP: tl.constexpr,
+    BV: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+):
+    """T tokens of the recurrence for one (b, h, V-block), the [K, BV] fp32 state tile read once, written once.
+    BH as _state_fwd_kernel."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    ck = tl.arange(0, KP)
+    cv = i_v * BV + tl.arange(0, BV)
+    mk, mv = ck < K, cv < V
+    p_s = state + i_bh.to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    s = tl.load(p_s, mask=mk[:, None] & mv[None, :], other=0.0)
+    for t in range(T):
+        tok = (i_b * T + t).to(tl.int64) * H + i_h
+        k_t = tl.load(k + tok * K + ck, mask=mk, other=0.0).to(tl.float32)
+        q_t = tl.load(q + tok * K + ck, mask=mk, other=0.0).to(tl.float32)
+        v_t = tl.load(v + tok * V + cv, mask=mv, other=0.0).to(tl.float32)
+        if PER_CHANNEL:
+            s *= tl.exp(tl.load(g + tok * K + ck, mask=mk, other=0.0).to(tl.float32))[:, None]
+        else:
+            s *= tl.exp(tl.load(g + tok).to(tl.float32))
+        u = tl.load(beta + tok).to(tl.float32) * (v_t - tl.sum(s * k_t[:, None], 0))
+        s += k_t[:, None] * u[None, :]
+        tl.store(o + tok * V + cv, (tl.sum(s * q_t[:, None], 0) * scale).to(o.dtype.element_ty), mask=mv)
+    tl.store(p_s, s, mask=mk[:, None] & mv[None, :])
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------
+# Under the interpreter: chunk 32 (two sub-chunks) and 16-wide K/V blocks, so small test shapes cross every block
+# boundary. On CUDA: chunk 64; fp32 (the checking dtype) one fixed moderate configuration; fp16/bf16 each kernel
+# autotuned over a short list (each entry costs one compile per key). The lists are not timed yet: they are the
+# configurations that compile for sm_90 without register spills at K = V = 128 (ptxas -v on triton 3.6's output,
+# bf16, both gate kinds), a few per kernel, chosen for occupancy (≤ 128 registers with 4 warps where possible).
+
+
+def _cfg(num_warps, num_stages, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+_CONFIGS = {
+    _kda_intra_kernel: [_cfg(4, 2, BK=64), _cfg(4, 2, BK=32), _cfg(8, 2, BK=64)],
+    _solve_kernel: [_cfg(4, 2, BK=64, BV=64), _cfg(8, 2, BK=64, BV=64), _cfg(4, 2, BK=32, BV=32)],
+    _state_fwd_kernel: [_cfg(4, 2, BV=32), _cfg(4, 2, BV=16), _cfg(8, 2, BV=64), _cfg(8, 2, BV=32)],
+    _output_kernel: [
+        _cfg(4, 2, BK=128, BV=64),
+        _cfg(8, 2, BK=64, BV=64),
+        _cfg(8, 2, BK=128, BV=128),
+        _cfg(4, 2, BK=64, BV=32),
+    ],
+    _dv_local_kernel: [_cfg(4, 2, BK=64, BV=64), _cfg(8, 2, BK=64, BV=64), _cfg(4, 2, BK=64, BV=32)],
+    _state_bwd_kernel: [_cfg(4, 2, BV=16), _cfg(8, 2, BV=32), _cfg(8, 2, BV=16), _cfg(8, 2, BV=64)],
+    _grad_kernel: [_cfg(8, 2, BK=32, BV=32), _cfg(8, 2, BK=32, BV=64), _cfg(8, 2, BK=64, BV=32)],
+    _intra_bwd_kernel: [_cfg(8, 2, BK=64), _cfg(8, 2, BK=32), _cfg(4, 2, BK=64)],
+    _kda_intra_bwd_kernel: [_cfg(8, 2, BK=32), _cfg(8, 2, BK=64)],
+    _recurrent_kernel: [_cfg(1, 1, BV=8), _cfg(2, 1, BV=16), _cfg(4, 1, BV=32), _cfg(4, 1, BV=64)],
+}
+# The key: head dims, chunk, gate kind, dot precision and, for the kernels whose grid is only B·H·V/BV
+# programs, B·H (tensor dtypes are added by triton). Every kernel writes fresh outputs, so the autotuner's
+# repeated launches are harmless; the decode kernel updates the state in place, which the autotuner restores.
+_KEY = ("K", "V", "BT", "PER_CHANNEL", "PREC", "BH")
+_TUNED = {
+    kern: triton.autotune(
+        configs=cfgs,
+        key=[n for n in _KEY if n in kern.arg_names],
+        restore_value=["state"] if kern is _recurrent_kernel else None,
+    )(kern)
+    for kern, cfgs in _CONFIGS.items()
+}
+
+
+def _variant(kernel, x: torch.Tensor):
+    """(kernel to launch, its fixed block sizes): the autotuned kernel on CUDA for fp16/bf16, else fixed blocks."""
+    if x.device.type == "cuda" and x.dtype != torch.float32:
+        return _TUNED[kernel], {}
+    if x.device.type != "cuda":
+        return kernel, {n: 16 for n in ("BK", "BV") if n in kernel.arg_names}
+    # fp32 on CUDA: FMA dots; 8 warps, no pipelining (3 stages of fp32 tiles overflow shared memory)
+    return kernel, {n: 32 for n in ("BK", "BV") if n in kernel.arg_names} | dict(num_warps=8, num_stages=1)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -783,20 +935,15 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _chunk(device: torch.device) -> int:
-    return 64 if device.type == "cuda" else 2 * SUB_CHUNK  # interpreter: two sub-chunks, the least that tests both
-
-
-def _block(n: int, device: torch.device) -> int:
-    """K or V block of the kernels that loop over K or V."""
-    return min(64 if device.type == "cuda" else 16, triton.next_power_of_2(n))
+    return 64 if device.type == "cuda" else 2 * SUB_CHUNK
 
 
 def _cumsum(x: torch.Tensor, BT: int, reverse: bool, dtype: torch.dtype) -> torch.Tensor:
     B, T, H = x.shape[:3]
     D = x.shape[3] if x.dim() == 4 else 1
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    BD = min(64, triton.next_power_of_2(D))
-    _cumsum_kernel[(triton.cdiv(T, BT), B * H, triton.cdiv(D, BD))](x, y, T, H, D, BT, BD, reverse)
+    BD = min(64, max(16, triton.next_power_of_2(D)))
+    _cumsum_kernel[(triton.cdiv(T, BT), B * H, triton.cdiv(D, BD))](x, y, T, H=H, D=D, BT=BT, BD=BD, REVERSE=reverse)
     return y
 
 
@@ -804,26 +951,28 @@ def _forward(q, k, v, G, beta, scale, h0, BT, store_t, store_ht):
     """The forward's intermediates: dict of w, u, tm (T, if store_t), aqk (KDA), hs, vn, ht (if store_ht)."""
     B, T, H, K = q.shape
     V, NT, dev, dt = v.shape[-1], triton.cdiv(T, BT), q.device, q.dtype
-    per_channel, prec = G.dim() == 4, _prec(dt)
-    BK, BV = _block(K, dev), _block(V, dev)
+    c = dict(H=H, K=K, BT=BT, PER_CHANNEL=G.dim() == 4, PREC=_prec(dt))
     aqk = akk = None
-    if per_channel:
+    if G.dim() == 4:
         aqk = torch.empty((B, T, H, BT), dtype=torch.float32, device=dev)
         akk = torch.empty((B, T, H, BT), dtype=torch.float32, device=dev)
-        _kda_intra_kernel[(NT * (BT // SUB_CHUNK), B * H)](
-            q, k, G, beta, aqk, akk, scale, T, H, K, BT, SUB_CHUNK, BK, prec
+        kern, meta = _variant(_kda_intra_kernel, q)
+        kern[(NT * (BT // SUB_CHUNK), B * H)](
+            q, k, G, beta, aqk, akk, scale, T, H=H, K=K, BT=BT, BC=SUB_CHUNK, PREC=c["PREC"], **meta
         )
     w = torch.empty((B, T, H, K), dtype=dt, device=dev)
     u = torch.empty((B, T, H, V), dtype=dt, device=dev)
     tm = torch.empty((B, T, H, BT), dtype=dt, device=dev) if store_t else None
-    _solve_kernel[(NT, B * H)](
-        k, v, G, beta, akk, w, u, tm, T, H, K, V, BT, SUB_CHUNK, BK, BV, per_channel, store_t, prec
-    )
+    kg = torch.empty_like(k) if G.dim() == 4 else None
+    qg = torch.empty_like(q) if G.dim() == 4 and store_t else None
+    kern, meta = _variant(_solve_kernel, q)
+    kern[(NT, B * H)](q, k, v, G, beta, akk, w, u, tm, kg, qg, T, V=V, BC=SUB_CHUNK, STORE_T=store_t, **c, **meta)
     hs = torch.empty((B, NT, H, K, V), dtype=dt, device=dev)
     vn = torch.empty((B, T, H, V), dtype=dt, device=dev)
     ht = torch.empty((B, H, K, V), dtype=torch.float32, device=dev) if store_ht else None
-    _state_fwd_kernel[(triton.cdiv(V, BV), B * H)](
-        k,
+    kern, meta = _variant(_state_fwd_kernel, q)
+    kern[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
+        k if kg is None else kg,
         w,
         u,
         G,
@@ -833,18 +982,15 @@ def _forward(q, k, v, G, beta, scale, h0, BT, store_t, store_ht):
         ht,
         T,
         NT,
-        H,
-        K,
-        V,
-        BT,
-        triton.next_power_of_2(K),
-        BV,
-        per_channel,
-        h0 is not None,
-        store_ht,
-        prec,
+        B * H,
+        V=V,
+        KP=triton.next_power_of_2(K),
+        HAS_H0=h0 is not None,
+        STORE_HT=store_ht,
+        **c,
+        **meta,
     )
-    return dict(w=w, u=u, tm=tm, aqk=aqk, hs=hs, vn=vn, ht=ht)
+    return dict(w=w, u=u, tm=tm, aqk=aqk, kg=kg, qg=qg, hs=hs, vn=vn, ht=ht)
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, output_final_state=False):
@@ -854,11 +1000,12 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
     require_kernel_device(q)
     B, T, H, K = q.shape
     V, BT = v.shape[-1], _chunk(q.device)
+    NT = triton.cdiv(T, BT)
     G = _cumsum(g, BT, False, torch.float32)
     f = _forward(q, k, v, G, beta, scale, initial_state, BT, False, output_final_state)
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=q.device)
-    BK, BV = _block(K, q.device), _block(V, q.device)
-    _output_kernel[(triton.cdiv(V, BV), triton.cdiv(T, BT), B * H)](
+    kern, meta = _variant(_output_kernel, q)
+    kern[lambda m: (triton.cdiv(V, m["BV"]), NT, B * H)](
         q,
         k,
         G,
@@ -868,15 +1015,14 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state=None, outp
         o,
         scale,
         T,
-        triton.cdiv(T, BT),
-        H,
-        K,
-        V,
-        BT,
-        BK,
-        BV,
-        G.dim() == 4,
-        _prec(q.dtype),
+        NT,
+        H=H,
+        K=K,
+        V=V,
+        BT=BT,
+        PER_CHANNEL=g.dim() == 4,
+        PREC=_prec(q.dtype),
+        **meta,
     )
     return o, f["ht"]
 
@@ -889,22 +1035,20 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht):
     B, T, H, K = q.shape
     V, dev, dt = v.shape[-1], q.device, q.dtype
     BT = _chunk(dev)
-    NT, per_channel, prec = triton.cdiv(T, BT), g.dim() == 4, _prec(dt)
-    BK, BV = _block(K, dev), _block(V, dev)
-    Kp = triton.next_power_of_2(K)
-    f32 = dict(dtype=torch.float32, device=dev)
+    NT, f32 = triton.cdiv(T, BT), dict(dtype=torch.float32, device=dev)
+    c = dict(H=H, K=K, V=V, BT=BT, PER_CHANNEL=g.dim() == 4, PREC=_prec(dt))
     G = _cumsum(g, BT, False, torch.float32)
     f = _forward(q, k, v, G, beta, scale, initial_state, BT, True, False)
     daqk, dvl = torch.empty((B, T, H, BT), **f32), torch.empty((B, T, H, V), **f32)
-    _dv_local_kernel[(NT, B * H)](
-        q, k, G, f["aqk"], f["vn"], do, daqk, dvl, scale, T, H, K, V, BT, BK, BV, per_channel, prec
-    )
+    kern, meta = _variant(_dv_local_kernel, q)
+    kern[(NT, B * H)](q, k, G, f["aqk"], f["vn"], do, daqk, dvl, scale, T, **c, **meta)
     dhs = torch.empty((B, NT, H, K, V), dtype=dt, device=dev)
     dvn = torch.empty((B, T, H, V), **f32)
     dh0 = torch.empty((B, H, K, V), **f32) if initial_state is not None else None
-    _state_bwd_kernel[(triton.cdiv(V, BV), B * H)](
-        q,
-        k,
+    kern, meta = _variant(_state_bwd_kernel, q)
+    kern[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
+        q if f["qg"] is None else f["qg"],
+        k if f["kg"] is None else f["kg"],
         f["w"],
         G,
         do,
@@ -916,22 +1060,19 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht):
         scale,
         T,
         NT,
-        H,
-        K,
-        V,
-        BT,
-        Kp,
-        BV,
-        per_channel,
-        dht is not None,
-        dh0 is not None,
-        prec,
+        B * H,
+        KP=triton.next_power_of_2(K),
+        HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None,
+        **c,
+        **meta,
     )
     dv = torch.empty_like(v)
     dq_p, dk_p = torch.empty((B, T, H, K), **f32), torch.empty((B, T, H, K), **f32)
     db_p, dg_p = torch.empty((B, T, H), **f32), torch.empty(G.shape, **f32)
     dakk = torch.empty((B, T, H, BT), **f32)
-    _grad_kernel[(NT, B * H)](
+    kern, meta = _variant(_grad_kernel, q)
+    kern[(NT, B * H)](
         q,
         k,
         v,
@@ -952,64 +1093,20 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht):
         scale,
         T,
         NT,
-        H,
-        K,
-        V,
-        BT,
-        BK,
-        BV,
-        per_channel,
-        prec,
+        **c,
+        **meta,
     )
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     db, dG = torch.empty_like(beta), torch.empty(G.shape, **f32)
-    args = (q, k, G, beta, dakk, daqk, dq_p, dk_p, db_p, dg_p, dq, dk, db, dG, scale, T, H, K, BT)
-    if per_channel:
-        _kda_intra_bwd_kernel[(NT * (BT // SUB_CHUNK), B * H)](*args, SUB_CHUNK, BK, prec)
+    args = (q, k, G, beta, dakk, daqk, dq_p, dk_p, db_p, dg_p, dq, dk, db, dG, scale, T)
+    c = dict(H=H, K=K, BT=BT, PREC=c["PREC"])
+    if g.dim() == 4:
+        kern, meta = _variant(_kda_intra_bwd_kernel, q)
+        kern[(NT * (BT // SUB_CHUNK), B * H)](*args, BC=SUB_CHUNK, **c, **meta)
     else:
-        _intra_bwd_kernel[(NT, B * H)](*args, BK, prec)
+        kern, meta = _variant(_intra_bwd_kernel, q)
+        kern[(NT, B * H)](*args, **c, **meta)
     return dq, dk, dv, _cumsum(dG, BT, True, g.dtype), db, dh0
-
-
-@triton.jit
-def _recurrent_kernel(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    state,
-    o,
-    scale,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-):
-    """T tokens of the recurrence for one (b, h, V-block), the [K, BV] fp32 state tile read once, written once."""
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    ck = tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk, mv = ck < K, cv < V
-    p_s = state + i_bh.to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
-    s = tl.load(p_s, mask=mk[:, None] & mv[None, :], other=0.0)
-    for t in range(T):
-        tok = (i_b * T + t).to(tl.int64) * H + i_h
-        k_t = tl.load(k + tok * K + ck, mask=mk, other=0.0).to(tl.float32)
-        q_t = tl.load(q + tok * K + ck, mask=mk, other=0.0).to(tl.float32)
-        v_t = tl.load(v + tok * V + cv, mask=mv, other=0.0).to(tl.float32)
-        if PER_CHANNEL:
-            s *= tl.exp(tl.load(g + tok * K + ck, mask=mk, other=0.0).to(tl.float32))[:, None]
-        else:
-            s *= tl.exp(tl.load(g + tok).to(tl.float32))
-        u = tl.load(beta + tok).to(tl.float32) * (v_t - tl.sum(s * k_t[:, None], 0))
-        s += k_t[:, None] * u[None, :]
-        tl.store(o + tok * V + cv, (tl.sum(s * q_t[:, None], 0) * scale).to(o.dtype.element_ty), mask=mv)
-    tl.store(p_s, s, mask=mk[:, None] & mv[None, :])
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g, beta, state, scale):
@@ -1019,8 +1116,23 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, state, scale):
     B, T, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty((B, T, H, V), dtype=q.dtype, device=q.device)
-    BV = _block(V, q.device)
-    _recurrent_kernel[(triton.cdiv(V, BV), B * H)](
-        q, k, v, g, beta, state, o, scale, T, H, K, V, triton.next_power_of_2(K), BV, g.dim() == 4
+    kern, meta = _variant(_recurrent_kernel, q)
+    kern[lambda m: (triton.cdiv(V, m["BV"]), B * H)](
+        q,
+        k,
+        v,
+        g,
+        beta,
+        state,
+        o,
+        scale,
+        T,
+        B * H,
+        H=H,
+        K=K,
+        V=V,
+        KP=triton.next_power_of_2(K),
+        PER_CHANNEL=g.dim() == 4,
+        **meta,
     )
     return o
