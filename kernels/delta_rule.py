@@ -10,7 +10,7 @@ Forward, per chunk of BT tokens (64 on a GPU), each line one kernel:
     G  = in-chunk cumsum of g                              _cumsum_kernel     (fp32; per channel for KDA)
     A_kk, A_qk by sub-chunks (KDA only)                    _kda_intra_kernel
     T = (I + A_kk)^{-1};  W = T·βK·exp(G), U = T·βV        _solve_kernel      (A_kk inline for a scalar gate;
-                                                                              KDA: also K exp(G_last − G))
+                                                                              KDA: also kg = K exp(G_last − G))
     for each chunk in order: hs[n] = H; V' = U − W H;      _state_fwd_kernel  (the only sequential pass,
         H ← exp(G_last) H + (K exp(G_last − G))ᵀ V'                            one program per (b, h, V-block))
     O = scale·(Q exp(G)) hs[n] + A_qk V'                   _output_kernel     (A_qk inline for a scalar gate)
@@ -25,9 +25,12 @@ KDA's A_kk, A_qk need Σ_c x_rc k_jc exp(G_rc − G_jc). A per-channel decay doe
 exp(G_r) alone under- or overflows across a chunk. So the chunk is cut into sub-chunks of BC rows: a block
 below the diagonal is one matmul with both factors measured from the sub-chunk's first row n,
 (x_r exp(G_r − G_n)) · (k_j exp(G_n − G_j)), both ≤ 1; a diagonal block is summed column by column with
-exp(G_r − G_j) directly. The backward differentiates exactly these pieces (_intra_bwd_kernel).
+exp(G_r − G_j) directly (BC·BC·K exponentials per sub-chunk: KDA's extra cost over Gated DeltaNet). The backward
+differentiates exactly these pieces (_kda_intra_bwd_kernel). The scalar gate needs none of this: Γ_rj multiplies
+the whole C×C product.
 
-Backward (recomputes G, T, W, U, hs, V' with the forward's kernels, nothing stored but the inputs):
+Backward (recomputes G, T, W, U, hs, V' with the forward's kernels, nothing stored but the inputs; for KDA also
+qg = Q exp(G), so that the reverse pass needs no per-channel exponentials either):
 
     dA_qk = dO V'ᵀ (masked), dV'_local = A_qkᵀ dO                       _dv_local_kernel
     for each chunk in reverse: dhs[n] = dH; dV' = dV'_local + K exp(G_last − G) dH;
@@ -38,10 +41,11 @@ Backward (recomputes G, T, W, U, hs, V' with the forward's kernels, nothing stor
     dg = reverse in-chunk cumsum of dG                                   _cumsum_kernel
 
 Hopper and triton 3.4-3.7.0: ``tl.trans`` of a ``tl.dot`` result (the MMA accumulator layout) fed to another
-``tl.dot`` miscompiles there (fla #640: the shared-memory store of the transposed accumulator is emitted as
-stmatrix; fla refuses its gated backward for it). These kernels never do that: a transposed operand is either
-loaded transposed (pointer arithmetic), or ``tl.trans`` of a tile built only from loads and elementwise math,
-or computed transposed by its own ``tl.dot`` with the operands swapped.
+``tl.dot`` miscompiles there (fla #640: the shared-memory store of the transposed accumulator, a #linear layout,
+is emitted as stmatrix; fla refuses its gated backward for it). These kernels contain no ``tl.trans``: every
+transposed operand is loaded transposed (pointer arithmetic, e.g. Tᵀ, Kᵀ, hs[n]ᵀ, dA_kkᵀ) or computed transposed by
+its own ``tl.dot`` with the operands swapped (A_qkᵀ = K Qᵀ). Checked on the sm_90 output of triton 3.6 for every
+autotune config: no shared-memory store of a 16-bit #linear tensor.
 
 Decode: _recurrent_kernel runs a few tokens of the recurrence with the state tile in registers: each state
 element is read once and written once per call (in place).
@@ -915,6 +919,7 @@ _TUNED = {
         configs=cfgs,
         key=[n for n in _KEY if n in kern.arg_names],
         restore_value=["state"] if kern is _recurrent_kernel else None,
+        cache_results=True,  # the choice is kept in triton's cache directory, for the next process
     )(kern)
     for kern, cfgs in _CONFIGS.items()
 }

@@ -42,6 +42,7 @@ from glmkit import backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KEY_DIM = 256  # the kernels keep a [K, block of V] fp32 state tile in registers
+MIN_HEAD_DIM = 16  # K and V: the smallest tile tl.dot accepts
 
 
 # ---- recurrent references: one token at a time, fp32, H ∈ R^{K×V} -------------------------------------------
@@ -110,7 +111,8 @@ def _pair_sum(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Te
 def chunk_gated_delta_rule_reference(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64
 ):
-    """``gated_delta_rule_reference`` computed chunk by chunk (glm-lineage §6.2), both gate shapes, in fp32.
+    """``gated_delta_rule_reference`` computed chunk by chunk (glm-lineage §6.2), both gate shapes, in fp32
+    (fp64 for fp64 inputs).
 
     Inside a chunk of C tokens (rows r, j), with G the in-chunk cumulative sum of g ([C, 1] for Gated DeltaNet,
     [C, K] for KDA) and the per-channel decay between two tokens Γ_rjc = exp(G_rc − G_jc) for j ≤ r:
@@ -190,6 +192,14 @@ def _check(q, k, v, g, beta, initial_state, scale) -> None:
         raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
 
 
+def _check_kernel_dims(q, v) -> None:
+    K, V = q.shape[-1], v.shape[-1]
+    if not (MIN_HEAD_DIM <= K <= MAX_KEY_DIM and V >= MIN_HEAD_DIM):
+        raise ValueError(
+            f"the kernels take {MIN_HEAD_DIM} ≤ K ≤ {MAX_KEY_DIM} and V ≥ {MIN_HEAD_DIM}, got K = {K}, V = {V}"
+        )
+
+
 class GatedDeltaRuleFunction(torch.autograd.Function):
     """The chunked kernels as one differentiable op. Saves only the inputs: the backward recomputes the
     chunk intermediates (cheaper to redo than to keep, as in fla)."""
@@ -225,8 +235,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     backend.record("delta_rule", path)
     if path == "torch":
         return chunk_gated_delta_rule_reference(q, k, v, g, beta, scale, initial_state, output_final_state)
-    if q.shape[-1] > MAX_KEY_DIM:
-        raise ValueError(f"the kernels take K ≤ {MAX_KEY_DIM}, got K = {q.shape[-1]}")
+    _check_kernel_dims(q, v)
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     initial_state = None if initial_state is None else initial_state.contiguous()
     return GatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state)
@@ -245,8 +254,7 @@ def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
         o, final_state = gated_delta_rule_reference(q, k, v, g, beta, scale, state, True)
         state.copy_(final_state)
         return o
-    if q.shape[-1] > MAX_KEY_DIM:
-        raise ValueError(f"the kernels take K ≤ {MAX_KEY_DIM}, got K = {q.shape[-1]}")
+    _check_kernel_dims(q, v)
     if not state.is_contiguous():
         raise ValueError("state must be contiguous (it is updated in place)")
     from glmkit.kernels.delta_rule import fused_recurrent_gated_delta_rule

@@ -182,9 +182,11 @@ def test_kernels_match_reference(poison, gate, dtype):
 
 
 @pytest.mark.parametrize("gate", ["scalar", "channel"])
-def test_kernels_without_states(poison, gate):
-    """No initial state, no final state (the state kernels' other branches); three chunks, V blocks of 16."""
-    _check_kernels(1, 70, 1, 16, 32, gate, torch.float32, "cpu", h0=False, final=False)
+@pytest.mark.parametrize("T", [70, 7])
+def test_kernels_without_states(poison, gate, T):
+    """No initial state, no final state (the state kernels' other branches); three chunks, or less than one;
+    V blocks of 16."""
+    _check_kernels(1, T, 1, 16, 32, gate, torch.float32, "cpu", h0=False, final=False)
 
 
 @pytest.mark.parametrize("gate", ["scalar", "channel"])
@@ -206,6 +208,8 @@ def test_dispatch_paths_and_validation():
         gated_delta_rule(q, k, v, g, beta, initial_state=s0.half())
     with pytest.raises(TypeError, match="share one dtype"):
         gated_delta_rule(q, k.half(), v, g, beta)
+    with backend.use_backend("triton"), pytest.raises(ValueError, match="the kernels take"):
+        gated_delta_rule(q[..., :8], k[..., :8], v, g, beta)
 
 
 # ---- (d) decode ----------------------------------------------------------------------------------------------
