@@ -21,6 +21,7 @@ Sections (``--only`` picks some; each writes its table as soon as it is done):
     python benchmarks/bench_delta_rule.py                     # → benchmarks/results/delta_rule_h200.md
     python benchmarks/bench_delta_rule.py --only gdn,decode   # some sections
     python benchmarks/bench_delta_rule.py --quick             # one shape per section
+    python benchmarks/bench_delta_rule.py --smoke             # tiny shapes, any device (CPU: interpreter), no file
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from glmkit import backend
 from glmkit.ops.delta_rule import (
     chunk_gated_delta_rule_reference,
     gated_delta_rule,
@@ -45,11 +47,15 @@ from glmkit.ops.delta_rule import (
 )
 from glmkit.testing import rel_err
 
-DT = torch.bfloat16
+DEV, DT = "cuda", torch.bfloat16  # --smoke without CUDA: CPU and fp16 (bf16 tl.dot is wrong under the interpreter)
 SHAPES = [(4, 4096, 16, 128), (2, 16384, 16, 128), (8, 4096, 16, 128), (1, 8192, 96, 128)]  # (B, T, H, D)
+CHECK = (1, 2000, 4, 128)  # the shape checked against the fp32 chunk reference
 ATTN_TOKENS, ATTN_H, ATTN_D = 32 * 1024, 16, 128
 ATTN_TS = [2048, 4096, 8192, 16384, 32768]
 DECODE = [(1, 16), (1, 64), (32, 16), (32, 64), (128, 16), (128, 32), (128, 64)]  # (B, H)
+DECODE_D = 128
+SMOKE = dict(SHAPES=[(1, 40, 2, 16)], CHECK=(1, 40, 2, 16), ATTN_TOKENS=64, ATTN_H=2, ATTN_D=16, ATTN_TS=[32, 64],
+             DECODE=[(1, 2), (2, 2)], DECODE_D=16)  # fmt: skip
 # issue 12 targets
 TARGET_FWD_VS_FLA = 1.0  # GDN forward ≥ 1.0× fla-core (0.846 ms measured for fla at B8 T4K H16 D128)
 TARGET_CROSSOVER_T = 8192  # faster than cuDNN causal attention from T = 8K on ...
@@ -71,13 +77,13 @@ def fla_ops():
 
 
 def inputs(B, T, H, D, gate, requires_grad=False, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, T, H, D, device="cuda", generator=g).to(DT)
-    k = F.normalize(torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1).to(DT)
-    v = torch.randn(B, T, H, D, device="cuda", generator=g).to(DT)
-    beta = torch.rand(B, T, H, device="cuda", generator=g).to(DT)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, T, H, D, device=DEV, generator=g).to(DT)
+    k = F.normalize(torch.randn(B, T, H, D, device=DEV, generator=g), dim=-1).to(DT)
+    v = torch.randn(B, T, H, D, device=DEV, generator=g).to(DT)
+    beta = torch.rand(B, T, H, device=DEV, generator=g).to(DT)
     shape = (B, T, H) if gate == "scalar" else (B, T, H, D)
-    logdecay = F.logsigmoid(torch.randn(shape, device="cuda", generator=g) + 3.0)  # α ≈ 0.95 on average
+    logdecay = F.logsigmoid(torch.randn(shape, device=DEV, generator=g) + 3.0)  # α ≈ 0.95 on average
     ts = [q, k, v, logdecay, beta]
     return [t.requires_grad_() for t in ts] if requires_grad else ts
 
@@ -112,9 +118,10 @@ def bench(fn, rep=100):
 
 
 def check_small(gate, log):
-    """Ours vs the fp32 chunk reference at (1, 2000, 4, 128): o and the final state."""
-    q, k, v, g, beta = inputs(1, 2000, 4, 128, gate, seed=1)
-    s0 = torch.randn(1, 4, 128, 128, device="cuda")
+    """Ours vs the fp32 chunk reference at CHECK: o and the final state."""
+    B, T, H, D = CHECK
+    q, k, v, g, beta = inputs(B, T, H, D, gate, seed=1)
+    s0 = torch.randn(B, H, D, D, device=DEV)
     with torch.no_grad():
         o, s = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
         o_ref, s_ref = chunk_gated_delta_rule_reference(*[t.float() for t in (q, k, v, g, beta)], None, s0, True)
@@ -126,7 +133,7 @@ def run_chunked(gate, shapes, fla_op, log):
     rows = [
         f"## {'Gated DeltaNet (g [B, T, H])' if gate == 'scalar' else 'KDA (g [B, T, H, K])'}: chunked, bf16",
         "",
-        f"Ours vs fp32 reference at (1, 2000, 4, 128): o rel. error {check_small(gate, log):.1e}.",
+        f"Ours vs fp32 reference at (B, T, H, D) = {CHECK}: o rel. error {check_small(gate, log):.1e}.",
         "",
         "| B, T, H, D | fwd ours ms | fwd fla ms | fwd ours/fla | fwd+bwd ours ms | fwd+bwd fla ms | "
         "fwd+bwd ours/fla | err vs fla |",
@@ -148,10 +155,11 @@ def run_chunked(gate, shapes, fla_op, log):
             if fla_op is not None:
                 try:
                     r["fb_fla"] = bench(fwd_bwd(fla_op, ts, do))
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001  (fla refusing is a result, not a failure)
                     r["fb_fla_msg"] = f"refused: {str(e)[:70]}…" if "Triton" in str(e) else f"failed: {e!r}"[:80]
                     log(f"  fla fwd+bwd: {e!r}")
         except Exception as e:  # noqa: BLE001
+            common.reraise_if_smoke()
             traceback.print_exc()
             log(f"  failed: {e!r}")
         log(f"  {r}")
@@ -168,6 +176,8 @@ def run_chunked(gate, shapes, fla_op, log):
 def sdpa_cudnn(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if DEV != "cuda":  # smoke run on a CPU: torch's math backend
+        return (F.scaled_dot_product_attention(q, k, v, is_causal=True),)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         return (F.scaled_dot_product_attention(q, k, v, is_causal=True),)
 
@@ -187,17 +197,18 @@ def run_attention(ts_list, log):
         log(f"attention crossover T={T} B={B} ...")
         r = {}
         try:
-            qkv = [torch.randn(B, ATTN_H, T, ATTN_D, device="cuda", dtype=DT) for _ in range(3)]
+            qkv = [torch.randn(B, ATTN_H, T, ATTN_D, device=DEV, dtype=DT) for _ in range(3)]
             r["attn_fwd"] = bench(forward(sdpa_cudnn, qkv))
             r["fwd"] = bench(forward(gated_delta_rule, inputs(B, T, ATTN_H, ATTN_D, "scalar")))
             qkv = [t.requires_grad_() for t in qkv]
             r["attn_fb"] = bench(fwd_bwd(sdpa_cudnn, qkv, torch.randn_like(qkv[0])))
             ts = inputs(B, T, ATTN_H, ATTN_D, "scalar", requires_grad=True)
-            do = torch.randn(B, T, ATTN_H, ATTN_D, device="cuda", dtype=DT)
+            do = torch.randn(B, T, ATTN_H, ATTN_D, device=DEV, dtype=DT)
             r["fb"] = bench(fwd_bwd(gated_delta_rule, ts, do))
             ts = inputs(B, T, ATTN_H, ATTN_D, "channel", requires_grad=True)
             r["kda_fb"] = bench(fwd_bwd(gated_delta_rule, ts, do))
         except Exception as e:  # noqa: BLE001
+            common.reraise_if_smoke()
             traceback.print_exc()
             log(f"  failed: {e!r}")
         log(f"  {r}")
@@ -220,15 +231,21 @@ def run_attention(ts_list, log):
     return rows
 
 
+def gpu_time(fn):
+    """Milliseconds of fn replayed from a CUDA graph (smoke mode: one wall-clock call)."""
+    return common.bench(fn) if common.SMOKE else common.graph_bench(fn, rep=100, warmup=25)
+
+
 def copy_gbs(nbytes):
-    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    x = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
     y = torch.empty_like(x)
-    return 2 * nbytes / common.graph_bench(lambda: y.copy_(x), rep=100, warmup=25) / 1e6
+    return 2 * nbytes / gpu_time(lambda: y.copy_(x)) / 1e6
 
 
 def run_decode(cases, fla_recurrent, log, ceiling):
     rows = [
-        "## Decode: one token, state [B, H, 128, 128] fp32 updated in place (CUDA-graph replay, GPU time)",
+        f"## Decode: one token, state [B, H, {DECODE_D}, {DECODE_D}] fp32 updated in place "
+        "(CUDA-graph replay, GPU time)",
         "",
         "| B | H | gate | state MiB | ours µs | ours GB/s | of 1 GiB copy | same-size copy GB/s | of same-size copy | "
         "fla µs (GDN) | ours/fla |",
@@ -238,23 +255,24 @@ def run_decode(cases, fla_recurrent, log, ceiling):
         for gate in ("scalar", "channel"):
             r = {}
             try:
-                q, k, v, g, beta = inputs(B, 1, H, 128, gate)
-                state = torch.randn(B, H, 128, 128, device="cuda") * 0.1
+                q, k, v, g, beta = inputs(B, 1, H, DECODE_D, gate)
+                state = torch.randn(B, H, DECODE_D, DECODE_D, device=DEV) * 0.1
                 nbytes = 2 * state.numel() * 4
                 o = gated_delta_rule_step(q, k, v, g, beta, state.clone())  # compiles and autotunes
                 o_ref = gated_delta_rule_reference(q, k, v, g, beta, initial_state=state)[0]
                 assert rel_err(o_ref, o) < 2e-2, rel_err(o_ref, o)
-                r["us"] = common.graph_bench(forward(gated_delta_rule_step, (q, k, v, g, beta, state))) * 1e3
+                r["us"] = gpu_time(forward(gated_delta_rule_step, (q, k, v, g, beta, state))) * 1e3
                 r["gbs"] = nbytes / r["us"] / 1e3
                 r["same"] = copy_gbs(nbytes // 2)
                 if fla_recurrent is not None and gate == "scalar":
                     args = (q, k, v, g, None, None, beta, None, state.clone(), True)  # fla's positional order
-                    r["fla_us"] = common.graph_bench(forward(fla_recurrent, args)) * 1e3
+                    r["fla_us"] = gpu_time(forward(fla_recurrent, args)) * 1e3
             except Exception as e:  # noqa: BLE001
+                common.reraise_if_smoke()
                 traceback.print_exc()
                 log(f"  decode B={B} H={H} {gate} failed: {e!r}")
             log(f"decode B={B} H={H} {gate}: {r}")
-            mib = B * H * 128 * 128 * 4 / 2**20
+            mib = B * H * DECODE_D * DECODE_D * 4 / 2**20
             of_copy = r["gbs"] / ceiling if r.get("gbs") and ceiling else None
             of_same = r["gbs"] / r["same"] if r.get("gbs") and r.get("same") else None
             rows.append(
@@ -270,25 +288,40 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "delta_rule_h200.md"))
     ap.add_argument("--only", default="gdn,kda,attn,decode", help="comma-separated sections: gdn, kda, attn, decode")
     ap.add_argument("--quick", action="store_true", help="one shape per section")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script: tiny shapes, one timed call, any device (CPU: interpreter, fp16), no fla, nothing "
+        "written",
+    )
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
+    global DEV, DT
+    if args.smoke:
+        common.SMOKE = True
+        DEV = common.device()
+        DT = torch.bfloat16 if DEV == "cuda" else torch.float16
+        globals().update(SMOKE)
+        backend.set_backend("triton")  # CPU tensors too: the kernels under the interpreter
+    elif not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (--smoke checks the script on CPU)")
     only = set(args.only.split(","))
 
     def log(msg):
         print(msg, flush=True)
 
-    fla_gdn, fla_kda, fla_recurrent, fla_version = fla_ops()
+    fla_gdn, fla_kda, fla_recurrent, fla_version = fla_ops() if not args.smoke else (None, None, None, None)
     ceiling = None
     try:
-        ceiling = copy_gbs(1 << 30)
+        ceiling = copy_gbs(1 << 20 if args.smoke else 1 << 30)
     except Exception as e:  # noqa: BLE001
+        common.reraise_if_smoke()
         log(f"copy ceiling failed: {e!r}")
+    gpu = torch.cuda.get_device_name() if DEV == "cuda" else f"CPU ({platform.machine()}, Triton interpreter)"
     head = [
         "# Chunked gated delta rule (Gated DeltaNet, KDA): Triton kernels vs fla-core and cuDNN attention",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"- GPU: {gpu}; torch {torch.__version__}, triton {triton.__version__}, "
         f"CUDA {torch.version.cuda}, fla-core {fla_version or 'not installed'}, Python {platform.python_version()}",
         "- setup: bf16 q, k (L2-normalised), v, beta; fp32 log-decay g and states; median of triton.testing.do_bench "
         "after a first call (compile + autotune); 'ours/X' = time(X) / time(ours), > 1: ours faster.",
@@ -297,11 +330,16 @@ def main():
         "copy bandwidth",
         f"- device-to-device copy of 1 GiB in this run: {fmt(ceiling, '.0f')} GB/s (read + write)",
     ]
+    if args.smoke:
+        head.append("- SMOKE RUN: tiny shapes, one timed call, no fla columns, numbers meaningless")
     log("\n".join(head))
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    quick = args.quick and not args.smoke
+    shapes = SHAPES[:1] if quick else SHAPES
     sections = []
 
     def write():
+        if args.smoke:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write("\n".join(head + sections) + "\n")
@@ -309,8 +347,8 @@ def main():
     runs = [
         ("gdn", lambda: run_chunked("scalar", shapes, fla_gdn, log)),
         ("kda", lambda: run_chunked("channel", shapes, fla_kda, log)),
-        ("attn", lambda: run_attention(ATTN_TS[2:4] if args.quick else ATTN_TS, log)),
-        ("decode", lambda: run_decode(DECODE[::3] if args.quick else DECODE, fla_recurrent, log, ceiling)),
+        ("attn", lambda: run_attention(ATTN_TS[2:4] if quick else ATTN_TS, log)),
+        ("decode", lambda: run_decode(DECODE[::3] if quick else DECODE, fla_recurrent, log, ceiling)),
     ]
     for name, run in runs:
         if name not in only:
@@ -318,6 +356,7 @@ def main():
         try:
             sections += [""] + run()
         except Exception as e:  # noqa: BLE001
+            common.reraise_if_smoke()
             traceback.print_exc()
             sections += ["", f"## {name}: failed: {e!r}"]
         write()
