@@ -905,7 +905,7 @@ _CONFIGS = {
     ],
     _dv_local_kernel: [_cfg(4, 2, BK=64, BV=64), _cfg(8, 2, BK=64, BV=64), _cfg(4, 2, BK=64, BV=32)],
     _state_bwd_kernel: [_cfg(4, 2, BV=16), _cfg(8, 2, BV=32), _cfg(8, 2, BV=16), _cfg(8, 2, BV=64)],
-    _grad_kernel: [_cfg(8, 2, BK=32, BV=32), _cfg(8, 2, BK=32, BV=64), _cfg(8, 2, BK=64, BV=32)],
+    _grad_kernel: [_cfg(8, 2, BK=32, BV=32), _cfg(8, 2, BK=32, BV=64)],
     _intra_bwd_kernel: [_cfg(8, 2, BK=64), _cfg(8, 2, BK=32), _cfg(4, 2, BK=64)],
     _kda_intra_bwd_kernel: [_cfg(8, 2, BK=32), _cfg(8, 2, BK=64)],
     _recurrent_kernel: [_cfg(1, 1, BV=8), _cfg(2, 1, BV=16), _cfg(4, 1, BV=32), _cfg(4, 1, BV=64)],
