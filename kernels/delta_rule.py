@@ -885,8 +885,9 @@ def _recurrent_kernel(
 # Under the interpreter: chunk 32 (two sub-chunks) and 16-wide K/V blocks, so small test shapes cross every block
 # boundary. On CUDA: chunk 64; fp32 (the checking dtype) one fixed moderate configuration; fp16/bf16 each kernel
 # autotuned over a short list (each entry costs one compile per key). The lists are not timed yet: they are the
-# configurations that compile for sm_90 without register spills at K = V = 128 (ptxas -v on triton 3.6's output,
-# bf16, both gate kinds), a few per kernel, chosen for occupancy (≤ 128 registers with 4 warps where possible).
+# configurations that compile for sm_90 without register spills at K = V = 128 (bf16, both gate kinds; see
+# benchmarks/compile_report_delta_rule.py), a few per kernel, chosen for occupancy (≤ 128 registers with 4 warps
+# where possible).
 
 
 def _cfg(num_warps, num_stages, **meta):
