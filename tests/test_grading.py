@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -15,14 +16,33 @@ import pytest
 import torch
 
 from glmkit.grading import main as grading_main
-from glmkit.grading.commands import autograde, release, render_feedback, self_check, validate, verify_release
-from glmkit.grading.exercise import (ExerciseError, load_exercise, locate_submission, notebook_to_source,
-                                     reference_imports, solution_lines, stub_source)
+from glmkit.grading.commands import (
+    _cell,
+    autograde,
+    feedback_stem,
+    printable,
+    release,
+    render_feedback,
+    self_check,
+    validate,
+    verify_release,
+)
+from glmkit.grading.exercise import (
+    ExerciseError,
+    Refused,
+    load_exercise,
+    locate_submission,
+    notebook_to_source,
+    read_regular,
+    reference_imports,
+    solution_lines,
+    stub_source,
+)
 from glmkit.grading.runner import ExerciseResult
 from glmkit.grading.sandbox import BadValue, decode_value
 
 REPO = Path(__file__).resolve().parents[1]
-EXERCISES = REPO / "exercises"
+EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "exercises")
 EX01 = EXERCISES / "01_blank_infilling"
 FAST = {"total_timeout": 30, "startup_timeout": 30}
 
@@ -160,13 +180,15 @@ def test_markers_are_checked():
 def _submissions(root: Path) -> Path:
     master = (EX01 / "ex01.py").read_text()
     stub = stub_source(master, "ex01")
-    partial = master.replace("    i = torch.arange(T)\n", "    raise NotImplementedError('ex01.glm_mask: not implemented yet')\n")
+    partial = master.replace("    i = torch.arange(T)\n",
+                             "    raise NotImplementedError('ex01.glm_mask: not implemented yet')\n")
     for name in ("alice", "bob", "carol", "dave", "erin", "frank", "gina"):
         (root / name).mkdir(parents=True)
     (root / "alice" / "ex01.py").write_text(master)
     (root / "bob" / "ex01.py").write_text(partial)
+    defs = master.split("IGNORE = -100")[1].join(["IGNORE = -100", ""])
     cells = [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": src}
-             for src in ["%load_ext autoreload\nimport torch", master.split("IGNORE = -100")[1].join(["IGNORE = -100", ""]),
+             for src in ["%load_ext autoreload\nimport torch", defs,
                          "from glmkit.grading import self_check\nself_check()"]]
     nb = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     (root / "carol" / "ex01.ipynb").write_text(json.dumps(nb))          # functions in the notebook
@@ -186,7 +208,7 @@ def test_autograde_handles_missing_empty_partial_renamed(tmp_path):
     out = tmp_path / "out"
     autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], jobs=2, limits=FAST, out=io.StringIO())
     text = (out / "gradebook.csv").read_text()
-    assert text.splitlines()[0] == "student,exercise,points,max_points,status,flags,notes"
+    assert text.splitlines()[0] == "student,exercise,points,max_points,status,flags,notes,isolation,feedback"
     book = _book(out)
     got = {n: (r["points"], r["status"]) for n, r in book.items()}
     assert got == {"alice": ("21", "graded"), "bob": ("15", "graded"), "carol": ("21", "graded"),
@@ -224,10 +246,30 @@ def test_feedback_for_hidden_checks_shows_no_student_data():
         {"name": "secret_two", "title": "secret two", "hidden": True, "max_points": 2, "points": 0,
          "status": "error", "summary": "part_a_b() raised Tokens_1_2_3", "detail": "tokens=[1, 2, 3]",
          "message": "Use the ids.", "seconds": 0, "grader_note": ""},
+        {"name": "secret_three", "title": "secret three", "hidden": True, "max_points": 2, "points": 0,
+         "status": "crashed", "summary": "your code's process exited with code 123", "detail": "",
+         "message": "Long texts.", "seconds": 0, "grader_note": ""},
     ]
     text = render_feedback("x", [res])
-    assert "secret" not in text and "[1, 2, 3]" not in text and "Tokens_1_2_3" not in text
-    assert "Spans can touch." in text and "part_a_b() raised an exception" in text
+    assert "secret" not in text and "[1, 2, 3]" not in text and "Tokens_1_2_3" not in text and "123" not in text
+    assert "Spans can touch." in text and "hidden check 2 (0/2): your code raised an exception" in text
+    assert "hidden check 3 (0/2): your code's process stopped" in text
+
+
+def test_feedback_file_names_are_unique_and_stable():
+    names = ["alice", "Ann Lee", feedback_stem("Ann Lee"), os.fsdecode(b"caf\xe9"), "caf\\xe9", "x" * 300,
+             ".hidden", "...", "..", "=1+1", "a/b"]
+    stems = [feedback_stem(n) for n in names]
+    assert len(set(stems)) == len(names) and stems == [feedback_stem(n) for n in names]
+    assert stems[0] == "alice" and all(len(s) <= 64 and s[0] != "." and "/" not in s for s in stems)
+
+
+def test_text_from_students_is_made_safe_for_files_terminals_and_spreadsheets():
+    assert printable(os.fsdecode(b"caf\xe9")) == "caf\\xe9"
+    assert printable("a\x1b[31mb\u202ec\nd") == "a\\x1b[31mb\\u202ec\\nd"
+    assert printable("line 1\nline 2", multiline=True) == "line 1\nline 2"
+    assert [_cell(v) for v in ("=1+1", "+1", "-2", "@SUM(1)", "\tx", "\rx", "ok", "1-2")] == \
+        ["'=1+1", "'+1", "'-2", "'@SUM(1)", "'\\tx", "'\\rx", "ok", "1-2"]
 
 
 def test_locating_a_submission(tmp_path):
@@ -245,6 +287,26 @@ def test_locating_a_submission(tmp_path):
     assert loc.status == "renamed" and loc.path.name == "mine.py"
     (tmp_path / "d").mkdir()
     assert locate_submission(tmp_path / "d", ex).status == "missing"
+
+
+def test_links_fifos_and_huge_files_are_refused_without_being_read(tmp_path):
+    ex = load_exercise(EX01, with_hidden=False)
+    secret = tmp_path / "secret.py"
+    secret.write_text("def part_a_b(): return 'secret'\n")
+    for name, make in {"link": lambda p: os.symlink(secret, p), "fifo": os.mkfifo,
+                       "huge": lambda p: open(p, "wb").truncate(3 << 30)}.items():
+        (tmp_path / name).mkdir()
+        make(tmp_path / name / "ex01.py")
+        loc = locate_submission(tmp_path / name, ex)
+        assert loc.status == "refused" and loc.source == "" and "secret" not in loc.note, (name, loc)
+    assert "symbolic link" in locate_submission(tmp_path / "link", ex).note
+    (tmp_path / "mixed").mkdir()                         # a regular file is graded; the link beside it is not read
+    (tmp_path / "mixed" / "ex01.py").write_text("def part_a_b(): pass\n")
+    os.symlink(secret, tmp_path / "mixed" / "solution.py")
+    loc = locate_submission(tmp_path / "mixed", ex)
+    assert loc.status == "found" and loc.flags == ["symlink"] and "solution.py" in loc.note
+    with pytest.raises(Refused, match="too large"):
+        read_regular(tmp_path / "huge" / "ex01.py", 2_000_000)
 
 
 def test_notebook_extraction_keeps_definitions_only():

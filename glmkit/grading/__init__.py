@@ -9,13 +9,16 @@ Commands (``python -m glmkit.grading <command> --help`` for each; ``glmkit.gradi
 
 How it differs from nbgrader/otter (shared/reference/course-anchors.md §1.10-1.11): checks are Python
 functions beside their points, time limit and teaching message; the student's code runs in its own
-sandboxed process and only *answers* (plain data) cross back, so hidden checks' source, inputs and
-expected values never reach the student, and comparisons cannot be monkeypatched from student code; the
-self-check never says "all tests passed" without saying that hidden checks remain. No Docker.
+bubblewrap sandbox (own user, pid, mount, network and IPC namespaces, an unprivileged uid, a seccomp filter)
+and only *answers* (plain data) cross back, so hidden checks' source, inputs and expected values never reach
+the student, comparisons cannot be monkeypatched from student code, and nothing the student's code says
+reaches a hidden check's feedback; the self-check never says "all tests passed" without saying that hidden
+checks remain. No Docker.
 
 The pieces: :mod:`.api` (Check, Ctx — what a checks file is written with), :mod:`.exercise` (folders,
-solution markers, finding a student's file), :mod:`.sandbox` (the student process and its limits),
-:mod:`.runner` (running checks), :mod:`.commands` (the CLI). See docs/instructor-guide.md.
+solution markers, finding a student's file without following links), :mod:`.isolation` (the sandbox),
+:mod:`.sandbox` (the worker process: limits, wire format, pipes with deadlines), :mod:`.runner` (running
+checks), :mod:`.commands` (the CLI, the gradebook and feedback). See docs/instructor-guide.md.
 """
 
 from __future__ import annotations

@@ -1,33 +1,43 @@
 """The grading worker: the only code that runs in the same process as a student's file.
 
 Self-contained on purpose (stdlib + torch, no glmkit import): the grader passes this file's text with
-``python -I -c`` and runs it in a fresh temporary directory holding one copy of the student's file, so the
-student process learns no grader path from its argv, environment or working directory.
+``python -I -c``. In the namespaces sandbox (see isolation.py) it runs as an unprivileged uid in its own
+namespaces, seeing only the Python environment and a private /tmp whose /tmp/work holds one copy of the
+student's file; in the weak mode, in a fresh temporary folder holding that copy.
 
-Protocol (one JSON object per line): the grader writes requests on the worker's stdin, the worker answers on
-a private duplicate of its stdout. Before any student code runs, fds 0/1 are pointed at /dev/null and the
-output pipe (stderr), so a ``print`` in student code cannot forge or corrupt a reply by accident. The worker
-only ever *sends* plain data (JSON); the grader decodes it with a strict parser and compares in its own
-process, so nothing the student does here (monkeypatching, lying objects) reaches the comparison.
+Once the student's file is imported, everything in this process is the student's: this code is a convenience
+and a tripwire, not a boundary. The grader trusts nothing it says: replies are data, parsed strictly; their
+text never reaches a hidden check's feedback; blocked actions are named in feedback only by a fixed category.
+
+Protocol (one JSON object per line): the worker writes ``{"hello": true}`` first, before any student code can
+run (so the grader can tell a sandbox that failed to start from a crash); the grader writes requests on the
+worker's stdin, the worker answers on a private duplicate of its stdout. Before any student code runs, fds
+0/1 are pointed at /dev/null and the output pipe (stderr), so a ``print`` cannot corrupt a reply by accident.
 
 Order of events:
-  1. read the setup request (module name, file name, reference modules, sandbox switches);
-  2. import torch and the reference modules, whose functions are wrapped to record any call from student
-     code (the runtime half of the reference-use flag; the grader's static scan is the other half);
-  3. sandbox: Landlock (kernel-enforced: read-only access to the interpreter and libraries, read-write to
-     the working directory only, no TCP, no signals or abstract sockets outside), no-new-privileges, drop
-     all capabilities when running as root (so rlimits cannot be raised), then a Python audit hook that
-     refuses process creation, ctypes, rlimit changes, signals and file access outside the allowed roots
-     and records each attempt for the feedback;
+  1. say hello, read the setup request (module and file name, reference modules, sandbox switches);
+  2. import torch; refuse ``glmkit`` imports from now on (the references are not available to submissions;
+     an attempt is reported, so the grader can flag it);
+  3. Landlock (read-only access to the interpreter and libraries, read-write to the working folder only, no
+     TCP, no signals or abstract sockets outside), no-new-privileges, all capabilities dropped when running
+     as root (weak mode), then a Python audit hook that refuses process creation, ctypes, rlimit changes,
+     signals, sockets and file access outside the allowed roots and records each attempt by category;
   4. import the student's file and report which functions exist;
-  5. serve ``call`` requests until stdin closes.
+  5. serve ``call`` requests until stdin closes, each call on a fresh thread whose first Python frame is the
+     student's function: it has no caller frame to walk to.
 """
 
+import _thread
+import functools
+import importlib.abc
 import importlib.util
+import itertools
 import json
 import os
 import sys
+import time
 import traceback
+import types
 
 
 def _safe_str(e):
@@ -93,7 +103,7 @@ def _encode(v, torch, depth=0):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# sandbox
+# sandbox (inside the namespaces sandbox these only add to it; in the weak mode they are all there is)
 
 def _landlock(read_roots, rw_roots, rw_files):
     """Kernel-enforced file-system, network and signal restrictions; returns the ABI version used (0 = none)."""
@@ -166,18 +176,42 @@ def _drop_capabilities():
     return libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0
 
 
+def _drop_capabilities():
+    """As root: empty the bounding, permitted and effective capability sets (no raising rlimits again)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(38, 1, 0, 0, 0)                  # PR_SET_NO_NEW_PRIVS
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)            # PR_CAPBSET_DROP (fails harmlessly past the last cap)
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    return libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0
+
+
 def _install_audit_hook(events, read_roots, write_roots):
     real = os.path.realpath
     under = lambda p, roots: any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
-    refused = {
-        "os.fork": "start a process", "os.forkpty": "start a process", "os.posix_spawn": "start a process",
-        "os.spawn": "start a process", "os.exec": "start a program", "os.system": "run a shell command",
-        "subprocess.Popen": "start a process", "pty.spawn": "start a process",
-        "os.kill": "send a signal", "os.killpg": "send a signal", "signal.pthread_kill": "send a signal",
-        "resource.setrlimit": "change resource limits", "resource.prlimit": "change resource limits",
-        "ctypes.dlopen": "load native code with ctypes", "ctypes.dlsym": "load native code with ctypes",
-        "ctypes.call_function": "call native code with ctypes", "socket.connect": "open a network connection",
-        "socket.bind": "open a network socket", "sys.addaudithook": "install an audit hook",
+    refused = {   # audit event -> (category the grader shows, what it says in the PermissionError)
+        "os.fork": ("process", "start a process"), "os.forkpty": ("process", "start a process"),
+        "os.posix_spawn": ("process", "start a process"), "os.spawn": ("process", "start a process"),
+        "os.exec": ("process", "start a program"), "os.system": ("process", "run a shell command"),
+        "subprocess.Popen": ("process", "start a process"), "pty.spawn": ("process", "start a process"),
+        "os.kill": ("signal", "send a signal"), "os.killpg": ("signal", "send a signal"),
+        "signal.pthread_kill": ("signal", "send a signal"),
+        "resource.setrlimit": ("limits", "change resource limits"),
+        "resource.prlimit": ("limits", "change resource limits"),
+        "ctypes.dlopen": ("native", "load native code with ctypes"),
+        "ctypes.dlsym": ("native", "load native code with ctypes"),
+        "ctypes.call_function": ("native", "call native code with ctypes"),
+        "socket.connect": ("network", "open a network connection"), "socket.bind": ("network", "open a socket"),
+        "socket.sendto": ("network", "send network packets"), "sys.addaudithook": ("audit", "install an audit hook"),
     }
     path_events = {"open", "os.listdir", "os.scandir", "os.remove", "os.rename", "os.rmdir", "os.mkdir",
                    "os.chmod", "os.chown", "os.truncate", "os.utime", "os.symlink", "os.link", "shutil.rmtree"}
@@ -191,12 +225,13 @@ def _install_audit_hook(events, read_roots, write_roots):
         if state["busy"]:
             return
         if event in refused:
+            kind, what = refused[event]
             state["busy"] = True
             try:
-                record("refused", refused[event])
+                record(kind, what)
             finally:
                 state["busy"] = False
-            raise PermissionError(f"the grader does not allow submissions to {refused[event]} ({event})")
+            raise PermissionError(f"the grader does not allow submissions to {what} ({event})")
         if event in path_events and args:
             path = args[0]
             if isinstance(path, int) or path is None:
@@ -214,7 +249,7 @@ def _install_audit_hook(events, read_roots, write_roots):
                         bool(isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
                 allowed = under(p, write_roots) if writing else under(p, read_roots + write_roots)
                 if not allowed:
-                    record("refused", ("write " if writing else "read ") + p)
+                    record("write" if writing else "read", p)
             finally:
                 state["busy"] = False
             if not allowed:
@@ -222,7 +257,67 @@ def _install_audit_hook(events, read_roots, write_roots):
                                       f"{'write' if writing else 'read'} files outside their folder: {p}")
 
     sys.addaudithook(hook)
-    return state
+
+
+class _GlmkitGate(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``glmkit`` is not available to submissions. The packages above a reference module (``glmkit``,
+    ``glmkit.data``) import as empty ones, so that the name recorded is the reference's own, then refused."""
+
+    def __init__(self, attempts, references):
+        self.attempts = attempts
+        self.packages = {r.rsplit(".", k)[0] for r in references for k in range(1, r.count(".") + 1)}
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] != "glmkit":
+            return None
+        if len(self.attempts) < 20:
+            self.attempts.append(name)
+        if name in self.packages or name == "glmkit":
+            return importlib.util.spec_from_loader(name, self, is_package=True)
+        raise ModuleNotFoundError(f"No module named {name!r}: glmkit is not available to exercise files when "
+                                  f"they are checked or graded (write the code yourself; torch is available)",
+                                  name=name)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+def _describe(e):
+    """An exception as data. Student code may run here (``__str__``), so this is called on the student's thread."""
+    try:
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)[-6:])[-4000:]
+    except BaseException:  # noqa: BLE001
+        tb = ""
+    return {"ok": False, "type": _safe_str(type(e).__name__)[:100], "message": _safe_str(e), "traceback": tb}
+
+
+def _call_fresh(fn, args, kwargs, encode):
+    """``encode(fn(*args, **kwargs))`` on a new thread started from C: the student's function is that thread's
+    first Python frame (``sys._getframe(1)`` raises), so no caller frame leads back to this worker, and
+    whatever student code runs while the value is encoded or an exception described runs there too.
+    Returns the reply: {"ok": True, "value": ...} or {"ok": False, "type", "message", "traceback"}."""
+    out, errors = [], []
+    sys.unraisablehook = lambda u: errors.append(_describe(u.exc_value))
+    call = map(encode, itertools.starmap(functools.partial(fn, **kwargs), [tuple(args)]))
+    if hasattr(_thread, "start_joinable_thread"):                   # Python >= 3.13
+        _thread.start_joinable_thread(functools.partial(out.extend, call)).join()
+    else:   # the thread's sentinel lock is released when its state is deleted; we hold it before it may end
+        gate = _thread.allocate_lock()
+        gate.acquire()
+        _thread.start_new_thread(out.extend, (itertools.chain(itertools.starmap(_thread._set_sentinel, [()]),
+                                                              itertools.starmap(gate.acquire, [()]), call),))
+        while not out:
+            time.sleep(0.0002)
+        out[0].acquire()
+        gate.release()
+        out.pop(0).acquire()                                        # returns once that thread has ended
+        out.pop(0)
+    if out:
+        return {"ok": True, "value": out[0]}
+    return errors[0] if errors else {"ok": False, "type": "SystemExit", "message": "", "traceback": ""}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,44 +329,21 @@ def main():
     os.dup2(devnull, 0)
     os.dup2(2, 1)                                   # student prints go to the (capped) output pipe
     sys.stdin = open(os.devnull)
+    _send(proto_out, {"hello": True})
     setup = json.loads(proto_in.readline())
     workdir = os.getcwd()
 
     import torch
 
     torch.set_num_threads(1)
-    # The reference-use guard: wrap every function of the reference modules (imported here, before the
-    # student) so that a call from student code is recorded. A tripwire, backed by the grader's static scan.
-    ref_hits = []
-    ref_names = set(setup.get("reference_modules", []))
+    attempts = []
+    sys.meta_path.insert(0, _GlmkitGate(attempts, [r for r in setup.get("reference_modules", [])
+                                                   if isinstance(r, str)]))
 
-    def _wrap(modname, name, f):
-        def wrapper(*a, **k):
-            if len(ref_hits) < 10:
-                ref_hits.append(f"{modname}.{name}")
-            return f(*a, **k)
-        wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = f.__name__, f.__qualname__, f.__doc__
-        wrapper.__module__ = modname
-        return wrapper
-
-    for modname in sorted(ref_names):
-        try:
-            refmod = importlib.import_module(modname)
-        except Exception:
-            continue
-        for name, f in list(vars(refmod).items()):
-            if type(f).__name__ == "function" and getattr(f, "__module__", None) == modname:
-                setattr(refmod, name, _wrap(modname, name, f))
-
-    # what the student process may read: the interpreter, its libraries, glmkit's own package folder
+    # what the student process may read: the interpreter and its libraries
     read_roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                   "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/sys", "/dev"}
     read_roots |= {p for p in sys.path if p and os.path.isdir(p)}
-    try:
-        spec = importlib.util.find_spec("glmkit")
-        read_roots |= set(spec.submodule_search_locations or [])
-    except Exception:
-        pass
     read_roots = sorted({os.path.realpath(p) for p in read_roots if os.path.exists(p)})
     write_roots = [os.path.realpath(workdir), "/dev/null"]
     sandbox = {"landlock": 0, "capabilities_dropped": False, "audit_hook": False}
@@ -291,31 +363,18 @@ def main():
         sandbox["audit_hook"] = True
 
     module_name, filename = setup["module"], setup["file"]
-    try:
-        spec = importlib.util.spec_from_file_location(module_name, os.path.join(workdir, filename))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    except BaseException as e:  # noqa: BLE001 - SystemExit/KeyboardInterrupt at import are the student's
-        tb = traceback.format_exception(type(e), e, e.__traceback__)
-        _send(proto_out, {"import_error": {"type": type(e).__name__, "message": _safe_str(e),
-                                           "traceback": "".join(tb[-8:])[-4000:]},
-                          "sandbox": sandbox, "events": events})
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(workdir, filename))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    imported = _call_fresh(spec.loader.exec_module, [module], {}, lambda _: None)   # no frame of ours either
+    if not imported["ok"]:   # SystemExit/KeyboardInterrupt at import are the student's too
+        del imported["ok"]
+        _send(proto_out, {"import_error": imported, "sandbox": sandbox, "events": events, "glmkit_imports": attempts})
         os._exit(0)
 
-    def ref_objects_in_globals():
-        """Names in the student's module bound to a reference module or to one of its functions."""
-        found = []
-        for k, v in list(vars(module).items()):
-            t = type(v).__name__
-            mod = v.__name__ if t == "module" else (v.__module__ if t == "function" else None)
-            if isinstance(mod, str) and mod in ref_names:
-                found.append(k)
-        return found
-
-    functions = {f: type(vars(module).get(f)).__name__ == "function" for f in setup.get("functions", [])}
+    functions = {f: type(vars(module).get(f)) is types.FunctionType for f in setup.get("functions", [])}
     _send(proto_out, {"ready": True, "functions": functions, "sandbox": sandbox, "events": events,
-                      "reference_names": ref_objects_in_globals(), "reference_used": sorted(set(ref_hits))})
+                      "glmkit_imports": attempts})
     while True:
         line = proto_in.readline()
         if not line:
@@ -332,17 +391,8 @@ def main():
             _send(proto_out, {"ok": False, "missing": True, "events": []})
             continue
         del events[:]
-        del ref_hits[:]
-        try:
-            value = fn(*args, **kwargs)
-            reply = {"ok": True, "value": _encode(value, torch)}
-        except BaseException as e:  # noqa: BLE001 - the student's exception, reported as data
-            tb = traceback.format_exception(type(e), e, e.__traceback__)
-            reply = {"ok": False, "type": type(e).__name__, "message": _safe_str(e),
-                     "traceback": "".join(tb[-6:])[-4000:]}
-        reply["events"] = list(events)
-        reply["reference_used"] = sorted(set(ref_hits))
-        reply["reference_names"] = ref_objects_in_globals()
+        reply = _call_fresh(fn, args, kwargs, functools.partial(_encode, torch=torch))
+        reply["events"], reply["glmkit_imports"] = list(events), list(attempts)
         try:
             _send(proto_out, reply)
         except BaseException as e:  # noqa: BLE001 - e.g. an unencodable value

@@ -20,8 +20,9 @@ a public check also shows the detail, since its inputs are the learner's to see 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class Check:
     name: str = ""
     fn: Callable | None = field(default=None, repr=False)
 
-    def __call__(self, fn: Callable) -> "Check":
+    def __call__(self, fn: Callable) -> Check:
         self.fn, self.name = fn, fn.__name__
         self.title = self.title or fn.__name__.replace("_", " ")
         return self

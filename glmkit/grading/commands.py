@@ -1,29 +1,66 @@
-"""The command-line tool: validate, release, check, autograde (``python -m glmkit.grading --help``)."""
+"""The command-line tool: validate, release, check, autograde (``python -m glmkit.grading --help``).
+
+``autograde`` trusts nothing in a submission: every folder gets exactly one row per exercise (whatever its
+name: undecodable bytes, 240 characters, a spreadsheet formula, a leading dot), a unique and stable feedback
+file, and a ``grader-error`` row rather than a stopped run if anything goes wrong with it; the gradebook's
+cells are escaped against formula injection; names and messages are made printable before they are written.
+"""
 
 from __future__ import annotations
 
 import argparse
-import builtins
 import csv
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import sys
+import threading
 import time
+import traceback
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from glmkit.grading.exercise import (BEGIN, END, HIDDEN_FILE, PUBLIC_FILE, SETTINGS_FILE, Exercise,
-                                     ExerciseError, find_exercises, load_exercise, locate_submission,
-                                     solution_lines, solution_regions, stub_source)
-from glmkit.grading.runner import NOT_IMPLEMENTED, PASSED, ExerciseResult, run_checks
+from glmkit.grading.exercise import (
+    BEGIN,
+    END,
+    HIDDEN_FILE,
+    PUBLIC_FILE,
+    SETTINGS_FILE,
+    Exercise,
+    ExerciseError,
+    find_exercises,
+    load_exercise,
+    locate_submission,
+    solution_lines,
+    solution_regions,
+    stub_source,
+)
+from glmkit.grading.isolation import Isolation, SandboxUnavailable, require
+from glmkit.grading.runner import (
+    CRASHED,
+    ERROR,
+    FAILED,
+    MISSING_FN,
+    NOT_IMPLEMENTED,
+    NOT_RUN,
+    OUTPUT_LIMIT,
+    PASSED,
+    PROTOCOL,
+    TIMEOUT,
+    ExerciseResult,
+    run_checks,
+)
 from glmkit.grading.sandbox import Limits
 
-GRADEBOOK_COLUMNS = ["student", "exercise", "points", "max_points", "status", "flags", "notes"]
+GRADEBOOK_COLUMNS = ["student", "exercise", "points", "max_points", "status", "flags", "notes", "isolation",
+                     "feedback"]
 
 
 def default_exercises_dir() -> Path:
@@ -40,13 +77,17 @@ def numpy_warning(version: str | None = "auto") -> str | None:
     """A warning when numpy is too new for the Triton interpreter: the sandboxed workers run learners'
     ``@triton.jit`` code under it (their address-space limit keeps CUDA out), and triton 3.6's interpreter
     fails under numpy >= 2.4, so every kernel check would report an error instead of a grade."""
-    from glmkit.doctor import check_numpy
-
-    c = check_numpy(version, interpreter=True)
-    if c.ok:
+    if version == "auto":
+        try:
+            version = importlib.metadata.version("numpy")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    parts = [int(m.group()) for m in (re.match(r"\d+", x) for x in version.split("+")[0].split(".")[:2]) if m]
+    if tuple(parts) < (2, 4):
         return None
-    return (f"WARNING: {c.detail}. The grader runs Triton kernels under that interpreter, so checks of "
-            f"@triton.jit code (exercises 03, 04) will fail with errors. Fix: {c.fix}")
+    return (f"WARNING: numpy {version}: the Triton CPU interpreter (triton 3.6) fails under numpy >= 2.4. The "
+            f"grader runs Triton kernels under that interpreter, so checks of @triton.jit code (exercises 03, 04) "
+            f"will fail with errors. Fix: {shlex.quote(sys.executable)} -m pip install 'numpy>=1.24,<2.4'")
 
 
 def _fmt(x: float) -> str:
@@ -54,10 +95,22 @@ def _fmt(x: float) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write UTF-8 text (a stray surrogate becomes a backslash escape instead of an error) via a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(text.encode("utf-8", "backslashreplace"))
     os.replace(tmp, path)
+
+
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(s: str, multiline: bool = False) -> str:
+    """``s`` as safe text for a terminal, a CSV cell or Markdown: undecodable bytes (surrogates), control
+    characters (but newlines, with ``multiline``) and bidirectional overrides become backslash escapes."""
+    s = s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c.encode("unicode_escape").decode() if (unicodedata.category(c) in ("Cc", "Cs") or c in _BIDI)
+                   and not (multiline and c == "\n") else c for c in s)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,26 +355,38 @@ def self_check(path=None, *, seed=None, out=None, limits: dict | None = None) ->
 # ---------------------------------------------------------------------------------------------------------
 # autograde
 
-def _safe_name(student: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", student).strip(".") or "student"
-    if safe != student:
-        safe += "-" + hashlib.sha256(student.encode()).hexdigest()[:8]
-    return safe
+def feedback_stem(name: str) -> str:
+    """A unique, stable file name stem for a student folder ``name``: the name itself when it is plain (letters,
+    digits, ``._-``, at most 64, not starting with a dot, not ending like a hashed stem), else a sanitised prefix
+    plus 12 hex digits of the SHA-256 of the name's bytes on disk. A plain name never ends in ``-<12 hex>``, so
+    it never equals a hashed stem, and two different names never share a stem."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) and not re.search(r"-[0-9a-f]{12}$", name):
+        return name
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:48].lstrip(".") or "student"
+    return f"{prefix}-{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}"
 
 
 def autograde(submissions: Path, out_dir: Path, *, exercises_dir: Path | None = None,
               ids: list[str] | None = None, student: str | None = None, jobs: int = 2,
               seed: str | None = None, new_seed: bool = False, limits: dict | None = None,
-              landlock: bool = True, audit_hook: bool = True, out=sys.stdout) -> list[dict]:
+              isolation: Isolation | None = None, allow_weak_isolation: bool = False, out=sys.stdout) -> list[dict]:
     """Grade every student folder of ``submissions`` (or one ``student``) against every exercise (or
-    ``ids``); write gradebook.csv, feedback/<student>.md and results/<student>.json under ``out_dir``.
-    Returns the gradebook rows."""
+    ``ids``); write gradebook.csv, feedback/<stem>.md and results/<stem>.json under ``out_dir``. Workers run
+    in the namespaces sandbox; without one, SandboxUnavailable, unless ``allow_weak_isolation``. Returns the
+    gradebook rows. Whatever a submission contains, it gets exactly one row per exercise."""
     submissions, out_dir = Path(submissions), Path(out_dir)
-    exercises = find_exercises(exercises_dir or default_exercises_dir(), ids)
+    exercises_dir = Path(exercises_dir or default_exercises_dir())
+    exercises = find_exercises(exercises_dir, ids)
     if not exercises:
         raise ExerciseError("no exercises to grade")
     if not submissions.is_dir():
         raise FileNotFoundError(f"no submissions folder {submissions}")
+    iso = isolation or require(allow_weak_isolation)
+    exposed = iso.exposed([exercises_dir, submissions, out_dir])
+    if exposed:
+        raise SandboxUnavailable(f"autograde refused: {', '.join(exposed)} would be visible inside the sandbox, "
+                                 f"which shows the workers the Python environment; keep exercises, submissions "
+                                 f"and grades outside {sys.prefix} and /usr")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results").mkdir(exist_ok=True)
     (out_dir / "feedback").mkdir(exist_ok=True)
@@ -332,143 +397,163 @@ def autograde(submissions: Path, out_dir: Path, *, exercises_dir: Path | None = 
         else:
             seed = secrets.token_hex(8)
     _atomic_write(seed_file, seed + "\n")
-    students = sorted(p.name for p in submissions.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with os.scandir(submissions) as it:         # every folder is a student, hidden-looking names included
+        entries = sorted(it, key=lambda e: e.name)
+    links = {e.name for e in entries if e.is_symlink()}
+    students = [e.name for e in entries if e.name in links or e.is_dir(follow_symlinks=False)]
     if student is not None:
         if student not in students:
             raise FileNotFoundError(f"no submission folder {submissions / student}")
         students = [student]
     t0 = time.monotonic()
-    print(f"grading {len(students)} student(s) x {len(exercises)} exercise(s) with {jobs} job(s), "
-          f"seed {seed}", file=out)
+    print(f"grading {len(students)} student(s) x {len(exercises)} exercise(s) with {jobs} job(s), seed {seed}, "
+          f"isolation: {iso.label}" + (f" ({iso.note})" if iso.note else ""), file=out)
     if (warning := numpy_warning()) is not None:
         print(warning, file=out)
 
     def grade_student(name: str) -> dict:
-        results = []
-        for ex in exercises:
+        stem, shown = feedback_stem(name), printable(name)
+        record = {"student": shown, "stem": stem, "seed": seed, "isolation": iso.label, "exercises": []}
+        try:
+            for ex in exercises:
+                if name in links:
+                    r = ExerciseResult(ex.id, ex.title, ex.points, status="refused", flags=["symlink"],
+                                       notes=["the submission folder is a symbolic link: it was not followed"])
+                else:
+                    r = _grade_one(submissions / name, stem, ex, seed, _limits(ex, limits or {}), iso)
+                record["exercises"].append(r.to_dict())
+                print(f"  {shown[:40]:20s} {r.exercise}  {_fmt(r.points):>5s}/{_fmt(r.max_points):<4s} {r.status}"
+                      + (f"  [{', '.join(r.flags)}]" if r.flags else ""), file=out)
+                out.flush()
+            _atomic_write(out_dir / "results" / f"{stem}.json", json.dumps(record, indent=1) + "\n")
+            _atomic_write(out_dir / "feedback" / f"{stem}.md", render_feedback(shown, record["exercises"]))
+        except Exception as e:  # noqa: BLE001 - the run never stops for one submission
+            done = {r["exercise"] for r in record["exercises"]}
+            record["exercises"] += [_grader_error(ex, e).to_dict() for ex in exercises if ex.id not in done]
+            print(f"  {shown[:40]:20s} grader-error: {type(e).__name__}", file=out)
             try:
-                results.append(_grade_one(submissions / name, name, ex, seed, _limits(ex, limits or {}),
-                                          landlock, audit_hook))
-            except Exception as e:  # noqa: BLE001 - the grader never stops for one submission
-                r = ExerciseResult(ex.id, ex.title, ex.points, status="grader-error")
-                r.notes.append(f"the grader failed on this submission: {type(e).__name__}: {e}")
-                results.append(r)
-        record = {"student": name, "seed": seed, "exercises": [r.to_dict() for r in results]}
-        safe = _safe_name(name)
-        _atomic_write(out_dir / "results" / f"{safe}.json", json.dumps(record, indent=1) + "\n")
-        _atomic_write(out_dir / "feedback" / f"{safe}.md", render_feedback(name, results))
-        for r in results:
-            print(f"  {name:20s} {r.exercise}  {_fmt(r.points):>5s}/{_fmt(r.max_points):<4s} {r.status}"
-                  + (f"  [{', '.join(r.flags)}]" if r.flags else ""), file=out)
-            out.flush()
+                _atomic_write(out_dir / "results" / f"{stem}.json", json.dumps(record, indent=1) + "\n")
+            except Exception:  # noqa: BLE001 - kept in memory for the gradebook below
+                pass
         return record
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(grade_student, students))
+        records = list(pool.map(grade_student, students))
     if student is None:   # a full run: drop what belongs to students no longer in the folder
-        keep = {_safe_name(s) for s in students}
+        keep = {feedback_stem(s) for s in students}
         for sub, ext in (("results", ".json"), ("feedback", ".md")):
             for p in (out_dir / sub).glob(f"*{ext}"):
                 if p.stem not in keep:
                     p.unlink()
-    rows = write_gradebook(out_dir)
+    rows = write_gradebook(out_dir, records)
     print(f"done in {time.monotonic() - t0:.1f} s: {out_dir / 'gradebook.csv'} ({len(rows)} rows), "
           f"feedback in {out_dir / 'feedback'}", file=out)
     return rows
 
 
-def _grade_one(folder: Path, name: str, ex: Exercise, seed: str, limits: Limits, landlock: bool,
-               audit_hook: bool) -> ExerciseResult:
-    loc = locate_submission(folder, ex)
-    if loc.status in ("missing", "empty"):
-        r = ExerciseResult(ex.id, ex.title, ex.points, status=loc.status)
-        r.notes.append(loc.note)
-        return r
-    r = run_checks(ex, loc.source, ex.checks, seed=f"{seed}:{name}", limits=limits, landlock=landlock,
-                   audit_hook=audit_hook)
-    r.file = str(loc.path.relative_to(folder)) if loc.path else ""
-    if loc.note:
-        r.notes.insert(0, loc.note)
-    r.max_points = ex.points
+def _grader_error(ex: Exercise, e: BaseException) -> ExerciseResult:
+    r = ExerciseResult(ex.id, ex.title, ex.points, status="grader-error",
+                       notes=[f"the grader failed on this submission ({type(e).__name__}); your instructor has "
+                              f"the details"])
+    r.output_excerpt = "".join(traceback.format_exception(type(e), e, e.__traceback__))[-4000:]
     return r
 
 
-def write_gradebook(out_dir: Path) -> list[dict]:
-    """Rebuild gradebook.csv from every results/*.json (so re-grading one student keeps the others)."""
-    rows = []
+def _grade_one(folder: Path, stem: str, ex: Exercise, seed: str, limits: Limits,
+               iso: Isolation) -> ExerciseResult:
+    try:
+        loc = locate_submission(folder, ex)
+        if loc.status in ("missing", "empty", "refused"):
+            r = ExerciseResult(ex.id, ex.title, ex.points, status=loc.status, flags=list(loc.flags))
+        else:
+            r = run_checks(ex, loc.source, ex.checks, seed=f"{seed}:{stem}", limits=limits, isolation=iso)
+            r.flags = list(dict.fromkeys(r.flags + loc.flags))
+        r.file = printable(str(loc.path)) if loc.path else ""
+        if loc.note:
+            r.notes.insert(0, printable(loc.note))
+        r.max_points, r.isolation = ex.points, iso.label
+        return r
+    except Exception as e:  # noqa: BLE001 - this submission's row says so; the others are graded
+        return _grader_error(ex, e)
+
+
+def _cell(v) -> str:
+    """A CSV cell safe from formula injection (OWASP): text starting with = + - @ tab or CR gets a leading '."""
+    v = str(v)
+    return ("'" if v[:1] in ("=", "+", "-", "@", "\t", "\r") else "") + printable(v)
+
+
+def write_gradebook(out_dir: Path, records: list[dict] = ()) -> list[dict]:
+    """Rebuild gradebook.csv from every results/*.json (so re-grading one student keeps the others), plus the
+    in-memory ``records`` whose results file could not be written."""
+    recs = {r["stem"]: r for r in records}
     for p in sorted((out_dir / "results").glob("*.json")):
-        rec = json.loads(p.read_text())
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8", errors="replace"))
+            recs[p.stem] = {**rec, "stem": p.stem}
+        except (OSError, ValueError):
+            recs.setdefault(p.stem, {"student": p.stem, "stem": p.stem, "exercises": [
+                {"exercise": "?", "points": 0, "max_points": 0, "status": "grader-error", "flags": [],
+                 "notes": [f"results/{p.name} could not be read"], "isolation": ""}]})
+    rows = []
+    for stem, rec in recs.items():
         for r in rec["exercises"]:
             rows.append({"student": rec["student"], "exercise": r["exercise"], "points": _fmt(r["points"]),
-                         "max_points": _fmt(r["max_points"]), "status": r["status"],
-                         "flags": ";".join(r["flags"]), "notes": " | ".join(r["notes"])[:500]})
-    rows.sort(key=lambda r: (r["student"], r["exercise"]))
+                         "max_points": _fmt(r["max_points"]), "status": r["status"], "flags": ";".join(r["flags"]),
+                         "notes": " | ".join(r["notes"])[:500], "isolation": r.get("isolation") or
+                         rec.get("isolation", ""), "feedback": f"feedback/{stem}.md"})
+    rows.sort(key=lambda r: (r["student"], r["exercise"], r["feedback"]))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, GRADEBOOK_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(GRADEBOOK_COLUMNS)
+    w.writerows([_cell(r[c]) for c in GRADEBOOK_COLUMNS] for r in rows)
     _atomic_write(out_dir / "gradebook.csv", buf.getvalue())
     return rows
 
 
-_BUILTIN_EXC = {n for n in dir(builtins) if isinstance(getattr(builtins, n), type)
-                and issubclass(getattr(builtins, n), BaseException)}
+# what a learner sees for a failed hidden check besides its teaching message: its status in a fixed word or two
+_HIDDEN_SAYS = {FAILED: "wrong answer", ERROR: "your code raised an exception", NOT_IMPLEMENTED: "not implemented yet",
+                MISSING_FN: "a function it calls is missing", TIMEOUT: "time limit reached",
+                CRASHED: "your code's process stopped", OUTPUT_LIMIT: "your code printed too much",
+                PROTOCOL: "your code's answer could not be read back", NOT_RUN: "not run"}
 
 
-def _hidden_summary(c: dict) -> str:
-    """What a learner may see of a failed hidden check besides its message: no data, no student text."""
-    s = c["summary"]
-    if c["status"] == NOT_IMPLEMENTED:
-        return "not implemented yet"
-    if c["status"] == "error":
-        m = re.match(r"(\w+)\(\) raised (\w+)$", s)
-        if m:
-            exc = m.group(2) if m.group(2) in _BUILTIN_EXC else "an exception"
-            return f"{m.group(1)}() raised {exc}"
-        return "your code raised an exception"
-    return s
-
-
-def render_feedback(student: str, results: list[ExerciseResult]) -> str:
-    """The learner's feedback file. Hidden checks: their teaching message and a data-free summary only."""
-    lines = [f"# Feedback for {student}", ""]
+def render_feedback(student: str, results: list) -> str:
+    """The learner's feedback file. A hidden check shows its teaching message and a fixed status word only:
+    nothing the student's code returned, raised, printed or reported reaches it."""
+    lines = [f"# Feedback for {printable(student)}", ""]
     for r in results:
         r = r if isinstance(r, dict) else r.to_dict()
         lines += [f"## Exercise {r['exercise']} — {r['title']}: {_fmt(r['points'])} / {_fmt(r['max_points'])} "
                   f"points ({r['status']})", ""]
         if r.get("file"):
-            lines.append(f"Graded file: `{r['file']}`")
+            lines.append(f"Graded file: `{printable(r['file'])}`")
         for n in r["notes"]:
-            lines.append(f"* {n}")
+            lines.append(f"* {printable(n)}")
         if "reference-import" in r["flags"]:
             lines.append("* This submission was FLAGGED for review: it uses glmkit's reference implementation "
-                         "of a function you were asked to write. It was graded as usual; your instructor "
-                         "will look at it.")
+                         "of a function you were asked to write. Your instructor will look at it.")
         checks = r["checks"]
         if not checks:
-            lines += ["", "No checks were run."]
-            lines.append("")
+            lines += ["", "No checks were run.", ""]
             continue
-        pub = [c for c in checks if not c["hidden"]]
-        hid = [c for c in checks if c["hidden"]]
-        for title, group in (("Public checks", pub), ("Hidden checks", hid)):
+        for title, group in (("Public checks", [c for c in checks if not c["hidden"]]),
+                             ("Hidden checks", [c for c in checks if c["hidden"]])):
             if not group:
                 continue
             ok = sum(c["status"] == PASSED for c in group)
-            pts = sum(c["points"] for c in group)
-            mx = sum(c["max_points"] for c in group)
+            pts, mx = sum(c["points"] for c in group), sum(c["max_points"] for c in group)
             lines += ["", f"### {title}: {ok} of {len(group)} passed ({_fmt(pts)} / {_fmt(mx)} points)", ""]
             for k, c in enumerate(group, 1):
                 label = c["title"] if not c["hidden"] else f"hidden check {k}"
                 if c["status"] == PASSED:
                     lines.append(f"* PASS {label} ({_fmt(c['points'])}/{_fmt(c['max_points'])})")
                     continue
-                summary = c["summary"] if not c["hidden"] else _hidden_summary(c)
+                summary = _HIDDEN_SAYS.get(c["status"], "failed") if c["hidden"] else printable(c["summary"])
                 lines.append(f"* FAIL {label} (0/{_fmt(c['max_points'])}): {summary}")
                 lines.append(f"  * what this checks: {c['message']}")
                 if not c["hidden"] and c["detail"]:
-                    lines.append("  * detail:")
-                    lines += ["", "    " + c["detail"].replace("\n", "\n    "), ""]
+                    lines += ["  * detail:", "", "    " + printable(c["detail"], True).replace("\n", "\n    "), ""]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -524,7 +609,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", action="append", metavar="KEY=VALUE", default=[], help=argparse.SUPPRESS)
     a = sub.add_parser("autograde", help="grade a folder of submissions: gradebook.csv + feedback files",
                        description="Grade SUBMISSIONS (one sub-folder per student) against every exercise's "
-                                   "public and hidden checks, each submission in its own sandboxed process. "
+                                   "public and hidden checks, each submission in its own bubblewrap sandbox. "
                                    "Writes OUT/gradebook.csv (student, exercise, points, max_points, status, "
                                    "flags, notes), OUT/feedback/<student>.md for the learner and "
                                    "OUT/results/<student>.json for you. Re-running gives the same result "
@@ -538,6 +623,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="submissions graded in parallel (default: min(4, CPUs))")
     a.add_argument("--seed", default=None, help="the inputs' seed (default: OUT/grading-seed, else new)")
     a.add_argument("--new-seed", action="store_true", help="draw fresh inputs instead of reusing the seed")
+    a.add_argument("--allow-weak-isolation", action="store_true",
+                   help="where workers cannot have their own namespaces (no bubblewrap, no user namespaces), grade "
+                        "anyway with process-level isolation only; the gradebook's isolation column says 'weak'")
     return p
 
 
@@ -555,9 +643,9 @@ def main(argv=None) -> int:
         if args.command == "autograde":
             autograde(args.submissions, args.out, exercises_dir=exdir, ids=args.exercises,
                       student=args.student, jobs=args.jobs, seed=args.seed, new_seed=args.new_seed,
-                      limits=limits)
+                      limits=limits, allow_weak_isolation=args.allow_weak_isolation)
             return 0
-    except (ExerciseError, FileNotFoundError) as e:
+    except (ExerciseError, FileNotFoundError, SandboxUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 2

@@ -15,11 +15,14 @@ other file of the folder is ever copied.
 from __future__ import annotations
 
 import ast
-import threading
+import errno
 import importlib.util
 import json
+import os
 import re
+import stat
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +45,12 @@ _AST_LOCK = threading.Lock()
 
 
 def _parse(source, filename="<unknown>"):
+    """ast.parse; a source it cannot take at all (null bytes, nesting too deep) is a SyntaxError too."""
     with _AST_LOCK:
-        return ast.parse(source, filename)
+        try:
+            return ast.parse(source, filename)
+        except (ValueError, RecursionError, MemoryError) as e:
+            raise SyntaxError(f"{type(e).__name__}: {e}") from None
 
 
 class ExerciseError(Exception):
@@ -228,9 +235,11 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def notebook_to_source(text: str) -> str:
+def notebook_to_source(text: str, references: list[str] = ()) -> str:
     """The definitions of a notebook: imports, defs, classes and simple assignments of its code cells.
-    Anything else (calls, magics, shell lines, the check cell) is dropped, so grading never runs a cell."""
+    Anything else (calls, magics, shell lines, the check cell) is dropped, so grading never runs a cell. So are
+    the notebook's own imports of glmkit (its demo and self-check cells; glmkit is not available to graded
+    code), except those of the ``references``, which stay to be flagged."""
     nb = json.loads(text)
     keep = []
     for cell in nb.get("cells", []):
@@ -244,6 +253,10 @@ def notebook_to_source(text: str) -> str:
         except SyntaxError:
             continue
         for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and not reference_imports(ast.unparse(node), references):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(m == "glmkit" or m.startswith("glmkit.") for m in mods):
+                    continue
             if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign,
                                  ast.AnnAssign, ast.AsyncFunctionDef)):
                 keep.append(ast.get_source_segment(src, node) or "")
@@ -258,73 +271,176 @@ def defined_functions(source: str) -> set[str]:
     return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
+MAX_SOURCE_BYTES = 2_000_000      # a student's .py larger than this is refused without being read
+MAX_NOTEBOOK_BYTES = 20_000_000   # the same for a notebook (outputs make them bigger)
+MAX_ENTRIES = 10_000              # entries looked at in one student's folder (an archive bomb has millions)
+MAX_DEPTH = 12
+
+
+class Refused(Exception):
+    """A file the grader will not read; the message says why (a symbolic link, not a regular file, too large)."""
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, checked on the open file before
+    reading, and never through a symbolic link (O_NOFOLLOW) or into a FIFO or device (O_NONBLOCK, fstat)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise Refused("is a symbolic link" if e.errno == errno.ELOOP else f"could not be read ({e.strerror})") \
+            from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused("is not a regular file")
+        if st.st_size > limit:
+            raise Refused(f"is too large ({st.st_size} bytes; the limit is {limit})")
+        data = bytearray()
+        while len(data) <= limit and (chunk := os.read(fd, min(1 << 20, limit + 1 - len(data)))):
+            data += chunk
+        if len(data) > limit:
+            raise Refused(f"is too large (more than {limit} bytes)")
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Scan:
+    """A student's folder, walked without following any link: regular files with their mtimes, symbolic links
+    and special files (FIFOs, sockets, devices), as paths relative to the folder. Hidden entries and
+    __pycache__ are skipped; past MAX_ENTRIES or MAX_DEPTH the walk stops (``truncated``)."""
+
+    files: list = field(default_factory=list)
+    links: list = field(default_factory=list)
+    special: list = field(default_factory=list)
+    truncated: bool = False
+
+
+def scan_folder(folder: Path) -> Scan:
+    scan, stack, seen = Scan(), [(Path(), 0)], 0
+    while stack:
+        rel, depth = stack.pop()
+        try:
+            with os.scandir(folder / rel) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            if seen > MAX_ENTRIES:
+                scan.truncated = True
+                return scan
+            if e.name.startswith(".") or e.name == "__pycache__":
+                continue
+            try:
+                if e.is_symlink():
+                    scan.links.append(rel / e.name)
+                elif e.is_dir(follow_symlinks=False):
+                    if depth < MAX_DEPTH:
+                        stack.append((rel / e.name, depth + 1))
+                    else:
+                        scan.truncated = True
+                elif e.is_file(follow_symlinks=False):
+                    scan.files.append((rel / e.name, e.stat(follow_symlinks=False).st_mtime))
+                else:
+                    scan.special.append(rel / e.name)
+            except OSError:
+                continue
+    return scan
+
+
 @dataclass
 class Located:
-    status: str                 # found | renamed | notebook | missing | empty
+    status: str                 # found | renamed | notebook | missing | empty | refused
     source: str = ""
-    path: Path | None = None
+    path: Path | None = None    # relative to the student's folder
     note: str = ""
+    flags: list = field(default_factory=list)
 
 
 def locate_submission(folder: Path, ex: Exercise) -> Located:
-    """The student's file for ``ex`` in ``folder`` (searched recursively):
+    """The student's file for ``ex`` in ``folder`` (searched recursively, links never followed):
     1. the expected name (e.g. ex01.py); 2. a .py whose name looks like it (Ex01 (1).py, ex01-final.py);
     3. the .py defining most of the required functions; 4. the same inside .ipynb files (definitions only).
-    Ties among candidates are broken by the newest modification time. Every step taken is noted."""
+    Ties among candidates are broken by the newest modification time. Every step taken is noted. A symbolic
+    link is never read: one where the expected file should be is refused, any other is noted and flagged."""
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") or part == "__pycache__" for part in p.relative_to(folder).parts))
+    scan = scan_folder(folder)
+    loc = _locate(folder, ex, scan)
+    if scan.links:
+        loc.flags.append("symlink")
+        shown = ", ".join(str(p) for p in scan.links[:5]) + (", ..." if len(scan.links) > 5 else "")
+        loc.note = _join(loc.note, f"symbolic links are never followed; ignored {len(scan.links)}: {shown}")
+    if scan.truncated:
+        loc.note = _join(loc.note, f"the folder is too big or too deep: only {MAX_ENTRIES} entries, "
+                                   f"{MAX_DEPTH} levels deep, were looked at")
+    return loc
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a else b
+
+
+def _locate(folder: Path, ex: Exercise, scan: Scan) -> Located:
     expected = ex.student_file
-    if not files:
-        return Located("missing", note=f"no files in the submission folder (expected {expected})")
-    exact = [p for p in files if p.name == expected]
-    stem = _norm(Path(expected).stem)
+    newest = lambda cands: max(cands, key=lambda c: (c[1], str(c[0])))[0]  # noqa: E731
+    exact = [c for c in scan.files if c[0].name == expected]
     if exact:
-        p = max(exact, key=lambda q: (q.stat().st_mtime, str(q)))
-        return _read(p, "found", "" if p.parent == folder else f"found {p.relative_to(folder)}", folder)
-    pys = [p for p in files if p.suffix == ".py"]
-    alike = [p for p in pys if _norm(p.stem).startswith(stem)]
+        p = newest(exact)
+        return _read(folder, p, "found", "" if p.parent == Path() else f"found {p}")
+    fake = [p for p in scan.links + scan.special if p.name == expected]
+    if fake:
+        what = "a symbolic link" if fake[0] in scan.links else "not a regular file"
+        return Located("refused", path=fake[0], note=f"{fake[0]} is {what}: the grader reads only regular files, "
+                                                     f"so it was not graded; submit the file itself")
+    if not scan.files:
+        return Located("missing", note=f"no files in the submission folder (expected {expected})")
+    stem = _norm(Path(expected).stem)
+    pys = [c for c in scan.files if c[0].suffix == ".py"]
+    alike = [c for c in pys if _norm(c[0].stem).startswith(stem)]
     if alike:
-        p = max(alike, key=lambda q: (q.stat().st_mtime, str(q)))
-        return _read(p, "renamed", f"graded {p.relative_to(folder)} as {expected} (renamed file)", folder)
+        p = newest(alike)
+        return _read(folder, p, "renamed", f"graded {p} as {expected} (renamed file)")
     want = set(ex.functions)
-
-    def score(src):
-        return len(defined_functions(src) & want)
-
-    scored = [(score(p.read_text(errors="replace")), p.stat().st_mtime, p) for p in pys]
-    scored = [s for s in scored if s[0] > 0]
-    if scored:
-        _, _, p = max(scored, key=lambda s: (s[0], s[1], str(s[2])))
-        return _read(p, "renamed", f"no {expected}; graded {p.relative_to(folder)}, which defines "
-                                   f"{score(p.read_text(errors='replace'))} of the {len(want)} functions", folder)
-    nbs = [p for p in files if p.suffix == ".ipynb"]
-    cands = []
-    for p in nbs:
+    sources = {}
+    for p, _ in pys:
         try:
-            src = notebook_to_source(p.read_text(errors="replace"))
-        except (ValueError, TypeError, AttributeError):
+            sources[p] = read_regular(folder / p, MAX_SOURCE_BYTES).decode("utf-8", errors="replace")
+        except Refused:
             continue
-        if score(src):
-            cands.append((score(src), p.stat().st_mtime, p, src))
+    scored = [(len(defined_functions(src) & want), mtime, p) for (p, mtime) in pys if (src := sources.get(p))]
+    scored = [x for x in scored if x[0] > 0]
+    if scored:
+        n, _, p = max(scored, key=lambda x: (x[0], x[1], str(x[2])))
+        return _read(folder, p, "renamed", f"no {expected}; graded {p}, which defines {n} of the {len(want)} "
+                                           f"functions")
+    cands = []
+    for p, mtime in scan.files:
+        if p.suffix == ".ipynb":
+            try:
+                src = notebook_to_source(read_regular(folder / p, MAX_NOTEBOOK_BYTES).decode("utf-8", "replace"),
+                                         ex.reference_modules)
+            except (Refused, ValueError, TypeError, AttributeError, RecursionError):
+                continue
+            if n := len(defined_functions(src) & want):
+                cands.append((n, mtime, p, src))
     if cands:
         _, _, p, src = max(cands, key=lambda c: (c[0], c[1], str(c[2])))
-        return Located("notebook", src, p, f"no {expected}; graded the definitions in {p.relative_to(folder)}")
+        return Located("notebook", src, p, f"no {expected}; graded the definitions in {p}")
     if len(pys) == 1:
-        return _read(pys[0], "renamed", f"no {expected}; graded the only .py file, "
-                                        f"{pys[0].relative_to(folder)}", folder)
-    names = ", ".join(str(p.relative_to(folder)) for p in files[:5])
-    return Located("missing", note=f"no {expected} and no file defining {', '.join(ex.functions)} "
-                                   f"(found: {names})")
+        return _read(folder, pys[0][0], "renamed", f"no {expected}; graded the only .py file, {pys[0][0]}")
+    names = ", ".join(str(p) for p, _ in scan.files[:5])
+    return Located("missing", note=f"no {expected} and no file defining {', '.join(ex.functions)} (found: {names})")
 
 
-def _read(p: Path, status: str, note: str, folder: Path) -> Located:
+def _read(folder: Path, p: Path, status: str, note: str) -> Located:
     try:
-        src = p.read_bytes()[:2_000_000].decode("utf-8", errors="replace")
-    except OSError as e:
-        return Located("missing", note=f"could not read {p.name}: {e}")
+        src = read_regular(folder / p, MAX_SOURCE_BYTES).decode("utf-8", errors="replace")
+    except Refused as e:
+        return Located("refused", path=p, note=_join(note, f"{p} {e}: not graded"))
     if not src.strip() or not _has_code(src):
-        return Located("empty", src, p, (note + "; " if note else "") + f"{p.relative_to(folder)} has no code")
+        return Located("empty", src, p, _join(note, f"{p} has no code"))
     return Located(status, src, p, note)
 
 

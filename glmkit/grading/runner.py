@@ -2,7 +2,10 @@
 
 The check functions run HERE, in the grading process; only ``ctx.call(...)`` crosses into the student's
 process. A check that times out, or whose student process crashes or prints too much, ends that check; the
-worker is restarted for the next check while the submission's total time budget lasts.
+worker is restarted (in a fresh sandbox) for the next check while the submission's total time budget lasts.
+Public checks run before hidden ones, so nothing a worker learnt from a hidden check's inputs can reach a
+public check's detail. What the worker reports (blocked actions, glmkit imports) is accepted only as one of
+a fixed set of categories and names; its free text goes to the instructor's results file, never to feedback.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from dataclasses import asdict, dataclass, field
 
 from glmkit.grading.api import Check, CheckFailed, Ctx, StudentError
 from glmkit.grading.exercise import Exercise, reference_imports
+from glmkit.grading.isolation import Isolation
 from glmkit.grading.sandbox import Limits, Unsupported, Worker, WorkerError
+
+# what a blocked action is called in feedback: the worker reports a category; anything else is "other"
+BLOCKED = {"process": "start a process", "signal": "send a signal", "native": "load native code",
+           "limits": "change its resource limits", "network": "use the network", "audit": "install an audit hook",
+           "read": "read a file outside its folder", "write": "write a file outside its folder",
+           "syscall": "make a system call the sandbox forbids (the process was stopped)"}
 
 # statuses of one check
 PASSED, FAILED, NOT_IMPLEMENTED, ERROR, MISSING_FN = "passed", "failed", "not implemented", "error", "missing function"
@@ -47,7 +57,8 @@ class ExerciseResult:
     notes: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     checks: list[CheckResult] = field(default_factory=list)
-    sandbox: dict = field(default_factory=dict)
+    sandbox: dict = field(default_factory=dict)       # instructor only: how it was isolated
+    isolation: str = ""
     output_excerpt: str = ""    # instructor only: what the student's code printed (never in feedback)
     blocked: list[str] = field(default_factory=list)   # instructor only: blocked actions, with paths
     file: str = ""
@@ -62,25 +73,34 @@ def check_seed(seed: str | int, exercise: str, check: str) -> int:
 
 
 def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | int,
-               limits: Limits | None = None, landlock: bool = True, audit_hook: bool = True,
-               on_check=None) -> ExerciseResult:
+               limits: Limits | None = None, isolation: Isolation | None = None, on_check=None) -> ExerciseResult:
     limits = limits or ex.limits
+    checks = [c for c in checks if not c.hidden] + [c for c in checks if c.hidden]
     res = ExerciseResult(ex.id, ex.title, sum(c.points for c in checks))
     static = reference_imports(source, ex.reference_modules)
     runtime_ref: set[str] = set()
     blocked: list[str] = []
+    uids: list[int] = []
     t_end = time.monotonic() + limits.total_timeout
     state = {"worker": None, "start_failure": None}
 
     def note_events(evts):
-        for e in evts or []:
-            if isinstance(e, dict) and e.get("kind") == "refused" and len(blocked) < 20:
-                blocked.append(str(e.get("what"))[:300])
+        for e in evts if isinstance(evts, list) else []:
+            if isinstance(e, dict) and len(blocked) < 20:
+                kind = e.get("kind") if e.get("kind") in BLOCKED else "other"
+                blocked.append(f"{kind}: {str(e.get('what'))[:300]}")
+
+    def note_imports(names):
+        for n in names if isinstance(names, list) else []:
+            runtime_ref.update(m for m in ex.reference_modules if isinstance(n, str) and
+                               (n == m or n.startswith(m + ".")))
 
     def stop_worker():
         w = state["worker"]
         if w is not None:
             res.output_excerpt = (res.output_excerpt + w.output.decode(errors="replace"))[-20000:]
+            if w.exit_signal == "SIGSYS":
+                blocked.append("syscall: a forbidden system call (SIGSYS)")
             w.close()
         state["worker"] = None
 
@@ -88,23 +108,27 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
         if state["worker"] is not None and state["worker"].alive:
             return state["worker"]
         stop_worker()
-        w = Worker(source, ex.module, ex.functions, limits, ex.reference_modules, landlock, audit_hook)
+        w = Worker(source, ex.module, ex.functions, limits, ex.reference_modules, isolation)
         state["worker"] = w
         try:
             info = w.start(min(time.monotonic() + limits.startup_timeout, t_end))
         except WorkerError as e:
+            info = e
+        res.sandbox, res.isolation = {**w.facts, "uids": uids}, w.iso.label
+        if w.box is not None and w.box.uid is not None:
+            uids.append(w.box.uid)
+        if isinstance(info, WorkerError):
             stop_worker()
-            state["start_failure"] = (e.kind, e.message, "")
-            raise StudentError(e.kind, e.message)
-        res.sandbox = info.sandbox
+            state["start_failure"] = (info.kind, info.message, "")
+            raise StudentError(NOT_RUN if info.kind == "sandbox" else info.kind, info.message)
+        res.sandbox["worker_report"] = info.sandbox
         note_events(info.events)
-        runtime_ref.update(info.reference_names)
-        runtime_ref.update(info.reference_used)
+        note_imports(info.glmkit_imports)
         if not info.ok:
             err = info.import_error or {}
             stop_worker()
             msg = f"your file could not be imported: {err.get('type')}: {err.get('message')}"
-            state["start_failure"] = ("import-error", msg, _clean_tb(err.get("traceback", ""), ex))
+            state["start_failure"] = ("import-error", msg, _clean_tb(str(err.get("traceback", "")), ex))
             raise StudentError("import-error", msg, state["start_failure"][2])
         return w
 
@@ -113,7 +137,8 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
         res.checks.append(cr)
         if state["start_failure"] is not None:
             kind, msg, tb = state["start_failure"]
-            cr.status, cr.summary, cr.detail = (ERROR if kind == "import-error" else kind), msg, tb
+            cr.status = {"import-error": ERROR, "sandbox": NOT_RUN}.get(kind, kind)
+            cr.summary, cr.detail = msg, tb
             continue
         if time.monotonic() >= t_end:
             cr.status, cr.summary = NOT_RUN, "not run: the submission's total time budget was used up"
@@ -121,15 +146,14 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
         t0 = time.monotonic()
         notes: list[str] = []
 
-        def caller(function, args, kwargs, _check=check):
+        def caller(function, args, kwargs, _check=check, _t0=t0):
             if function not in ex.functions:
                 raise RuntimeError(f"check {_check.name} calls {function}, which is not in exercise.toml")
             w = ensure_worker()
-            deadline = min(t0 + _check.timeout, t_end)
+            deadline = min(_t0 + _check.timeout, t_end)
             reply = w.call(function, args, kwargs, deadline)
             note_events(reply.get("events"))
-            runtime_ref.update(x for x in reply.get("reference_used") or [] if isinstance(x, str))
-            runtime_ref.update(x for x in reply.get("reference_names") or [] if isinstance(x, str))
+            note_imports(reply.get("glmkit_imports"))
             if reply.get("missing"):
                 raise StudentError(MISSING_FN, f"{ex.module}.{function} is not defined in your file")
             if reply.get("ok") is True:
@@ -155,7 +179,8 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
         except StudentError as e:
             cr.status, cr.summary, cr.detail = e.status, e.summary, e.detail
         except WorkerError as e:
-            cr.status = {"timeout": TIMEOUT, "crashed": CRASHED, "output-limit": OUTPUT_LIMIT}.get(e.kind, PROTOCOL)
+            cr.status = {"timeout": TIMEOUT, "crashed": CRASHED, "output-limit": OUTPUT_LIMIT,
+                         "sandbox": NOT_RUN}.get(e.kind, PROTOCOL)
             cr.summary = e.message
             stop_worker()
         except Exception as e:  # noqa: BLE001 - the check could not digest the student's value
@@ -169,24 +194,23 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
     stop_worker()
 
     res.points = round(sum(c.points for c in res.checks), 4)
-    if state["start_failure"] is not None and state["start_failure"][0] == "import-error" and res.points == 0:
+    first = next((c.status for c in res.checks if c.status in (TIMEOUT, CRASHED, OUTPUT_LIMIT, PROTOCOL)), None)
+    if state["start_failure"] is not None and state["start_failure"][0] == "sandbox":
+        res.status = "grader-error"
+        res.notes.append(f"the grader's sandbox failed: {state['start_failure'][1][:300]}")
+    elif state["start_failure"] is not None and state["start_failure"][0] == "import-error" and res.points == 0:
         res.status = "import-error"
-    else:   # the first abnormal ending names the status (later ones are often its consequences)
-        first = next((c.status for c in res.checks if c.status in (TIMEOUT, CRASHED, OUTPUT_LIMIT, PROTOCOL)),
-                     None)
-        if first:
-            res.status = first.replace(" ", "-")
+    elif first:     # the first abnormal ending names the status (later ones are often its consequences)
+        res.status = first.replace(" ", "-")
     if static or runtime_ref:
         res.flags.append("reference-import")
-        what = "; ".join(static + [f"uses {x}" for x in sorted(runtime_ref)])
+        what = "; ".join(static + [f"tried to import {x} at run time" for x in sorted(runtime_ref)])
         res.notes.append(f"FLAGGED: uses glmkit's reference implementation ({what})")
     if blocked:
         res.flags.append("blocked-actions")
         res.blocked = list(dict.fromkeys(blocked))          # with paths: instructor only
-        kinds = dict.fromkeys(b.split(" /")[0] + (" a file outside its folder" if " /" in b else "")
-                              for b in res.blocked)
-        res.notes.append(f"the grader blocked {len(blocked)} action(s) your code attempted: "
-                         + "; ".join(kinds))
+        kinds = dict.fromkeys(BLOCKED.get(b.split(":")[0], "do something the grader forbids") for b in res.blocked)
+        res.notes.append("the grader blocked what your code tried to do: " + "; ".join(kinds))
     return res
 
 

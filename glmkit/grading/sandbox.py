@@ -1,16 +1,15 @@
-"""Running one submission in its own process: limits, the wire format, and cleaning up after it.
+"""Talking to one submission's worker: its limits, the wire format, and pipes with deadlines.
 
-The grader side of ``_worker.py``. A :class:`Worker` copies ONE student file into a fresh temporary
-directory, starts ``python -I -B -c <worker source>`` there with a minimal environment, resource limits
-(CPU seconds, address space, file size, no core files, process count where the kernel applies it), its
-own session and process group, and talks to it over pipes with JSON lines. Everything that comes back is
-parsed by :func:`decode_value`, a strict decoder for a tiny format (None/bool/int/float/str, lists, tagged
-tuples and tagged tensors with dtype, shape and flat data), into *fresh* plain torch tensors built here.
-Nothing from the student process is ever unpickled or executed in the grader.
+The grader side of ``_worker.py``. A :class:`Worker` starts ``python -I -B -c <worker source>`` in a
+:class:`~glmkit.grading.isolation.Box` (a bubblewrap sandbox, see :mod:`.isolation`) holding ONE copy of the
+student's file, and talks to it over its stdin/stdout with JSON lines; what it prints on stderr is kept up to
+``output_kb``. Every pipe is non-blocking and every exchange has a deadline: a worker that stops reading,
+floods replies or never answers is killed at the deadline, and the grading thread never blocks on it.
 
-When a submission is done (or times out, or prints too much) the whole process group is killed, and then
-every process still carrying this worker's session, process group or job marker is hunted down in /proc
-and killed too, so children that call setsid() do not outlive the grading.
+Everything that comes back is parsed by :func:`decode_value`, a strict decoder for a tiny format
+(None/bool/int/float/str, lists, tagged tuples and tagged tensors with dtype, shape and flat data), into
+*fresh* plain torch tensors built here. Nothing from the student process is ever unpickled or executed in the
+grader, and nothing it says is trusted: the runner keeps its text out of hidden checks' feedback.
 """
 
 from __future__ import annotations
@@ -18,22 +17,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from glmkit.grading.isolation import Box, Isolation, detect
+
 WORKER_SOURCE = (Path(__file__).with_name("_worker.py")).read_text()
-JOB_ENV = "GLMKIT_GRADE_JOB"          # marker in every student process's environment (for the sweep)
 
 _DTYPES = {"bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
            "int32": torch.int32, "int64": torch.int64, "float16": torch.float16,
@@ -48,27 +44,25 @@ class Limits:
     startup_timeout: float = 60.0      # s: start Python + torch, import the student's file
     total_timeout: float = 120.0       # s: everything for one submission of one exercise
     cpu_seconds: int = 120             # RLIMIT_CPU of the student process (then SIGXCPU/SIGKILL)
-    memory_mb: int = 3072              # RLIMIT_AS: address space (torch alone maps ~0.7 GB)
-    file_size_mb: int = 16             # RLIMIT_FSIZE: the largest file it may write (in its own folder)
+    memory_mb: int = 3072              # RLIMIT_AS of the worker, and its cgroup's memory.max where there is one
+    file_size_mb: int = 16             # RLIMIT_FSIZE: the largest file it may write (in its own tmpfs)
+    tmp_mb: int = 64                   # size of the sandbox's private /tmp (its working folder is in it)
+    tasks: int = 64                    # threads + processes: RLIMIT_NPROC of its fresh uid, its cgroup's pids.max
     output_kb: int = 256               # stdout+stderr beyond this: the process is killed
     max_message_mb: int = 64           # one reply on the protocol pipe beyond this: killed
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Limits":
+    def from_dict(cls, d: dict) -> Limits:
         known = set(cls.__dataclass_fields__)
         bad = set(d) - known
         if bad:
             raise ValueError(f"unknown [limits] keys {sorted(bad)}; known: {sorted(known)}")
         return cls(**d)
 
-    def scaled(self, factor: float) -> "Limits":
-        return Limits(self.startup_timeout * factor, self.total_timeout * factor,
-                      int(math.ceil(self.cpu_seconds * factor)), self.memory_mb, self.file_size_mb,
-                      self.output_kb, self.max_message_mb)
-
 
 class WorkerError(Exception):
-    """The student process stopped answering. ``kind``: timeout | crashed | output-limit | protocol."""
+    """The student process stopped answering. ``kind``: timeout | crashed | output-limit | protocol, or
+    sandbox when the sandbox itself did not start (before any student code ran: a grader error)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -161,85 +155,7 @@ def _decode_tensor(v: dict) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# processes
-
-def _user_task_count() -> int:
-    uid, n = os.getuid(), 0
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.stat(f"/proc/{d}").st_uid == uid:
-                    n += len(os.listdir(f"/proc/{d}/task"))
-            except OSError:
-                pass
-    return n
-
-
-def _limit_preexec(limits: Limits, nproc: int | None):
-    cpu = int(limits.cpu_seconds)
-    mem = int(limits.memory_mb) << 20
-    fsize = int(limits.file_size_mb) << 20
-
-    def preexec():  # runs in the child between fork and exec: only setrlimit calls
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if nproc is not None:   # counts all of the user's tasks; not enforced for root (see the guide)
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-
-    return preexec
-
-
-def _proc_stat(pid: str):
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        s = f.read().decode(errors="replace")
-    rest = s[s.rindex(")") + 2:].split()
-    return int(rest[1]), int(rest[2]), int(rest[3])  # ppid, pgrp, session
-
-
-def stray_processes(token: str | None = None, sid: int | None = None) -> list[int]:
-    """PIDs in this worker's session/process group, or whose environment carries its job marker
-    (``token=None``: any grading job's marker). The grader's own PID is never listed."""
-    me, found = os.getpid(), []
-    marker = f"{JOB_ENV}={token}".encode() if token else f"{JOB_ENV}=".encode()
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == me:
-            continue
-        try:
-            _, pgrp, session = _proc_stat(d)
-            hit = sid is not None and (session == sid or pgrp == sid)
-            if not hit:
-                with open(f"/proc/{d}/environ", "rb") as f:
-                    hit = marker in f.read()
-            if hit:
-                found.append(int(d))
-        except (OSError, ValueError):
-            pass
-    return found
-
-
-def kill_job(token: str, sid: int | None) -> int:
-    """Kill the process group, then sweep /proc until nothing of this job is left. Returns #killed."""
-    killed: set[int] = set()
-    if sid is not None:
-        try:
-            os.killpg(sid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for _ in range(20):
-        pids = stray_processes(token, sid)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.02)
-    return len(killed)
-
+# the worker
 
 @dataclass
 class StartInfo:
@@ -247,63 +163,61 @@ class StartInfo:
     functions: dict = field(default_factory=dict)
     sandbox: dict = field(default_factory=dict)
     events: list = field(default_factory=list)
-    reference_names: list = field(default_factory=list)
-    reference_used: list = field(default_factory=list)
+    glmkit_imports: list = field(default_factory=list)
     import_error: dict | None = None
+
+
+_SIGNAL_HINTS = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (killed: CPU or memory limit?)",
+                 "SIGXFSZ": " (file size limit)", "SIGSEGV": " (crashed in native code)",
+                 "SIGSYS": " (the sandbox stopped a forbidden system call, such as starting a process)"}
 
 
 class Worker:
     """One student process for one submission of one exercise. Use as a context manager."""
 
-    _nproc: int | None = None
-
     def __init__(self, source: str, module: str, functions: list[str], limits: Limits,
-                 reference_modules: list[str] = (), landlock: bool = True, audit_hook: bool = True):
+                 reference_modules: list[str] = (), isolation: Isolation | None = None):
         self.source, self.module, self.functions = source, module, list(functions)
         self.limits, self.reference_modules = limits, list(reference_modules)
-        self.landlock, self.audit_hook = landlock, audit_hook
+        self.iso = isolation or detect()
+        self.box: Box | None = None
         self.proc: subprocess.Popen | None = None
-        self.workdir: str | None = None
-        self.token = uuid.uuid4().hex
         self.output = bytearray()       # the first output_kb of what the student printed
         self.output_total = 0
         self._buf = bytearray()
-        self.killed_strays = 0
-        self.exit_description: str | None = None
+        self.exit_signal: str | None = None     # the signal that ended it, if one did
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self, deadline: float) -> StartInfo:
-        self.workdir = tempfile.mkdtemp(prefix="glmkit-grade-")
-        os.chmod(self.workdir, 0o700)
-        Path(self.workdir, f"{self.module}.py").write_text(self.source, encoding="utf-8")
-        env = {"PATH": "/usr/bin:/bin", "HOME": self.workdir, "TMPDIR": self.workdir, "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", JOB_ENV: self.token}
-        if os.getuid() != 0 and Worker._nproc is None:
-            Worker._nproc = _user_task_count() + 512
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", WORKER_SOURCE], cwd=self.workdir, env=env,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, close_fds=True,
-            preexec_fn=_limit_preexec(self.limits, None if os.getuid() == 0 else Worker._nproc))
-        for f in (self.proc.stdout, self.proc.stderr):
+        self.box = Box(self.iso, self.limits, {f"{self.module}.py": self.source.encode("utf-8", "replace")})
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.proc = self.box.spawn([sys.executable, "-I", "-B", "-c", WORKER_SOURCE], env)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             os.set_blocking(f.fileno(), False)
-        self._send({"module": self.module, "file": f"{self.module}.py", "functions": self.functions,
-                    "reference_modules": self.reference_modules, "landlock": self.landlock,
-                    "audit_hook": self.audit_hook})
-        msg = self._receive(deadline, "while starting Python and importing your file")
+        try:                            # the worker says hello before any student code can run
+            hello = self._exchange(b"", deadline, "while starting the sandbox")
+        except WorkerError as e:
+            said = self.output.decode(errors="replace").strip()[-600:]
+            raise WorkerError("sandbox", f"the grader's sandbox did not start ({e.message}): {said}") from None
+        if hello.get("hello") is not True:
+            raise WorkerError("sandbox", "the worker's first message was not its hello")
+        self.box.attach()
+        setup = {"module": self.module, "file": f"{self.module}.py", "functions": self.functions,
+                 "reference_modules": self.reference_modules, "landlock": self.iso.landlock,
+                 "audit_hook": self.iso.audit_hook}
+        msg = self._exchange(_line(setup), deadline, "while starting Python and importing your file")
         if "import_error" in msg:
             return StartInfo(False, sandbox=msg.get("sandbox", {}), events=msg.get("events", []),
-                             import_error=msg["import_error"])
+                             glmkit_imports=msg.get("glmkit_imports", []), import_error=msg["import_error"])
         if not msg.get("ready"):
             raise WorkerError("protocol", "the worker's first reply was not understood")
         return StartInfo(True, functions=dict(msg.get("functions", {})), sandbox=msg.get("sandbox", {}),
-                         events=msg.get("events", []), reference_names=msg.get("reference_names", []),
-                         reference_used=msg.get("reference_used", []))
+                         events=msg.get("events", []), glmkit_imports=msg.get("glmkit_imports", []))
 
     def call(self, function: str, args: list, kwargs: dict, deadline: float) -> dict:
-        self._send({"op": "call", "function": function, "args": encode_value(list(args)),
-                    "kwargs": encode_value(dict(kwargs))})
-        msg = self._receive(deadline, f"while running {function}()")
+        request = _line({"op": "call", "function": function, "args": encode_value(list(args)),
+                         "kwargs": encode_value(dict(kwargs))})
+        msg = self._exchange(request, deadline, f"while running {function}()")
         if msg.get("ok") is True:
             try:
                 msg["value"] = decode_value(msg.get("value"))
@@ -313,22 +227,9 @@ class Worker:
         return msg
 
     def close(self) -> None:
-        if self.proc is not None:
-            sid = self.proc.pid
-            self.killed_strays = kill_job(self.token, sid)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-                try:
-                    f.close()
-                except Exception:  # noqa: BLE001
-                    pass
-            self.proc = None
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        if self.box is not None:
+            self.box.kill()
+            self.box = self.proc = None
 
     def __enter__(self):
         return self
@@ -340,86 +241,111 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    # -- pipes ------------------------------------------------------------------------------------------
-    def _send(self, obj) -> None:
-        try:
-            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # it died; _receive reports how
+    @property
+    def facts(self) -> dict:
+        return self.box.facts if self.box is not None else {}
 
+    # -- pipes ------------------------------------------------------------------------------------------
     def _died(self, during: str) -> WorkerError:
         try:
             rc = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             rc = None
+        # bwrap reports a command killed by signal N as exit status 128 + N
+        signum = -rc if rc is not None and rc < 0 else \
+            rc - 128 if rc is not None and rc > 128 and self.iso.mode == "namespaces" else None
         if rc is None:
             why = "closed its connection to the grader"
-        elif rc < 0:
-            sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
-            hint = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (killed: CPU or memory limit?)",
-                    "SIGXFSZ": " (file size limit)", "SIGSEGV": " (crashed in native code)"}.get(sig, "")
+        elif signum:
+            sig = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+            self.exit_signal = sig
+            hint = _SIGNAL_HINTS.get(sig, "")
+            if self.box is not None and self.box.cgroup is not None and self.box.cgroup.oom_kills():
+                hint = " (the sandbox's memory limit)"
             why = f"was ended by signal {sig}{hint}"
         else:
             why = f"exited with code {rc} (sys.exit/os._exit in your code?)"
-        self.exit_description = why
         return WorkerError("crashed", f"your code's process {why} {during}")
 
-    def _receive(self, deadline: float, during: str) -> dict:
-        sel = selectors.DefaultSelector()
-        out_fd, err_fd = self.proc.stdout.fileno(), self.proc.stderr.fileno()
-        sel.register(out_fd, selectors.EVENT_READ)
-        sel.register(err_fd, selectors.EVENT_READ)
+    def _exchange(self, request: bytes, deadline: float, during: str) -> dict:
+        """Send ``request`` (all of it) and return the next reply line, reading the student's output all the
+        while; never blocks past ``deadline`` (the caller then kills the worker)."""
+        todo = memoryview(request)
+        in_fd, out_fd, err_fd = self.proc.stdin.fileno(), self.proc.stdout.fileno(), self.proc.stderr.fileno()
         cap, max_msg = self.limits.output_kb * 1024, self.limits.max_message_mb << 20
-        try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(out_fd, selectors.EVENT_READ)
+            sel.register(err_fd, selectors.EVENT_READ)
+            if todo:
+                sel.register(in_fd, selectors.EVENT_WRITE)
+            open_out = True
             while True:
-                nl = self._buf.find(b"\n")
-                if nl >= 0:
-                    line = bytes(self._buf[:nl])
-                    del self._buf[:nl + 1]
-                    try:
-                        msg = json.loads(line)
-                    except (ValueError, RecursionError):
-                        raise WorkerError("protocol", f"an unreadable reply came back {during}") from None
-                    if type(msg) is not dict:
-                        raise WorkerError("protocol", f"an unreadable reply came back {during}")
-                    return msg
+                if not todo:
+                    msg = self._next_line(during)
+                    if msg is not None:
+                        return msg
+                if not open_out:
+                    raise self._died(during)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise WorkerError("timeout", f"time limit reached {during}")
                 events = sel.select(timeout=min(remaining, 0.5))
-                if not events and not self.alive and not self._drain(out_fd):
-                    raise self._died(during)
+                if not events and not self.alive:       # gone: keep what it wrote last, then report how
+                    try:
+                        last = os.read(out_fd, 1 << 16)
+                    except OSError:
+                        last = b""
+                    self._buf += last
+                    open_out = bool(last)
+                    continue
                 for key, _ in events:
+                    if key.fd == in_fd:
+                        try:
+                            todo = todo[os.write(in_fd, todo[:1 << 16]):]
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            raise WorkerError("protocol", f"your code's process stopped reading from the grader "
+                                                          f"{during}") from None
+                        if not todo:
+                            sel.unregister(in_fd)
+                        continue
                     try:
                         chunk = os.read(key.fd, 1 << 16)
                     except BlockingIOError:
                         continue
                     if key.fd == err_fd:
-                        if chunk:
-                            self.output_total += len(chunk)
-                            room = cap - len(self.output)
-                            if room > 0:
-                                self.output += chunk[:room]
-                            if self.output_total > cap:
-                                raise WorkerError("output-limit", f"your code printed more than "
-                                                  f"{self.limits.output_kb} KiB {during}; it was stopped")
-                        else:
-                            sel.unregister(err_fd)
-                    else:
                         if not chunk:
-                            raise self._died(during)
+                            sel.unregister(err_fd)
+                            continue
+                        self.output_total += len(chunk)
+                        self.output += chunk[:max(0, cap - len(self.output))]
+                        if self.output_total > cap:
+                            raise WorkerError("output-limit", f"your code printed more than "
+                                              f"{self.limits.output_kb} KiB {during}; it was stopped")
+                    elif not chunk:
+                        sel.unregister(out_fd)
+                        open_out = False
+                    else:
                         self._buf += chunk
                         if len(self._buf) > max_msg:
-                            raise WorkerError("output-limit", f"a reply larger than "
-                                              f"{self.limits.max_message_mb} MiB came back {during}")
-        finally:
-            sel.close()
+                            raise WorkerError("output-limit", f"more than {self.limits.max_message_mb} MiB of "
+                                                              f"replies came back {during}")
 
-    def _drain(self, fd: int) -> bool:
+    def _next_line(self, during: str) -> dict | None:
+        nl = self._buf.find(b"\n")
+        if nl < 0:
+            return None
+        line = bytes(self._buf[:nl])
+        del self._buf[:nl + 1]
         try:
-            chunk = os.read(fd, 1 << 16)
-        except (BlockingIOError, OSError):
-            return False
-        self._buf += chunk
-        return bool(chunk)
+            msg = json.loads(line)
+        except (ValueError, RecursionError):
+            msg = None
+        if type(msg) is not dict:
+            raise WorkerError("protocol", f"an unreadable reply came back {during}")
+        return msg
+
+
+def _line(obj) -> bytes:
+    return (json.dumps(obj) + "\n").encode()

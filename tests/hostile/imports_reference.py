@@ -1,5 +1,6 @@
-# A correct answer built on glmkit's reference: graded, and flagged.
-from glmkit.blank_infilling import attention_mask, build_example
+# A correct answer built on glmkit's reference (the test puts the exercise's reference module in for
+# __REFERENCE__). glmkit cannot be imported in the sandbox; the import is flagged.
+from __REFERENCE__ import build_example
 
 
 def part_a_b(tokens, spans, order, *, mask_id, sop_id, eop_id):
@@ -12,4 +13,7 @@ def position_rows(n, spans, order):
 
 
 def glm_mask(sep, T):
-    return attention_mask(sep, T)
+    import torch
+
+    i = torch.arange(T)
+    return (i[:, None] >= i[None, :])[None] | (i[None, None, :] < sep[:, None, None])

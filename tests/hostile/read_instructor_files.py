@@ -1,10 +1,10 @@
-# Tries to read the master solution and the hidden checks from disk, and to cheat with the master.
+# Tries to read the master solution and the hidden checks from disk (it knows their folder: the worst case),
+# and to cheat with the master.
 import pathlib
 
-import glmkit
 import torch
 
-ROOT = pathlib.Path(glmkit.__file__).resolve().parent.parent / "exercises" / "01_blank_infilling"
+ROOT = pathlib.Path("__EXERCISE_DIR__")
 stolen = {}
 for name in ("ex01.py", "hidden_checks.py"):
     try:

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-MARK = "glmkit-hostile-child"
+MARK = "__MARK__"
 try:
     subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(1000)  # {MARK}"],
                      start_new_session=True)
