@@ -42,6 +42,7 @@ LIMITS = {"total_timeout": 12, "startup_timeout": 12}
 RUN = uuid.uuid4().hex[:12]
 MARK, TOKEN = f"glmkit-hostile-{RUN}", f"glmkit-token-{RUN}"
 FULL = 21
+pytestmark = pytest.mark.slow        # about a minute: one class of ~45 submissions, then three small runs
 
 # student -> (allowed statuses, points, flags that must be present)
 EXPECTED = {
@@ -274,7 +275,7 @@ def test_the_run_finishes_and_nothing_outside_the_students_folders_changes(grade
 
 def test_no_process_survives(graded):
     uids = _uids(graded["out"])
-    assert len(uids) > len(EXPECTED)                    # a fresh uid per worker (as root)
+    assert len(uids) > len(EXPECTED) or os.geteuid() != 0      # as root: a fresh uid per worker
     assert [u for u in uids if isolation.processes_of_uid(u)] == [] and _marked() == []
 
 

@@ -51,10 +51,11 @@ def test_the_worker_sees_only_the_python_environment_and_its_own_folder(sandbox)
     code = r"""
 import os, socket
 print(os.getuid(), os.getcwd(), sorted(os.listdir(".")), socket.gethostname())
-print([p for p in ("/etc/shadow", "/etc/passwd", "/root/.ssh", "/home", "/var", "/sys", %r, %r) if os.path.exists(p)])
+print([p for p in ("/etc/shadow", "/etc/passwd", "/root/.ssh", "/home", "/var", "/sys", EXERCISES, GLMKIT)
+       if os.path.exists(p)])
 print(sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
 print(sorted(os.listdir("/dev/pts")), sorted(i[1] for i in socket.if_nameindex()))
-for path in ("/x", "/dev/x", "/usr/x", %r):
+for path in ("/x", "/dev/x", "/usr/x", PREFIX_X):
     try:
         open(path, "w").write("x")
         print("wrote", path)
@@ -65,7 +66,8 @@ try:
     open("bigger", "wb").write(b"x" * (8 << 20))
 except OSError as e:
     print("tmp full", e.errno)
-""" % (str(EXERCISES), str(REPO / "glmkit"), sys.prefix + "/x")
+""".replace("EXERCISES", repr(str(EXERCISES))).replace("GLMKIT", repr(str(REPO / "glmkit")))
+    code = code.replace("PREFIX_X", repr(sys.prefix + "/x"))
     rc, out, err = _inside(sandbox, code, Limits(tmp_mb=12))
     lines = out.splitlines()
     assert rc == 0, err

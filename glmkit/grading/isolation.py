@@ -366,7 +366,7 @@ def processes_of_uid(uid: int) -> list[int]:
 def _session_strays(token: str, sid: int) -> list[int]:
     """Weak mode: PIDs in this worker's session or process group, or carrying its job marker."""
     me, found, marker = os.getpid(), [], f"{JOB_ENV}={token}".encode()
-    for d in os.listdir("/proc"):
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:      # no /proc: the process group only
         if not d.isdigit() or int(d) == me:
             continue
         try:
