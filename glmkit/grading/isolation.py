@@ -396,7 +396,6 @@ class Box:
         self.workdir: str | None = None
         self.pidfd: int | None = None
         self._info: int | None = None
-        self.killed = 0                 # processes still alive at the end besides the worker itself
 
     @property
     def facts(self) -> dict:
@@ -430,7 +429,8 @@ class Box:
                 cwd = self.workdir
             else:
                 if os.geteuid() == 0:
-                    self.uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0])
+                    while self.uid is None or processes_of_uid(self.uid):     # one no process has now
+                        self.uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0])
                     cfg["uid"] = self.uid
                     cfg["stage"] = [(src, _staged(src)) for src, _ in _view()]
                 if self.iso.cgroup:
@@ -452,7 +452,9 @@ class Box:
     def _bwrap(self, argv: list[str], fds: list[int]) -> list[str]:
         def memfd(data: bytes) -> str:
             fd = os.memfd_create("glmkit-grade")
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.lseek(fd, 0, os.SEEK_SET)
             fds.append(fd)
             return str(fd)
@@ -524,7 +526,6 @@ class Box:
                 pids = [p for p in pids if p != sid]
                 if not pids:
                     break
-                self.killed = max(self.killed, len(pids))
                 for pid in pids:
                     _signal(pid)
                 time.sleep(0.02)

@@ -49,7 +49,7 @@ class Limits:
     tmp_mb: int = 64                   # size of the sandbox's private /tmp (its working folder is in it)
     tasks: int = 64                    # threads + processes: RLIMIT_NPROC of its fresh uid, its cgroup's pids.max
     output_kb: int = 256               # stdout+stderr beyond this: the process is killed
-    max_message_mb: int = 64           # one reply on the protocol pipe beyond this: killed
+    max_message_mb: int = 64           # replies waiting on the protocol pipe beyond this: killed
 
     @classmethod
     def from_dict(cls, d: dict) -> Limits:
