@@ -15,7 +15,7 @@ show that the very same kernel runs on a laptop.
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 from typing import Iterator, Literal
 
@@ -66,13 +66,11 @@ TRITON_FIX = (
 )
 
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON
 
 
 def interpreter_active() -> bool:
@@ -98,12 +96,13 @@ def resolve(t: torch.Tensor) -> str:
 
 
 class KernelAudit:
-    """What ran, counted per (op, path): ``audit.counts[("rms_norm", "triton")] == 17``.
+    """What ran, counted per (op, path): ``audit.counts[("rmsnorm", "triton")] == 17``.
 
     Ops recorded (each at the point where the implementation is chosen, once per call): "attention"
     (forward; its backward follows the forward's path), "attention_decode" (the explicit-mask torch math of
-    a decode step or a padded batch), "rms_norm", "swiglu", "rope", "moe_experts". ``paths(op)`` is the
-    set of paths an op took; ``only_triton()`` is True when every recorded op took "triton".
+    a decode step or a padded batch), "rmsnorm", "swiglu", "rope", "moe_experts", "delta_rule",
+    "delta_rule_step". ``paths(op)`` is the set of paths an op took; ``only_triton()`` is True when every
+    recorded op took "triton".
     """
 
     def __init__(self) -> None:

@@ -214,6 +214,8 @@ def fill_blanks(model, tokenizer, text: str, temperature: float = 0.0, top_k: in
     (p, 3), ... until ``[END]`` or ``max_span_len`` tokens. Part B grows as it goes, so a later blank sees the
     spans already filled, exactly as a later span saw earlier ones in training."""
     _check_text(model, tokenizer, text)
+    if isinstance(max_span_len, bool) or not isinstance(max_span_len, int) or max_span_len < 1:
+        raise ValueError(f"max_span_len must be a positive int, got {max_span_len!r}")
     part_a = tokenizer.encode(text, parse_special=True)
     masks = set(getattr(tokenizer, "mask_ids", (tokenizer.mask_id,)))
     blanks = [i for i, t in enumerate(part_a) if t in masks]

@@ -106,29 +106,6 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for update number ``step`` (0-based): linear warm-up, then cosine to lr*min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weights (matrices and embedding tables) only, not on biases
-    or LayerNorm gains: the usual GPT/GLM split. The tied head is one parameter and appears once."""
-    decay, no_decay = [], []
-    for p in model.parameters():  # parameters() already deduplicates the tied head
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate for update number ``step`` (0-based): linear warm-up, then cosine to lr·min_lr_ratio."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -153,7 +130,7 @@ class History:
     ``losses``: the objective's loss (Part-B or next-token cross entropy); ``aux[name]``: each auxiliary loss.
     MoE models only: ``max_violation`` per step (max over MoE layers of max_load / mean_load − 1; 0 = balanced);
     ``expert_loads[i][layer][e]``, every ``log_every`` steps (at ``load_steps[i]``), expert e's share of the
-    layer's routed slots. Plots: ``glmkit.course.plots``.
+    layer's routed slots. Plots: ``glmkit.course.viz``.
     """
 
     steps: list[int] = field(default_factory=list)

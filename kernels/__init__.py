@@ -1,6 +1,6 @@
 """glmkit.kernels: the course's Triton kernels.
 
-Installed as ``glmkit.kernels`` (the folder is ``kernels/`` at the top of the repository). 
+Installed as ``glmkit.kernels`` (the folder is ``kernels/`` at the top of the repository).
 
 On a machine without CUDA, importing this package switches Triton to its CPU interpreter
 (TRITON_INTERPRET=1) unless the variable is already set, so the same kernels run on a laptop, slowly.
@@ -13,6 +13,7 @@ That has to happen before ``triton.jit`` decorates the kernels, which is why it 
     rope          lesson 02: partial RoPE (interleaved or half-split pairs) on q and k, forward and backward
     moe_align     lesson 04: token permutation (counts, padding to the block, sorted slot ids)
     moe_experts   lesson 04: grouped GEMMs gathering rows by token id, SwiGLU epilogue, combine; fwd+bwd
+    delta_rule    lesson 07: chunked (gated) delta rule, scalar or per-channel (KDA) decay, fwd+bwd; decode step
 Each kernel module ``kernels/<op>.py`` has its op in ``glmkit/ops/<op>.py`` (reference, dispatch, autograd) and its
 tests in ``tests/ops/test_<op>.py``.
 """

@@ -1,4 +1,4 @@
-"""Helpers for the tests that use transformers as the parity oracle (tests/test_hf_parity*.py).
+"""Helpers for the tests that use transformers as the parity oracle (tests/test_hf.py).
 
 ``sharpen_`` redraws a tiny random model's weights at unit fan-in scale (q/k ×2) so attention is sharp and
 positions matter: with transformers' default 0.02 init every parity check would pass on an almost
@@ -34,14 +34,12 @@ def save_tiny(model, path, **kw):
 
 @torch.no_grad()
 def cached_decode_errors(hf, ours, x: torch.Tensor, prefix: int, max_len: int = 32) -> list[float]:
-    """Prefill x[:, :prefix], then decode x's remaining tokens one by one through transformers' cache and a
-    glmkit ``KVCache``: the relative error of the logits at every step."""
+    """Prefill x[:, :prefix], then decode x's remaining tokens one by one through transformers' cache (its
+    ``cache=`` argument, transformers >= 5.24) and a glmkit ``Cache``: the relative error of every step's logits."""
     ref = hf(x[:, :prefix], use_cache=True)
-    past = ref.past_key_values
     cache = ours.new_cache(x.shape[0], max_len)
     errs = [rel_err(ref.logits, ours(x[:, :prefix], cache=cache))]
     for t in range(prefix, x.shape[1]):
-        ref = hf(x[:, t:t + 1], past_key_values=past, use_cache=True)
-        past = ref.past_key_values
+        ref = hf(x[:, t:t + 1], cache=ref.cache, use_cache=True)
         errs.append(rel_err(ref.logits, ours(x[:, t:t + 1], cache=cache)))
     return errs

@@ -13,9 +13,12 @@ from safetensors.torch import load_file, save_file
 import glmkit.checkpoint as ckpt
 from glmkit.checkpoint import (latest_checkpoint, load_pretrained, load_training_state, save_pretrained,
                                save_training_state)
-from glmkit.models import GLMConfig, GLMModel
+from glmkit.models.decoder import Decoder
+from glmkit.models.glm2021 import GLMConfig, GLMModel
+from glmkit.models.presets import get_config
 
-CFG = GLMConfig(vocab_size=48, n_layers=2, n_heads=2, d_model=16, d_ff=32, max_seq_len=24)
+CFG = GLMConfig(vocab_size=48, num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                max_position_embeddings=24)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -39,23 +42,33 @@ def test_pretrained_round_trip_is_bitwise_and_stores_the_tied_weight_once(tmp_pa
     m, _ = trained_pair()
     save_pretrained(m, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["model_type"] == "glmkit_glm2021" and config["d_model"] == 16
+    assert config["model_type"] == "glmkit_glm2021" and config["hidden_size"] == 16
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
-    assert "word_embeddings.weight" in keys and "lm_head.weight" not in keys
-    assert json.loads(meta["aliases"]) == {"lm_head.weight": "word_embeddings.weight"}
+    assert "embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    assert json.loads(meta["aliases"]) == {"lm_head.weight": "embed_tokens.weight"}
     m2 = load_pretrained(tmp_path / "m")
     assert same_weights(m, m2)
-    assert m2.lm_head.weight is m2.word_embeddings.weight  # re-tied, not two copies
+    assert m2.lm_head.weight is m2.embed_tokens.weight  # re-tied, not two copies
 
     untied = GLMModel(GLMConfig(**{**CFG.to_dict(), "tie_word_embeddings": False}))
     save_pretrained(untied, tmp_path / "u")
     u2 = load_pretrained(tmp_path / "u")
-    assert same_weights(untied, u2) and u2.lm_head.weight is not u2.word_embeddings.weight
+    assert same_weights(untied, u2) and u2.lm_head.weight is not u2.embed_tokens.weight
+
+
+def test_decoder_round_trip_keeps_the_routing_bias_and_the_mtp_layer(tmp_path):
+    m = Decoder(get_config("cpu-moe", num_hidden_layers=2, num_nextn_predict_layers=1))
+    with torch.no_grad():
+        m.moe_layers()[0].gate.e_score_correction_bias.normal_()
+    save_pretrained(m, tmp_path / "moe")
+    m2 = load_pretrained(tmp_path / "moe")
+    assert type(m2) is Decoder and m2.config == m.config and same_weights(m, m2)
+    assert m2.mtp[0].embed_tokens.weight is m2.embed_tokens.weight
 
 
 def test_pretrained_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
         load_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -69,23 +82,23 @@ def test_pretrained_errors_name_the_problem(tmp_path):
 
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type is 'llama', expected 'glmkit_glm2021'"):
+    with pytest.raises(ValueError, match="model_type is 'llama', expected one of"):
         load_pretrained(d)
     (d / "config.json").write_text(json.dumps(cfg))
 
     tensors = load_file(str(d / "model.safetensors"))
-    meta = {"format": "pt", "aliases": json.dumps({"lm_head.weight": "word_embeddings.weight"})}
+    meta = {"format": "pt", "aliases": json.dumps({"lm_head.weight": "embed_tokens.weight"})}
     broken = dict(tensors)
-    del broken["ln_f.weight"]
-    broken["layers.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    del broken["final_norm.weight"]
+    broken["layers.0.mixer.qkv_proj.weight"] = torch.zeros(3, 3)
     broken["rotary.inv_freq"] = torch.zeros(4)
     save_file(broken, str(d / "model.safetensors"), metadata=meta)
     with pytest.raises(ValueError) as e:
         load_pretrained(d)
     msg = str(e.value)
-    assert "missing from the file: ['ln_f.weight']" in msg
+    assert "missing from the file: ['final_norm.weight']" in msg
     assert "unexpected in the file: ['rotary.inv_freq']" in msg
-    assert "layers.0.attn.qkv.weight: file (3, 3) vs model (48, 16)" in msg
+    assert "layers.0.mixer.qkv_proj.weight: file (3, 3) vs model (48, 16)" in msg
 
     (d / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
@@ -122,8 +135,8 @@ def test_training_state_errors(tmp_path):
     m, opt = trained_pair()
     assert load_training_state(tmp_path / "none", m) is None
     save_training_state(tmp_path, m, opt, step=1)
-    other = GLMModel(GLMConfig(**{**CFG.to_dict(), "n_layers": 3}))
-    with pytest.raises(ValueError, match=r"different model config.*'n_layers': \(2, 3\)"):
+    other = GLMModel(GLMConfig(**{**CFG.to_dict(), "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"different model config.*'num_hidden_layers': \(2, 3\)"):
         load_training_state(tmp_path, other)
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         save_training_state(tmp_path, m, opt, step=-1)
@@ -184,3 +197,69 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
     save_training_state(tmp_path, m2, opt2, step=9)   # the next good save cleans the leftovers
     assert not leftover.exists() and latest_checkpoint(tmp_path).name == "step-00000009"
+
+
+# -- folders written by glmkit 0.1 --------------------------------------------------------------------------
+# glmkit 0.1's names, written down here independently of the converter: (new name piece, old name piece).
+_OLD_GLM2021 = [("embed_tokens", "word_embeddings"), ("block_pos_embed", "block_position_embeddings"),
+                ("pos_embed", "position_embeddings"), (".input_norm.", ".ln1."), (".pre_mlp_norm.", ".ln2."),
+                ("final_norm.", "ln_f."), (".mixer.qkv_proj.", ".attn.qkv."), (".mixer.o_proj.", ".attn.proj."),
+                (".mlp.up_proj.", ".mlp.fc1."), (".mlp.down_proj.", ".mlp.fc2.")]
+
+
+def _old_folder(folder, config: dict, tensors: dict, model_type: str):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, **config}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt", "model_type": model_type, "aliases": "{}"})
+
+
+def test_glmkit_0_1_folders_load_with_the_same_outputs(tmp_path):
+    x = torch.randint(0, 48, (2, 9))
+    glm = GLMModel(CFG).eval()
+    old = {}
+    for name, t in glm.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        for new, was in _OLD_GLM2021:
+            name = name.replace(new, was)
+        old[name] = t
+    _old_folder(tmp_path / "g", {"vocab_size": 48, "n_layers": 2, "n_heads": 2, "d_model": 16, "d_ff": 32,
+                                 "max_seq_len": 24, "dropout": 0.0, "layernorm_eps": 1e-5, "init_std": 0.02,
+                                 "tie_word_embeddings": True}, old, "glmkit_glm2021")
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "g").eval()(x), glm(x))
+
+    dense = Decoder(get_config("cpu-moe", num_hidden_layers=2, vocab_size=48)).eval()
+    old = {}
+    for name, t in dense.state_dict().items():
+        name = name.replace(".mixer.", ".attn.").replace("post_mixer_norm", "post_attn_norm")
+        if name.endswith("shared_experts.gate_up_proj.weight"):       # 0.1 kept the shared expert's gate and up apart
+            gate, up = t.chunk(2)
+            old[name.replace("gate_up_proj", "gate_proj")], old[name.replace("gate_up_proj", "up_proj")] = gate, up
+        elif name != "lm_head.weight":
+            old[name] = t
+    c = dense.config
+    _old_folder(tmp_path / "d", {"vocab_size": 48, "hidden_size": c.hidden_size, "n_layers": 2, "n_heads": 4,
+                                 "n_kv_heads": 2, "head_dim": 32, "intermediate_size": c.intermediate_size,
+                                 "max_seq_len": 256, "qkv_bias": True, "qk_norm": True, "position": "rope",
+                                 "partial_rotary_factor": 0.5, "rope_pairing": "half", "rope_theta": 1e6,
+                                 "block": "pre", "norm": "rmsnorm", "activation": "swiglu", "tie_word_embeddings": True,
+                                 "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                                 "n_shared_experts": 1, "first_k_dense_replace": 1}, old, "glmkit_glm_moe")
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "d").eval()(x), dense(x))
+
+
+def test_glmkit_0_1_folders_without_an_equivalent_say_so(tmp_path):
+    _old_folder(tmp_path / "deep", {"vocab_size": 48, "hidden_size": 16, "n_layers": 1, "n_heads": 2,
+                                    "intermediate_size": 32, "block": "deepnorm", "norm": "layernorm"}, {},
+                "glmkit_glm_dense")
+    with pytest.raises(ValueError, match="DeepNorm.*retrain"):
+        load_pretrained(tmp_path / "deep")
+    m, opt = trained_pair()
+    path = save_training_state(tmp_path / "run", m, opt, step=3)
+    state = json.loads((path / "trainer_state.json").read_text())
+    (path / "trainer_state.json").write_text(json.dumps({**state, "model_type": "glmkit_glm_dense"}))
+    with pytest.raises(ValueError, match="glmkit 0.1 training checkpoint.*load_pretrained"):
+        load_training_state(tmp_path / "run", m, opt)

@@ -2,7 +2,7 @@
 
 Each check is declared with its points, time limit (seconds) and the message a learner sees when it
 fails. Inputs are random (fresh each run, reproducible with the run's seed); the expected answers are
-computed here, in the grading process, by glmkit's reference (glmkit.blank_infilling) — never stored.
+computed here, in the grading process, by glmkit's references (glmkit.data.blank_infilling, glmkit.ops.attention) — never stored.
 ``ctx.call`` runs your function in a separate process and brings its result back as plain data.
 """
 
@@ -16,7 +16,7 @@ IGNORE = -100
 
 
 def ids():
-    from glmkit.tokenizer import ByteTokenizer
+    from glmkit.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     return {"mask_id": tok.mask_id, "sop_id": tok.sop_id, "eop_id": tok.eop_id}
@@ -24,16 +24,18 @@ def ids():
 
 def reference(tokens, spans, order, **ids):
     """(input_ids, targets, sep, position_ids) from glmkit's reference."""
-    from glmkit import blank_infilling as ref
+    from glmkit.data import blank_infilling as ref
 
     ex = ref.build_example(list(tokens), [tuple(s) for s in spans], list(order), **ids)
     return ex.input_ids, ex.targets, int(ex.sep), ex.position_ids
 
 
 def reference_mask(sep: torch.Tensor, T: int) -> torch.Tensor:
-    from glmkit import blank_infilling as ref
+    from glmkit.data import blank_infilling as ref
 
-    return ref.attention_mask(sep, T)
+    from glmkit.ops.attention import attention_mask
+
+    return attention_mask(sep, T)
 
 
 def random_case(rng, n=(6, 40), max_spans=4, max_len=5, min_spans=1):

@@ -11,7 +11,7 @@ GLM (Du et al. 2021) trains on a text x_1..x_n with some spans blanked out:
 
 The notebook ex01.ipynb walks through the worked example; write the three functions below, then run
 ``self_check()`` there (or ``python -m glmkit.grading check`` in this folder). Do not import
-``glmkit.blank_infilling`` here: that is the reference you are re-implementing (a submission that uses
+``glmkit.data.blank_infilling`` or ``glmkit.ops.attention`` here: they are the references you are re-implementing (a submission that uses
 it is flagged).
 """
 

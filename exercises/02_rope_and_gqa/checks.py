@@ -2,8 +2,8 @@
 
 Each check is declared with its points, time limit (seconds) and the message a learner sees when it
 fails. Inputs are random (fresh each run, reproducible with the run's seed); the expected answers are
-computed here, in the grading process, by glmkit's references (glmkit.rope, glmkit.attention,
-glmkit.models.glm_dense, glmkit.kv_cache) — never stored. ``ctx.call`` runs your function in a separate
+computed here, in the grading process, by glmkit's references (glmkit.ops.rope,
+glmkit.ops.attention, glmkit.cache) — never stored. ``ctx.call`` runs your function in a separate
 process and brings its result back as plain data.
 """
 
@@ -25,7 +25,7 @@ def randn(ctx, *shape, dtype=torch.float32):
 # -- partial RoPE -------------------------------------------------------------------------------------
 def rope_inputs(ctx, B, H, T, D, R, theta=10000.0, dtype=torch.float32, start=None):
     """x [B, H, T, D] and cos/sin [T, R/2] for positions start .. start + T - 1 (random start)."""
-    from glmkit.rope import rope_cos_sin
+    from glmkit.ops.rope import rope_cos_sin
 
     start = ctx.rng.randint(0, 500) if start is None else start
     cos, sin = rope_cos_sin(torch.arange(start, start + T), R, theta)
@@ -33,11 +33,11 @@ def rope_inputs(ctx, B, H, T, D, R, theta=10000.0, dtype=torch.float32, start=No
 
 
 def compare_rope(ctx, x, cos, sin, R, pairing):
-    from glmkit.rope import apply_rope_reference
+    from glmkit.ops.rope import rope_reference
 
     ctx.note_inputs(f"x {list(x.shape)} {str(x.dtype)[6:]}, cos/sin {list(cos.shape)}, rotary_dim={R}, "
                     f"pairing={pairing!r}")
-    want = apply_rope_reference(x, cos, sin, R, pairing)
+    want = rope_reference(x, cos, sin, R, pairing)
     got = ctx.call("apply_partial_rope", x, cos, sin, R, pairing)
     if isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype:
         if R < x.shape[-1]:
@@ -55,8 +55,7 @@ def reference_gqa(q, k, v, q_offset):
     """Causal attention of queries at positions q_offset.. against keys 0..L-1: glmkit's references."""
     import math
 
-    from glmkit.attention import attention_reference
-    from glmkit.models.glm_dense import attention_masked
+    from glmkit.ops.attention import attention_reference, attention_masked
 
     B, Tq, D, L = q.shape[0], q.shape[2], q.shape[3], k.shape[2]
     if q_offset == 0 and Tq == L:                                   # a prefill: the GLM mask with sep = 0
@@ -85,7 +84,7 @@ def compare_decode(ctx, q, k, v, prefill):
 
 
 def reference_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch_size, bytes_per_element):
-    from glmkit.kv_cache import kv_cache_bytes
+    from glmkit.cache import kv_cache_bytes
 
     dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[bytes_per_element]
     return kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch_size, dtype=dtype)

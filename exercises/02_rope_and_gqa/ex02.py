@@ -15,8 +15,8 @@ at absolute position p sees keys 0..p. Generation keeps the keys and values of e
 KV cache instead of recomputing them.
 
 The notebook ex02.ipynb walks through each function; write them here, then run ``self_check()`` there
-(or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.rope``,
-``glmkit.attention``, ``glmkit.kv_cache`` or ``glmkit.models.glm_dense``: they are the references you are
+(or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.ops.rope``,
+``glmkit.ops.attention``, ``glmkit.cache`` or ``glmkit.mixers.attention``: they are the references you are
 re-implementing (a submission that uses them is flagged). torch and plain Python are fine.
 """
 

@@ -39,7 +39,7 @@ def rope_low_precision(ctx):
     "repeats the [gMASK] position for generated tokens, a batch can be left-padded) and θ is not always "
     "10000. Do not recompute the angles yourself."))
 def rope_uses_given_angles(ctx):
-    from glmkit.rope import rope_cos_sin
+    from glmkit.ops.rope import rope_cos_sin
 
     T, D, R = 9, 16, 8
     positions = torch.tensor(sorted(ctx.rng.randint(0, 40) for _ in range(T)))      # repeats allowed

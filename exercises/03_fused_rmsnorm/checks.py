@@ -3,7 +3,7 @@
 Each check is declared with its points, time limit (seconds) and the message a learner sees when it
 fails. Inputs are random (fresh each run, reproducible with the run's seed) and the row lengths are
 deliberately not powers of two; the expected answers are computed here, in the grading process, by
-glmkit's reference (``glmkit.norms.rms_norm_reference``) — never stored. ``ctx.call`` runs your
+glmkit's reference (``glmkit.ops.rmsnorm.rmsnorm_reference``) — never stored. ``ctx.call`` runs your
 ``rms_norm_fwd`` in a separate process (your kernel runs there, under the Triton interpreter on a CPU)
 and brings its result back as plain data.
 """
@@ -20,7 +20,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    from glmkit.norms import rms_norm_reference
+    from glmkit.ops.rmsnorm import rmsnorm_reference as rms_norm_reference
 
     return rms_norm_reference(x, weight, eps)
 

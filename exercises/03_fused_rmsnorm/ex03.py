@@ -21,7 +21,7 @@ The rules of the game (lesson 00, section 4; lesson 03, section 5):
 * Divide Σx² by **N**, the real row length, not by BLOCK_N.
 * Compute in fp32 whatever the input dtype (x² of an fp16 value above 256 overflows fp16), and round
   once, when storing, to the output's dtype (``.to(Y.dtype.element_ty)``).
-* The expected answers come from ``glmkit.norms.rms_norm_reference``; do not import ``glmkit.norms`` or
+* The expected answers come from ``glmkit.ops.rmsnorm.rmsnorm_reference``; do not import ``glmkit.ops.rmsnorm`` or
   ``glmkit.kernels.rmsnorm`` here (a submission that uses them is flagged).
 
 Without a GPU the kernel runs under the Triton interpreter (exact, slow: keep test shapes small). The

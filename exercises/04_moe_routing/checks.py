@@ -3,7 +3,7 @@
 Each check is declared with its points, time limit (seconds) and the message a learner sees when it
 fails. Inputs are random (fresh each run, reproducible with the run's seed); the expected answers are
 computed here, in the grading process, by glmkit's references (``glmkit.moe.sigmoid_topk_route``,
-``glmkit.moe.update_bias``, ``glmkit.kernels.moe_align.moe_align_reference``) — never stored.
+``glmkit.moe.update_bias``, ``glmkit.ops.moe_align.moe_align_reference``) — never stored.
 ``ctx.call`` runs your function in a separate process (your kernels run there, under the Triton
 interpreter on a CPU) and brings its result back as plain data.
 
@@ -133,7 +133,7 @@ def compare_align(ctx, topk_idx, E, block_m, *, counts_only=False):
     """moe_align against moe_align_reference, into output buffers pre-filled with garbage (the int32
     minimum): every position must be written, and the result cannot depend on what memory held.
     counts_only: compare only the 4th output (the count kernel's work)."""
-    from glmkit.kernels.moe_align import moe_align_reference
+    from glmkit.ops.moe_align import moe_align_reference
     from glmkit.testing import poisoned
 
     N, k = topk_idx.shape

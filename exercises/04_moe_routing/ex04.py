@@ -31,9 +31,9 @@ The buffers have the fixed length S_pad = ``padded_size(S, E, block_m)`` (the wo
 expert wastes block_m − 1 rows), so no one has to wait for the counts before allocating them.
 
 The notebook ex04.ipynb walks through each part; write the functions here, then run ``self_check()``
-there (or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.moe`` or
-``glmkit.kernels.moe_align``: they are the references you are re-implementing (a submission that uses
-them is flagged). torch, triton and plain Python are fine.
+there (or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.moe``,
+``glmkit.ops.moe_align`` or ``glmkit.kernels.moe_align``: they are the references you are re-implementing (a
+submission that uses them is flagged). torch, triton and plain Python are fine.
 
 Without a GPU the kernels run under the Triton interpreter (exact, slow: keep test shapes small). The
 lines below select it before triton is imported; on a CUDA machine the same code compiles natively.

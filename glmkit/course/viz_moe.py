@@ -13,6 +13,7 @@ makes load balancing visible on a CPU in a second.
                                       recording per-step expert loads, MaxVio, loss and the router bias
     plot_load_heatmap(loads)          experts × steps heatmap of load / mean load (1 = balanced)
     plot_layer_loads(steps, shares)   the same for every MoE layer of a model (glmkit.train.History)
+    plot_load(history)                a training run's MaxVio per step
     plot_max_violation(runs)          MaxVio against step for several runs
     BalanceExplorer()                 ipywidgets: router, γ, aux-loss α, init skew → heatmap and curves
     count_tensor_ops(fn)              the torch calls that return a tensor (≈ GPU kernel launches), by name
@@ -124,7 +125,12 @@ def param_breakdown(cfg) -> list[tuple[str, int, int]]:
 
 def plot_param_breakdown(cfg, ax=None, log: bool = False):
     """Horizontal bars: each component's total parameters (light) and the part one token uses (dark),
-    in billions. Embedding and LM head are hatched: outside the published 'active' figure."""
+    in billions. Embedding and LM head are hatched: outside the published 'active' figure.
+    ``cfg`` is a DecoderConfig or a preset name; the title names the preset it equals, if any."""
+    from glmkit.models.presets import PRESETS, get_config
+
+    title = cfg if isinstance(cfg, str) else next((n for n, p in PRESETS.items() if p == cfg), "model")
+    cfg = get_config(cfg)
     ax = _new_ax(ax, (7, 3.2))
     rows = param_breakdown(cfg)
     names = [r[0] for r in rows]
@@ -144,7 +150,7 @@ def plot_param_breakdown(cfg, ax=None, log: bool = False):
     if log:
         ax.set_xscale("log")
     ax.set_xlim(right=tot.max() * (3 if log else 1.45))
-    ax.set_title(f"{cfg.name}: {c.total / B:.0f}B stored, {c.active / B:.1f}B active per token", fontsize=10)
+    ax.set_title(f"{title}: {c.total / B:.0f}B stored, {c.active / B:.1f}B active per token", fontsize=10)
     ax.legend(handles=[bars_t, bars_a], fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return ax
@@ -477,6 +483,24 @@ def plot_max_violation(runs: Mapping[str, Sequence[float]], ax=None, log: bool =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("how far the busiest expert is over its share", fontsize=9)
+    return ax
+
+
+def plot_load(history, ax=None, label: str | None = None, title: str = "expert-load imbalance (MoE)"):
+    """A training run's ``History.max_violation`` per step, raw and smoothed, on ``ax`` (a new one if None). Call it
+    on two histories with the same ``ax`` and a ``label`` each to compare runs (e.g. with and without the bias
+    update)."""
+    if not history.max_violation:
+        raise ValueError("this History has no expert-load records: the model had no MoE layers")
+    ax = _new_ax(ax, (6.4, 3.2))
+    steps = history.steps[-len(history.max_violation):]
+    line, = ax.plot(steps, history.max_violation, alpha=0.25, lw=1)
+    ax.plot(steps, history.smoothed(values=history.max_violation), color=line.get_color(), lw=2,
+            label=label or "MaxVio (smoothed)")
+    ax.set(xlabel="step", ylabel="max load / mean load − 1", title=title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
     return ax
 
 

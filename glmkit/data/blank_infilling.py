@@ -11,8 +11,8 @@ How GLM differs from its predecessors:
   autoregressively, as in GPT, one after another in a random order (Part B). Each span is fed as
   ``[START] s_1..s_l`` and trained to predict ``s_1..s_l [END]``. The loss is on Part B only.
 
-  The mask makes this one transformer pass. Key j is visible to query i iff ``j < len(Part A)`` or
-  ``j <= i``. Two rows of position ids tell a Part-B token where its blank is (row 0: the Part-A position
+  The mask (``glmkit.ops.attention.attention_mask``) makes this one transformer pass. Key j is visible to
+  query i iff ``j < len(Part A)`` or ``j <= i``. Two rows of position ids tell a Part-B token where its blank is (row 0: the Part-A position
   of the span's mask token) and where it is inside the span (row 1: 1..l+1; 0 on Part A).
 
 Three ways to choose spans, each with its own mask token (GLM's ``--task-mask``), picked per example:
@@ -500,20 +500,6 @@ def collate(examples: Sequence[GLMExample], pad_id: int, pad_to: int | None = No
         position_ids[b, :, : ex.length] = ex.position_ids
     sep = torch.tensor([ex.sep for ex in examples], dtype=torch.int64)
     return GLMBatch(input_ids, targets, position_ids, sep)
-
-
-def attention_mask(sep: torch.Tensor, T: int) -> torch.Tensor:
-    """The GLM mask: key j is visible to query i iff j < sep (Part A) or j <= i (causal Part B).
-
-    sep: [B] int64, each sample's Part-A length (0 = plain causal, T = fully bidirectional).
-    Returns [B, T, T] bool, True where query i (row) may attend key j (column).
-    """
-    if sep.dim() != 1 or sep.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"sep must be a 1-D integer tensor of Part-A lengths, got {sep.dtype} {tuple(sep.shape)}")
-    i = torch.arange(T, device=sep.device)
-    causal = i[None, :, None] >= i[None, None, :]          # [1, T(query), T(key)]
-    in_part_a = i[None, None, :] < sep[:, None, None]       # [B, 1, T(key)]
-    return causal | in_part_a
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -392,6 +392,10 @@ class Decoder(nn.Module):
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
         B, T = input_ids.shape
         dev = input_ids.device
+        if cache is not None and (not isinstance(cache, Cache) or cache.batch_size != B or
+                                  len(cache.layers) != len(self.layers)):
+            raise ValueError(f"cache {cache!r} does not fit this model and batch (B={B}, layers={len(self.layers)}): "
+                             f"make one with model.new_cache(batch_size, max_len)")
         offset = 0 if cache is None else cache.begin(T, attention_mask)
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=dev)

@@ -53,14 +53,18 @@ def _grouped_mm_ok(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     16-byte row strides and pointers."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w_gate_up.dtype or x.device != w_gate_up.device:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False                       # inside torch.compile grouped_mm takes bf16 only
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
     elif x.device.type != "cpu" or tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9):
         return False
     es = x.element_size()
-    return all(n * es % _GMM_ALIGN_BYTES == 0 for n in (x.shape[1], *w_gate_up.shape[1:2], w_down.shape[2])) and all(
-        t.data_ptr() % _GMM_ALIGN_BYTES == 0 for t in (x, w_gate_up, w_down))
+    strides_ok = all(n * es % _GMM_ALIGN_BYTES == 0 for n in (x.shape[1], *w_gate_up.shape[1:2], w_down.shape[2]))
+    # pointers cannot be read while torch.compile traces (fresh and parameter tensors are aligned anyway)
+    return strides_ok and (torch.compiler.is_compiling() or all(
+        t.data_ptr() % _GMM_ALIGN_BYTES == 0 for t in (x, w_gate_up, w_down)))
 
 
 def _grouped_mm(a, b, offs):
@@ -78,8 +82,13 @@ def moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down) -> torch.Ten
     E = w_gate_up.shape[0]
     sorted_e, perm = torch.sort(topk_idx.reshape(-1).long(), stable=True)     # [S]
     x_g = x[perm // k]                                                         # [S, H], rows grouped by expert
-    counts = torch.bincount(sorted_e, minlength=E)
+    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, sorted_e, torch.ones_like(sorted_e))
     w_gu, w_d = w_gate_up.transpose(-2, -1), w_down.transpose(-2, -1)          # [E, H, 2I], [E, I, H] views
+    if not _grouped_mm_ok(x_g, w_gate_up, w_down) and torch.compiler.is_compiling():
+        # no grouped GEMM and no host sync allowed: every expert on every token, weighted by a dense [N, E] map
+        w = torch.zeros(N, E, device=x.device).scatter_(1, topk_idx.long(), topk_weight.float())
+        y = torch.einsum("ne,enh->nh", w, (_swiglu(x @ w_gu) @ w_d).float())
+        return y.to(x.dtype)
     if _grouped_mm_ok(x_g, w_gate_up, w_down):
         offs = counts.cumsum(0).to(torch.int32)
         y_g = _grouped_mm(_swiglu(_grouped_mm(x_g, w_gu, offs)), w_d, offs)
@@ -138,6 +147,11 @@ def moe_experts(x, topk_idx, topk_weight, w_gate_up, w_down, impl: str = "auto")
     """The routed experts (see the module docstring): x [N, H] → y [N, H] in x's dtype, differentiable in x,
     topk_weight and both weights."""
     _check(x, topk_idx, topk_weight, w_gate_up, w_down)
+    if not torch.is_autocast_enabled(x.device.type) and not x.dtype == w_gate_up.dtype == w_down.dtype:
+        raise TypeError(
+            f"x, w_gate_up and w_down must share a dtype outside autocast, got {x.dtype}, {w_gate_up.dtype}, "
+            f"{w_down.dtype}"
+        )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     path = impl if impl != "auto" else ("triton" if backend.resolve(x) == "triton" else "sorted")

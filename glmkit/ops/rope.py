@@ -97,6 +97,8 @@ def rope(q, k, cos, sin, rotary_dim: int, pairing: str = "interleaved", inplace:
     _check(q, cos, sin, rotary_dim, pairing, "q")
     if k is not None:
         _check(k, cos, sin, rotary_dim, pairing, "k")
+        if k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+            raise ValueError(f"k must match q in batch and head dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
     path = "triton" if backend.resolve(q) == "triton" else "torch"
     backend.record("rope", path)
     if path == "triton":

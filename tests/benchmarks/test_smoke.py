@@ -43,6 +43,12 @@ EXPECTED = {
         "| shape | ours GB/s | ours in place GB/s | compile | eager | ours/compile | ours/eager | fwd+bwd ours GB/s ",
         "- SMOKE RUN",
     ],
+    "bench_delta_rule.py": [
+        "| B, T, H, D | fwd ours ms",
+        "| T | B | GDN fwd ms",
+        "| B | H | gate | state MiB",
+        "- SMOKE RUN",
+    ],
     "sweep_kernels.py": [
         "# Kernel tuning sweeps on ",
         "| kernel | config (BM×BN w s) | ms | err | share of charged FLOPs/s |",

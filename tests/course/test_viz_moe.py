@@ -49,18 +49,14 @@ def test_breakdown_adds_up_to_param_counts(cfg):
     assert max(rows, key=lambda r: r[1])[0] == "routed experts"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug: plot_param_breakdown titles the plot with cfg.name, which DecoderConfig (the presets) lacks",
-)
 def test_breakdown_plot_draws_the_counts():
     ax = vm.plot_param_breakdown(GLM_4_5)
     rows = vm.param_breakdown(GLM_4_5)
     widths = [p.get_width() for p in ax.patches]
     np.testing.assert_allclose(widths[: len(rows)], [r[1] / 1e9 for r in rows])  # totals
     np.testing.assert_allclose(widths[len(rows) : 2 * len(rows)], [r[2] / 1e9 for r in rows])  # actives
-    assert ax.get_title() and ax.get_xlabel()
+    assert ax.get_title().startswith("glm-4.5:") and ax.get_xlabel()
+    assert vm.plot_param_breakdown("glm-4.5-air").get_title().startswith("glm-4.5-air:")
 
 
 # ---- 2. routers ------------------------------------------------------------------------------------

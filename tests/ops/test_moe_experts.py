@@ -385,11 +385,6 @@ def test_bad_arguments_are_named():
         Experts(4, 32, 16, impl="nope")(x, idx, w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: moe_experts does not check that x and the weights share a dtype (outside autocast): the loop and "
-    "sorted paths fail inside torch.matmul, the kernels cast x and return y in the weights' dtype, not x's",
-)
 @pytest.mark.parametrize("impl", ["loop", "sorted", "triton"])
 def test_mixed_dtypes_are_named(impl):
     x = torch.randn(4, 32)

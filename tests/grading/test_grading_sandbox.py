@@ -21,7 +21,7 @@ from glmkit.grading.commands import autograde
 from glmkit.grading.isolation import WORKDIR, Box, Cgroup, Isolation, SandboxUnavailable, seccomp_program
 from glmkit.grading.sandbox import Limits
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "exercises")
 
 

@@ -1,6 +1,6 @@
 """Build a class of exercise-01 submissions to time the grader on (docs/instructor-guide.md §6, "run time"):
 
-    python tests/hostile/build_class.py CLASS_DIR [--size 50]
+    python tests/grading/hostile/build_class.py CLASS_DIR [--size 50]
     time python -m glmkit.grading autograde CLASS_DIR --out GRADES --exercises 01 --jobs 2
 
 Roughly 40% correct (as ex01.py, renamed, in a notebook), 15% wrong or unfinished, and every hostile
@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-EX01 = HERE.parents[1] / "exercises" / "01_blank_infilling"
+EX01 = HERE.parents[2] / "exercises" / "01_blank_infilling"
 
 
 def build(root: Path, size: int) -> None:
-    sys.path.insert(0, str(HERE.parents[1]))
+    sys.path.insert(0, str(HERE.parents[2]))
     from glmkit.grading.exercise import stub_source
 
     master = (EX01 / "ex01.py").read_text()

@@ -17,7 +17,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-LESSONS = Path(__file__).resolve().parent.parent / "lessons"
+LESSONS = Path(__file__).resolve().parents[2] / "lessons"
 NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
 TIMEOUT_S = int(os.environ.get("GLMKIT_NOTEBOOK_TIMEOUT", "600"))   # per notebook, fast mode
 

@@ -4,7 +4,7 @@ implemented yet"; the release ships exactly the learner's files; a typical mista
 of the checks that catch it (public and hidden), while other correct answers (another order of the experts
 in a row, another order of the slots inside an expert's run) keep full marks; the notebook runs top to
 bottom on the stub and on the master. The kernels run under the Triton interpreter, at small shapes.
-(tests/test_grading.py's validate test also runs every exercise's master and stub.)"""
+(tests/grading/test_grading.py's validate test also runs every exercise's master and stub.)"""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from glmkit.grading.commands import release, self_check
 from glmkit.grading.exercise import load_exercise
 from glmkit.grading.runner import run_checks
 
-EX04 = Path(__file__).resolve().parents[1] / "exercises" / "04_moe_routing"
+EX04 = Path(__file__).resolve().parents[2] / "exercises" / "04_moe_routing"
 FAST = {"total_timeout": 90, "startup_timeout": 60}
 KERNELS = ("count_kernel", "align_kernel")           # written by the learner, reached through moe_align
 

@@ -1,6 +1,6 @@
 """Hostile submissions: each must end as a failure, timeout or flagged row for that student alone, with the
 gradebook complete, every correct student graded correctly, nothing outside the student's folder changed and
-no process left behind. The files are in tests/hostile/; cases that are not a file (symbolic links, a 3 GiB
+no process left behind. The files are in tests/grading/hostile/; cases that are not a file (symbolic links, a 3 GiB
 sparse file, a FIFO, odd folder names) are built here.
 
 They need the namespaces sandbox (bubblewrap): where it is unavailable this file is skipped, and fails instead
@@ -34,7 +34,7 @@ from glmkit.grading import isolation
 from glmkit.grading.commands import _cell, autograde, feedback_stem, printable
 from glmkit.grading.exercise import load_exercise
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "exercises")
 EX01 = EXERCISES / "01_blank_infilling"
 HOSTILE = Path(__file__).parent / "hostile"

@@ -1,6 +1,6 @@
 """Exercise 02 (partial RoPE, GQA with a KV cache) in the grading system: the release ships exactly the
 learner's files with every function stubbed, and a typical mistake fails with its teaching message.
-(tests/test_grading.py's validate test already runs every exercise's master and stub.)"""
+(tests/grading/test_grading.py's validate test already runs every exercise's master and stub.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from glmkit.grading.commands import release, self_check
 from glmkit.grading.exercise import load_exercise
 
-EX02 = Path(__file__).resolve().parents[1] / "exercises" / "02_rope_and_gqa"
+EX02 = Path(__file__).resolve().parents[2] / "exercises" / "02_rope_and_gqa"
 FAST = {"total_timeout": 60, "startup_timeout": 30}
 
 

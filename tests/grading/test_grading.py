@@ -41,7 +41,7 @@ from glmkit.grading.exercise import (
 from glmkit.grading.runner import ExerciseResult
 from glmkit.grading.sandbox import BadValue, decode_value
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "exercises")
 EX01 = EXERCISES / "01_blank_infilling"
 FAST = {"total_timeout": 30, "startup_timeout": 30}
