@@ -19,12 +19,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # (name, what it measures)
-ROWS = ["attention fwd, causal, B4 T2048 H16 D128", "attention fwd+bwd, causal, B4 T2048 H16 D128",
-        "attention fwd, GLM mask sep=T/2, B4 T2048 H16 D128", "attention fwd+bwd, causal GQA 32/4, B2 T4096 D128",
-        "rmsnorm fwd, 16384×4096", "rmsnorm fwd+bwd, 16384×4096", "swiglu fwd, 16384×2·5632",
-        "swiglu fwd+bwd, 16384×2·5632", "rope fwd+bwd q/k, B4 T4096 H32/8 D128 R64",
-        "moe_experts fwd, N8192 H2048 I1024 E64 k8", "moe_experts fwd+bwd, N8192 H2048 I1024 E64 k8",
-        "train step, gpu-small (tokens/s)", "train step, gpu-moe (tokens/s)"]
+ROWS = [
+    "attention fwd, causal, B4 T2048 H16 D128",
+    "attention fwd+bwd, causal, B4 T2048 H16 D128",
+    "attention fwd, GLM mask sep=T/2, B4 T2048 H16 D128",
+    "attention fwd+bwd, causal GQA 32/4, B2 T4096 D128",
+    "rmsnorm fwd, 16384×4096",
+    "rmsnorm fwd+bwd, 16384×4096",
+    "swiglu fwd, 16384×2·5632",
+    "swiglu fwd+bwd, 16384×2·5632",
+    "rope fwd+bwd q/k, B4 T4096 H32/8 D128 R64",
+    "moe_experts fwd, N8192 H2048 I1024 E64 k8",
+    "moe_experts fwd+bwd, N8192 H2048 I1024 E64 k8",
+    "train step, gpu-small (tokens/s)",
+    "train step, gpu-moe (tokens/s)",
+]
 
 
 def worker(version: str) -> dict[str, float]:
@@ -119,14 +128,17 @@ def worker(version: str) -> dict[str, float]:
     dym = torch.randn(N, Hm, device=dev, dtype=bf)
     out[ROWS[10]] = bench(lambda: torch.autograd.grad(moe_experts(xm, idx, wt, wgu, wd), (xm, wt, wgu, wd), dym))
 
-    for row, make in ((ROWS[11], lambda: Dense(dense_config("gpu-small"))), (ROWS[12], lambda: MoEModel(moe_config("gpu-moe")))):
+    for row, make in (
+        (ROWS[11], lambda: Dense(dense_config("gpu-small"))),
+        (ROWS[12], lambda: MoEModel(moe_config("gpu-moe"))),
+    ):
         torch.manual_seed(0)
         model = make().to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
         data = LMData(batch_size=16, seq_len=512, seed=0)
         tokens = 16 * 512
 
-        def step(i):
+        def step(i, data=data, model=model, opt=opt):
             b = data.batch(i)
             ids, tg = b.input_ids.to(dev), b.targets.to(dev)
             with torch.autocast("cuda", dtype=bf):
@@ -135,7 +147,7 @@ def worker(version: str) -> dict[str, float]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            return float(loss)                           # the trainer reads the loss back every step too
+            return float(loss)  # the trainer reads the loss back every step too
 
         for i in range(8):
             step(i)
@@ -165,19 +177,27 @@ def main() -> None:
     for _ in range(args.rounds):
         for version in ("old", "new"):
             env = {**os.environ, "PYTHONPATH": str(Path(args.old).resolve() if version == "old" else ROOT)}
-            res = subprocess.run([sys.executable, __file__, "--worker", version], env=env, capture_output=True,
-                                 text=True, cwd=ROOT if version == "new" else args.old)
+            res = subprocess.run(
+                [sys.executable, __file__, "--worker", version],
+                env=env,
+                capture_output=True,
+                text=True,
+                cwd=ROOT if version == "new" else args.old,
+            )
             line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(res.stdout[-3000:], res.stderr[-3000:])
                 raise SystemExit(f"the {version} worker failed")
             runs[version].append(json.loads(line[7:]))
             print(version, "done", flush=True)
-    lines = ["# One-decoder refactor (issue 9): glmkit 0.1 vs 0.2 side by side\n",
-             f"date {time.strftime('%Y-%m-%d')}; GPU {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
-             f"triton {triton.__version__}; bf16; best of {args.rounds} alternating rounds per version "
-             f"(`benchmarks/compare_refactor.py`).\n",
-             "| what | 0.1 | 0.2 | 0.2 / 0.1 (higher = faster) |", "|---|---|---|---|"]
+    lines = [
+        "# One-decoder refactor (issue 9): glmkit 0.1 vs 0.2 side by side\n",
+        f"date {time.strftime('%Y-%m-%d')}; GPU {torch.cuda.get_device_name(0)}; torch {torch.__version__}; "
+        f"triton {triton.__version__}; bf16; best of {args.rounds} alternating rounds per version "
+        f"(`benchmarks/compare_refactor.py`).\n",
+        "| what | 0.1 | 0.2 | 0.2 / 0.1 (higher = faster) |",
+        "|---|---|---|---|",
+    ]
     for row in ROWS:
         rate = "tokens/s" in row
         old = max(r[row] for r in runs["old"]) if rate else min(r[row] for r in runs["old"])

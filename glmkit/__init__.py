@@ -36,8 +36,9 @@ def _map_kernels_folder() -> None:
     folder = pathlib.Path(__file__).resolve().parent.parent / "kernels"
     if not (folder / "__init__.py").is_file():
         return
-    spec = importlib.util.spec_from_file_location("glmkit.kernels", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        "glmkit.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["glmkit.kernels"] = module
     spec.loader.exec_module(module)

@@ -1,7 +1,7 @@
 """``python -m glmkit <command>`` (also installed as the ``glmkit`` script).
 
-    doctor     is this machine ready for the course? (versions, device, kernels, widgets; a fix per problem)
-    grade ...  the exercise tools (check, release, autograde, ...): forwarded to glmkit.grading
+doctor     is this machine ready for the course? (versions, device, kernels, widgets; a fix per problem)
+grade ...  the exercise tools (check, release, autograde, ...): forwarded to glmkit.grading
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="command")
     d = sub.add_parser("doctor", help="check this machine for the course and print a fix for each problem")
     d.add_argument("--json", action="store_true", help="print the checks as JSON")
-    sub.add_parser("grade", help="exercise tools: check your work, release, autograde (see `grade --help`)",
-                   add_help=False)
+    sub.add_parser(
+        "grade", help="exercise tools: check your work, release, autograde (see `grade --help`)", add_help=False
+    )
     return p
 
 

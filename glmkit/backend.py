@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 
@@ -135,9 +136,9 @@ def record(op: str, path: str) -> None:
 def audit() -> Iterator[KernelAudit]:
     """Record which implementation every dispatched op used inside the block::
 
-        with glmkit.backend.audit() as a:
-            model.loss(x, y).backward()
-        assert a.only_triton(), a
+    with glmkit.backend.audit() as a:
+        model.loss(x, y).backward()
+    assert a.only_triton(), a
     """
     a = KernelAudit()
     _audits.append(a)

@@ -17,7 +17,9 @@ and ``end(T)`` after them; each mixer reads and writes its own ``cache.layers[i]
 
 Rolling back (speculative decoding, lesson 08): ``rollback(n)`` forgets the last n positions. Caches that grow
 with T only move ``length`` back (the stale entries are overwritten later); a state that does not grow (a
-recurrence) has to restore a snapshot, which it does in its own ``rollback(n)`` method when it has one.
+recurrence, a conv tail) has to restore a snapshot, which it does in its own ``rollback(n)`` method. So that it
+can, a cache made with ``max_rollback=m`` tells every forward (``Step.max_rollback``) to keep the states after
+each of the last min(T, m) positions; rolling back further than that raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class Cache:
     """Per-layer states (``layers[i]``, from each mixer's ``new_state``) and the shared ``length``/``valid``.
     Make one with ``model.new_cache(batch_size, max_len)``."""
 
-    def __init__(self, states: list, batch_size: int, max_len: int, device):
+    def __init__(self, states: list, batch_size: int, max_len: int, device, max_rollback: int = 0):
         self.layers = states
         self.batch_size, self.max_len = batch_size, max_len
+        self.max_rollback = max_rollback  # how far rollback(n) must reach; states that do not grow keep this many
+        # per-position snapshots of their last forward (``Step.max_rollback`` tells the mixers)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
 
@@ -54,9 +58,11 @@ class Cache:
         """Before a forward of T new positions: check room, mark their keys (mask [B, T], True = real token;
         None = all real) and return the offset they are written at."""
         if self.length + T > self.max_len:
-            raise ValueError(f"the cache is full: {self.length} positions cached + {T} new > max_len={self.max_len}; "
-                             f"allocate a larger one (max_len >= prompt length + max_new_tokens)")
-        self.valid[:, self.length:self.length + T] = True if mask is None else mask.to(torch.bool)
+            raise ValueError(
+                f"the cache is full: {self.length} positions cached + {T} new > max_len={self.max_len}; "
+                f"allocate a larger one (max_len >= prompt length + max_new_tokens)"
+            )
+        self.valid[:, self.length : self.length + T] = True if mask is None else mask.to(torch.bool)
         return self.length
 
     def end(self, T: int) -> None:
@@ -79,17 +85,30 @@ class Cache:
     @property
     def nbytes(self) -> int:
         """Memory held by the layer states (every tensor attribute of each state)."""
-        return sum(t.numel() * t.element_size() for s in self.layers if s is not None
-                   for t in vars(s).values() if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.layers
+            if s is not None
+            for t in vars(s).values()
+            if isinstance(t, torch.Tensor)
+        )
 
     def __repr__(self) -> str:
         kinds = sorted({type(s).__name__ for s in self.layers})
-        return (f"Cache(layers={len(self.layers)} {kinds}, B={self.batch_size}, length={self.length}/{self.max_len}, "
-                f"{self.nbytes / 2**20:.2f} MiB)")
+        return (
+            f"Cache(layers={len(self.layers)} {kinds}, B={self.batch_size}, length={self.length}/{self.max_len}, "
+            f"{self.nbytes / 2**20:.2f} MiB)"
+        )
 
 
-def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int, batch_size: int = 1,
-                   dtype: torch.dtype = torch.bfloat16) -> int:
+def kv_cache_bytes(
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    seq_len: int,
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
     """Bytes of a full softmax-attention k/v cache: 2 · layers · B · H_kv · T · D · bytes per element
     (GLM-4-9B, one token, bf16: 40 · 2 · 128 · 2 · 2 = 40 KiB)."""
     return 2 * n_layers * batch_size * n_kv_heads * seq_len * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -89,20 +89,49 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 # ----------------------------------------------------------------------------------------------------
 # Model families, and the folders glmkit 0.1 wrote
 # ----------------------------------------------------------------------------------------------------
-FAMILIES: dict[str, tuple[type, type]] = {"glmkit_decoder": (DecoderConfig, Decoder),
-                                          "glmkit_glm2021": (GLMConfig, GLMModel)}
+FAMILIES: dict[str, tuple[type, type]] = {
+    "glmkit_decoder": (DecoderConfig, Decoder),
+    "glmkit_glm2021": (GLMConfig, GLMModel),
+}
 # glmkit 0.1's config fields and tensor names → today's (None: no equivalent; the folder cannot be loaded)
-_OLD_FIELDS = {"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
-               "max_seq_len": "max_position_embeddings", "qkv_bias": "attention_bias", "qk_norm": "use_qk_norm",
-               "norm_eps": "rms_norm_eps", "init_std": "initializer_range", "eos_token_ids": "eos_token_id",
-               "d_model": "hidden_size", "d_ff": "intermediate_size", "layernorm_eps": "layer_norm_eps"}
-_OLD_ONLY = {"position": "rope", "norm": "rmsnorm", "activation": "swiglu", "o_bias": False, "mlp_bias": False,
-             "attn_scale": None, "dropout": 0.0, "pad_vocab_multiple": 1}
-_OLD_TENSORS = [(".attn.", ".mixer."), ("post_attn_norm", "post_mixer_norm"), ("word_embeddings", "embed_tokens"),
-                ("block_position_embeddings", "block_pos_embed"), ("position_embeddings", "pos_embed"),
-                (".ln1.", ".input_norm."), (".ln2.", ".pre_mlp_norm."), ("ln_f.", "final_norm."),
-                (".mixer.qkv.", ".mixer.qkv_proj."), (".mixer.proj.", ".mixer.o_proj."),
-                (".mlp.fc1.", ".mlp.up_proj."), (".mlp.fc2.", ".mlp.down_proj.")]
+_OLD_FIELDS = {
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "qkv_bias": "attention_bias",
+    "qk_norm": "use_qk_norm",
+    "norm_eps": "rms_norm_eps",
+    "init_std": "initializer_range",
+    "eos_token_ids": "eos_token_id",
+    "d_model": "hidden_size",
+    "d_ff": "intermediate_size",
+    "layernorm_eps": "layer_norm_eps",
+}
+_OLD_ONLY = {
+    "position": "rope",
+    "norm": "rmsnorm",
+    "activation": "swiglu",
+    "o_bias": False,
+    "mlp_bias": False,
+    "attn_scale": None,
+    "dropout": 0.0,
+    "pad_vocab_multiple": 1,
+}
+_OLD_TENSORS = [
+    (".attn.", ".mixer."),
+    ("post_attn_norm", "post_mixer_norm"),
+    ("word_embeddings", "embed_tokens"),
+    ("block_position_embeddings", "block_pos_embed"),
+    ("position_embeddings", "pos_embed"),
+    (".ln1.", ".input_norm."),
+    (".ln2.", ".pre_mlp_norm."),
+    ("ln_f.", "final_norm."),
+    (".mixer.qkv.", ".mixer.qkv_proj."),
+    (".mixer.proj.", ".mixer.o_proj."),
+    (".mlp.fc1.", ".mlp.up_proj."),
+    (".mlp.fc2.", ".mlp.down_proj."),
+]
 LEGACY = {"glmkit_glm_dense": "glmkit_decoder", "glmkit_glm_moe": "glmkit_decoder"}
 
 
@@ -117,8 +146,10 @@ def _upgrade_config(model_type: str, raw: dict[str, Any], where: Path) -> tuple[
         if raw.get("block", "pre") not in ("pre", "sandwich"):
             bad["block"] = raw["block"]
         if bad:
-            raise ValueError(f"{where}: a glmkit 0.1 model with {bad}, which today's decoder has no setting for "
-                             f"(DeepNorm, GeGLU, LayerNorm, 2D positions live in glmkit.course.lineage): retrain it")
+            raise ValueError(
+                f"{where}: a glmkit 0.1 model with {bad}, which today's decoder has no setting for "
+                f"(DeepNorm, GeGLU, LayerNorm, 2D positions live in glmkit.course.lineage): retrain it"
+            )
         out.update(sandwich_norms=raw.get("block") == "sandwich", rope_interleave=raw.get("rope_pairing") != "half")
         if "first_k_dense_replace" not in raw and "n_routed_experts" in raw:
             out["first_k_dense_replace"] = 1
@@ -203,7 +234,8 @@ def _load_weights_into(model: torch.nn.Module, path: Path, device: str | torch.d
     unexpected = sorted(k for k in tensors if k not in needed)
     mismatched = sorted(
         f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(needed[k].shape)}"
-        for k in needed if k in tensors and tuple(tensors[k].shape) != tuple(needed[k].shape)
+        for k in needed
+        if k in tensors and tuple(tensors[k].shape) != tuple(needed[k].shape)
     )
     if missing or unexpected or mismatched:
         lines = [f"weights in {path} do not fit the model ({type(model).__name__}, {model.extra_repr()}):"]
@@ -239,16 +271,20 @@ def read_config(directory: str | os.PathLike):
     directory = Path(directory)
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a glmkit model folder "
-                                f"(save one with glmkit.checkpoint.save_pretrained)")
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_NAME}: not a glmkit model folder "
+            f"(save one with glmkit.checkpoint.save_pretrained)"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     model_type, raw = _upgrade_config(raw.pop("model_type", None), raw, path)
     if model_type not in FAMILIES:
-        raise ValueError(f"{path}: model_type is {model_type!r}, expected one of {sorted(FAMILIES)} (a Hugging Face "
-                         f"checkpoint loads with glmkit.hf.load_hf)")
+        raise ValueError(
+            f"{path}: model_type is {model_type!r}, expected one of {sorted(FAMILIES)} (a Hugging Face "
+            f"checkpoint loads with glmkit.hf.load_hf)"
+        )
     try:
         return FAMILIES[model_type][0].from_dict(raw)
     except TypeError as e:
@@ -316,8 +352,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         state.setdefault(int(pid), {}).update(entries)
     groups = []
     for g in meta["param_groups"]:
-        groups.append({k: tuple(v["__tuple__"]) if isinstance(v, dict) and "__tuple__" in v else v
-                       for k, v in g.items()})
+        groups.append(
+            {k: tuple(v["__tuple__"]) if isinstance(v, dict) and "__tuple__" in v else v for k, v in g.items()}
+        )
     return {"state": state, "param_groups": groups}
 
 
@@ -463,18 +500,24 @@ def load_training_state(
     if ckpt is None:
         return None
     state = json.loads((ckpt / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    if state.get("model_type") not in FAMILIES or "glmkit_glm2021" == state.get("model_type") and \
-            "d_model" in json.loads((ckpt / CONFIG_NAME).read_text(encoding="utf-8")):
-        raise ValueError(f"{ckpt} is a glmkit 0.1 training checkpoint: its optimizer state does not fit today's "
-                         f"parameters. Load its weights with glmkit.checkpoint.load_pretrained({str(ckpt)!r}) and "
-                         f"start a new run from them")
+    if (
+        state.get("model_type") not in FAMILIES
+        or "glmkit_glm2021" == state.get("model_type")
+        and "d_model" in json.loads((ckpt / CONFIG_NAME).read_text(encoding="utf-8"))
+    ):
+        raise ValueError(
+            f"{ckpt} is a glmkit 0.1 training checkpoint: its optimizer state does not fit today's "
+            f"parameters. Load its weights with glmkit.checkpoint.load_pretrained({str(ckpt)!r}) and "
+            f"start a new run from them"
+        )
     saved = read_config(ckpt)
     if type(saved) is not type(model.config):
-        raise ValueError(f"checkpoint {ckpt} holds a {type(saved).__name__} model, not a "
-                         f"{type(model.config).__name__} one ({type(model).__name__})")
+        raise ValueError(
+            f"checkpoint {ckpt} holds a {type(saved).__name__} model, not a "
+            f"{type(model.config).__name__} one ({type(model).__name__})"
+        )
     if saved != model.config:
-        diff = {k: (v, getattr(model.config, k)) for k, v in saved.to_dict().items()
-                if getattr(model.config, k) != v}
+        diff = {k: (v, getattr(model.config, k)) for k, v in saved.to_dict().items() if getattr(model.config, k) != v}
         raise ValueError(f"checkpoint {ckpt} was saved from a different model config; (saved, model): {diff}")
     device = model.device
     _load_weights_into(model, ckpt / WEIGHTS_NAME)

@@ -42,8 +42,13 @@ class GenerationOutput:
     sequences: torch.Tensor
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token per row from logits [B, V] → [B] int64. temperature 0: greedy (argmax). Otherwise softmax(logits /
     temperature) restricted to the top_k most likely tokens, then to the smallest set whose probability reaches
     top_p (the most likely token always stays), renormalised and sampled with ``generator``."""
@@ -82,10 +87,22 @@ def _prompt_rows(prompts) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, stop_tokens: Sequence[int] | None = None, banned_tokens=None,
-             pad_id: int | None = None, use_cache: bool = True, sep: int | Sequence[int] | None = None,
-             position_ids: torch.Tensor | None = None, generator: torch.Generator | None = None) -> GenerationOutput:
+def generate(
+    model,
+    prompts,
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    banned_tokens=None,
+    pad_id: int | None = None,
+    use_cache: bool = True,
+    sep: int | Sequence[int] | None = None,
+    position_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after each prompt (a list of ids, a list of lists, or [B, T]).
 
     stop_tokens: ids that end a row (default: the config's ``eos_token_id``); banned_tokens: ids never generated;
@@ -108,12 +125,12 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
     pad = P - lengths
     ids = torch.full((B, P), pad_id, dtype=torch.int64, device=dev)
     for b, r in enumerate(rows):
-        ids[b, P - len(r):] = torch.tensor(r, device=dev)
+        ids[b, P - len(r) :] = torch.tensor(r, device=dev)
     col = torch.arange(P, device=dev)[None]
-    valid = col >= pad[:, None]                                                      # [B, P]
+    valid = col >= pad[:, None]  # [B, P]
     two_d = model.two_d_positions
     if position_ids is None:
-        pos = (col - pad[:, None]).clamp_min(0)                                      # 0..n-1 per row
+        pos = (col - pad[:, None]).clamp_min(0)  # 0..n-1 per row
         pos = torch.stack([pos, torch.zeros_like(pos)], 1) if two_d else pos
     elif bool((pad > 0).any()) or position_ids.shape[-1] != P:
         raise ValueError("position_ids needs prompts of equal length, [B, P] or [B, 2, P]")
@@ -122,7 +139,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
     s = [0] * B if sep is None else [sep] * B if isinstance(sep, int) else list(sep)
     if len(s) != B or any(not 0 <= int(v) <= n for v, n in zip(s, lengths.tolist())):
         raise ValueError(f"sep must be an int or one value per prompt in [0, prompt length], got {sep!r}")
-    sep_t = torch.tensor([int(v) for v in s], device=dev) + pad                     # padded coordinates
+    sep_t = torch.tensor([int(v) for v in s], device=dev) + pad  # padded coordinates
     mask = valid if bool((pad > 0).any()) else None
     banned = None if banned_tokens is None else torch.as_tensor(list(banned_tokens), dtype=torch.int64, device=dev)
 
@@ -147,13 +164,16 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        last = pos[..., -1:]                                                         # the next position: from the last
+        last = pos[..., -1:]  # the next position: from the last
         step_pos = torch.stack([last[:, 0], last[:, 1] + 1], 1) if two_d else last + 1
         pos = torch.cat([pos, step_pos], dim=-1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=dev)], dim=1)
-        logits = (model(nxt[:, None], step_pos, sep_t, cache=cache) if use_cache
-                  else model(ids, pos, sep_t, attention_mask=mask))[:, -1]
+        logits = (
+            model(nxt[:, None], step_pos, sep_t, cache=cache)
+            if use_cache
+            else model(ids, pos, sep_t, attention_mask=mask)
+        )[:, -1]
     return GenerationOutput(tokens=out, stop_reasons=reasons, sequences=ids)
 
 
@@ -177,13 +197,15 @@ class FillResult:
 def _banned(tokenizer, vocab: int) -> list[int]:
     """Every special id except [END], and rows of the model's table the tokenizer never uses."""
     specials = set(getattr(tokenizer, "special_tokens", {}).values()) | {
-        getattr(tokenizer, a) for a in ("pad_id", "mask_id", "smask_id", "gmask_id", "sop_id") if hasattr(tokenizer, a)}
+        getattr(tokenizer, a) for a in ("pad_id", "mask_id", "smask_id", "gmask_id", "sop_id") if hasattr(tokenizer, a)
+    }
     specials.discard(tokenizer.eop_id)
     return sorted(specials | set(range(getattr(tokenizer, "n_ids", tokenizer.vocab_size), vocab)))
 
 
-def _fill(model, tokenizer, ids: list[int], pos_ids: torch.Tensor, sep: int, max_len: int, temperature, top_k,
-          generator) -> tuple[list[int], bool]:
+def _fill(
+    model, tokenizer, ids: list[int], pos_ids: torch.Tensor, sep: int, max_len: int, temperature, top_k, generator
+) -> tuple[list[int], bool]:
     """Generate one Part-B span after ``ids`` (ending in [START]) with 2D positions pos_ids [1, 2, len(ids)], until
     [END] or ``max_len`` tokens (fewer if the position tables run out): (tokens, ended with [END])."""
     limit = model.config.max_position_embeddings
@@ -191,24 +213,42 @@ def _fill(model, tokenizer, ids: list[int], pos_ids: torch.Tensor, sep: int, max
     if max_len < 1:
         warnings.warn(f"the text reached max_position_embeddings={limit}: a span is cut short", stacklevel=3)
         return [], False
-    out = generate(model, [ids], max_len, temperature=temperature, top_k=top_k, stop_tokens=[tokenizer.eop_id],
-                   banned_tokens=_banned(tokenizer, model.config.vocab_size), sep=sep,
-                   position_ids=pos_ids.to(model.device), generator=generator)
+    out = generate(
+        model,
+        [ids],
+        max_len,
+        temperature=temperature,
+        top_k=top_k,
+        stop_tokens=[tokenizer.eop_id],
+        banned_tokens=_banned(tokenizer, model.config.vocab_size),
+        sep=sep,
+        position_ids=pos_ids.to(model.device),
+        generator=generator,
+    )
     return out.tokens[0], out.stop_reasons[0] == "stop"
 
 
 def _check_text(model, tokenizer, text) -> None:
     if not getattr(model, "two_d_positions", False):
-        raise TypeError(f"fill_blanks and complete are for GLM-2021 models (glmkit.models.glm2021); "
-                        f"{type(model).__name__} generates with generate()")
+        raise TypeError(
+            f"fill_blanks and complete are for GLM-2021 models (glmkit.models.glm2021); "
+            f"{type(model).__name__} generates with generate()"
+        )
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the text is empty")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer's {tokenizer.vocab_size} ids do not fit the model's {model.config.vocab_size}")
 
 
-def fill_blanks(model, tokenizer, text: str, temperature: float = 0.0, top_k: int | None = None,
-                max_span_len: int = 32, seed: int | None = None) -> FillResult:
+def fill_blanks(
+    model,
+    tokenizer,
+    text: str,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    max_span_len: int = 32,
+    seed: int | None = None,
+) -> FillResult:
     """Fill every ``[MASK]`` (also ``[sMASK]``/``[gMASK]``) in ``text``, in order, GLM's way: Part A is the text as
     written; for the blank at Part-A position p, ``[START]`` goes in at (p, 1) and the span is generated at (p, 2),
     (p, 3), ... until ``[END]`` or ``max_span_len`` tokens. Part B grows as it goes, so a later blank sees the
@@ -228,8 +268,17 @@ def fill_blanks(model, tokenizer, text: str, temperature: float = 0.0, top_k: in
     model.eval()
     for p in blanks:
         ids, pos, block = ids + [tokenizer.sop_id], pos + [p], block + [1]
-        span, done = _fill(model, tokenizer, ids, torch.tensor([[pos, block]]), len(part_a), max_span_len,
-                           temperature, top_k, generator)
+        span, done = _fill(
+            model,
+            tokenizer,
+            ids,
+            torch.tensor([[pos, block]]),
+            len(part_a),
+            max_span_len,
+            temperature,
+            top_k,
+            generator,
+        )
         fills.append(span)
         finished.append(done)
         ids, pos, block = ids + span, pos + [p] * len(span), block + list(range(2, 2 + len(span)))
@@ -241,12 +290,20 @@ def fill_blanks(model, tokenizer, text: str, temperature: float = 0.0, top_k: in
             k += 1
         else:
             out.append(t)
-    return FillResult(text=tokenizer.decode(out), fills=[tokenizer.decode(f) for f in fills], fill_ids=fills,
-                      finished=finished)
+    return FillResult(
+        text=tokenizer.decode(out), fills=[tokenizer.decode(f) for f in fills], fill_ids=fills, finished=finished
+    )
 
 
-def complete(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int | None = None, seed: int | None = None) -> FillResult:
+def complete(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> FillResult:
     """Continue ``prompt`` left to right through [gMASK]: Part A = prompt + [gMASK], Part B = [START] + the new
     tokens, all at the position of [gMASK] with block positions 1, 2, ... (ChatGLM-6B's chat layout)."""
     return fill_blanks(model, tokenizer, prompt + "[gMASK]", temperature, top_k, max_new_tokens, seed)
@@ -264,7 +321,7 @@ def masked_word_examples(text: str, n: int = 50, seed: int = 0, max_chars: int =
         line = lines[int(rng.integers(len(lines)))]
         words = list(re.finditer(r"\w+", line))
         m = words[int(rng.integers(len(words)))]
-        out.append((line[: m.start()] + "[MASK]" + line[m.end():], m.group()))
+        out.append((line[: m.start()] + "[MASK]" + line[m.end() :], m.group()))
     return out
 
 
@@ -280,5 +337,10 @@ def fill_accuracy(model, tokenizer, text: str, n: int = 50, seed: int = 0, max_s
         done += r.finished[0]
         rows.append((prompt, answer, r.fills[0]))
     answers = [a for _, a in examples]
-    return {"accuracy": hits / n, "finished": done / n, "baseline": max(map(answers.count, set(answers))) / n,
-            "n": n, "examples": rows}
+    return {
+        "accuracy": hits / n,
+        "finished": done / n,
+        "baseline": max(map(answers.count, set(answers))) / n,
+        "n": n,
+        "examples": rows,
+    }

@@ -38,8 +38,12 @@ from glmkit.models.decoder import Decoder, DecoderConfig
 ARCHITECTURES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # stored by some exporters; not a parameter
 # (ours, HF) name pieces inside one decoder layer, outside the mixer
-_LAYER_NAMES = [("input_norm.", "input_layernorm."), ("pre_mlp_norm.", "post_attention_layernorm."),
-                ("post_mixer_norm.", "post_self_attn_layernorm."), ("post_mlp_norm.", "post_mlp_layernorm.")]
+_LAYER_NAMES = [
+    ("input_norm.", "input_layernorm."),
+    ("pre_mlp_norm.", "post_attention_layernorm."),
+    ("post_mixer_norm.", "post_self_attn_layernorm."),
+    ("post_mlp_norm.", "post_mlp_layernorm."),
+]
 _MTP_NAMES = [("shared_head_norm.", "shared_head.norm."), ("head.", "shared_head.head.")]
 
 
@@ -55,45 +59,63 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
     ``rope_interleave=False`` on a ``glm`` checkpoint — wrong; lesson 02 shows what it does)."""
     family = hf.get("model_type")
     if family not in ARCHITECTURES:
-        raise HFCheckpointError(f"unsupported model_type {family!r} in config.json: glmkit.hf loads "
-                                f"{sorted(ARCHITECTURES)} (GLM-4-9B: glm, GLM-4-0414: glm4, GLM-4.5/4.6/4.7: glm4_moe)")
+        raise HFCheckpointError(
+            f"unsupported model_type {family!r} in config.json: glmkit.hf loads "
+            f"{sorted(ARCHITECTURES)} (GLM-4-9B: glm, GLM-4-0414: glm4, GLM-4.5/4.6/4.7: glm4_moe)"
+        )
     moe = family == "glm4_moe"
     need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-    missing = [k for k in need + (["moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"] if moe else [])
-               if k not in hf]
+    missing = [
+        k
+        for k in need + (["moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"] if moe else [])
+        if k not in hf
+    ]
     if missing:
         raise HFCheckpointError(f"config.json ({family}) lacks required fields {missing}")
     if hf.get("hidden_act", "silu") != "silu":
         raise HFCheckpointError(f"config.json: hidden_act={hf['hidden_act']!r}, but {family} uses SwiGLU ('silu')")
-    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}   # transformers 5 / 4 names
+    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}  # transformers 5 / 4 names
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise HFCheckpointError(f"config.json: rope_type={rope.get('rope_type', rope.get('type'))!r} is not "
-                                f"supported (only 'default' RoPE)")
+        raise HFCheckpointError(
+            f"config.json: rope_type={rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default' RoPE)"
+        )
     vocab = hf["vocab_size"]
     ok = lambda t: t if t is not None and 0 <= t < vocab else None  # noqa: E731  (tiny test configs)
     eos = hf.get("eos_token_id")
     eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
     fields = dict(
-        vocab_size=vocab, hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"], num_key_value_heads=hf.get("num_key_value_heads"),
-        head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
+        vocab_size=vocab,
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        intermediate_size=hf["intermediate_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        attention_bias=bool(hf.get("attention_bias", not moe)),   # Glm4MoeConfig's class default is False
+        attention_bias=bool(hf.get("attention_bias", not moe)),  # Glm4MoeConfig's class default is False
         use_qk_norm=bool(hf.get("use_qk_norm", False)),
         partial_rotary_factor=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rope_interleave=not moe,                                  # glm4_moe: gpt_neox's half-split pairs (§4.2)
-        sandwich_norms=family == "glm4", rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5 if moe else 1.5625e-07)),
+        rope_interleave=not moe,  # glm4_moe: gpt_neox's half-split pairs (§4.2)
+        sandwich_norms=family == "glm4",
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5 if moe else 1.5625e-07)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        initializer_range=float(hf.get("initializer_range", 0.02)), pad_token_id=ok(hf.get("pad_token_id")),
-        bos_token_id=ok(hf.get("bos_token_id")), eos_token_id=tuple(t for t in eos if ok(t) is not None))
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        pad_token_id=ok(hf.get("pad_token_id")),
+        bos_token_id=ok(hf.get("bos_token_id")),
+        eos_token_id=tuple(t for t in eos if ok(t) is not None),
+    )
     if moe:
-        fields.update({k: hf[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")},
-                      n_shared_experts=hf.get("n_shared_experts", 1), first_k_dense_replace=hf.get(
-                          "first_k_dense_replace", 1), n_group=hf.get("n_group", 1), topk_group=hf.get("topk_group", 1),
-                      norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                      num_nextn_predict_layers=min(int(hf.get("num_nextn_predict_layers", 0) or 0), 1))
+        fields.update(
+            {k: hf[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")},
+            n_shared_experts=hf.get("n_shared_experts", 1),
+            first_k_dense_replace=hf.get("first_k_dense_replace", 1),
+            n_group=hf.get("n_group", 1),
+            topk_group=hf.get("topk_group", 1),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            num_nextn_predict_layers=min(int(hf.get("num_nextn_predict_layers", 0) or 0), 1),
+        )
     fields.update(overrides)
     try:
         return DecoderConfig(**fields)
@@ -105,16 +127,23 @@ def family_of(cfg: DecoderConfig) -> str:
     """The HF family a config belongs to, or an ``HFCheckpointError`` saying why none can express it."""
     moe = cfg.n_routed_experts > 0
     family = "glm4_moe" if moe else "glm4" if cfg.sandwich_norms else "glm"
-    want = dict(rope_interleave=not moe, router="sigmoid", layer_types=["attention"] * cfg.num_hidden_layers,
-                mtp_layer_type="attention")
+    want = dict(
+        rope_interleave=not moe,
+        router="sigmoid",
+        layer_types=["attention"] * cfg.num_hidden_layers,
+        mtp_layer_type="attention",
+    )
     if moe:
         want.update(sandwich_norms=False, mlp_layer_types=None)
     else:
         want.update(use_qk_norm=False, num_nextn_predict_layers=0)
-    problems = [f"{k}={getattr(cfg, k)!r} ({family} needs {v!r})" for k, v in want.items()
-                if v is not None and getattr(cfg, k) != v]
+    problems = [
+        f"{k}={getattr(cfg, k)!r} ({family} needs {v!r})"
+        for k, v in want.items()
+        if v is not None and getattr(cfg, k) != v
+    ]
     if moe and cfg.mlp_layer_types != DecoderConfig(**{**cfg.to_dict(), "mlp_layer_types": None}).mlp_layer_types:
-        problems.append(f"mlp_layer_types (glm4_moe stores first_k_dense_replace dense layers, then sparse ones)")
+        problems.append("mlp_layer_types (glm4_moe stores first_k_dense_replace dense layers, then sparse ones)")
     if problems:
         raise HFCheckpointError("this model has no Hugging Face equivalent: " + "; ".join(problems))
     return family
@@ -124,22 +153,52 @@ def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict
     """The config.json dict of a model HF can express (``family_of``)."""
     family = family_of(cfg)
     eos = list(cfg.eos_token_id)
-    out = {"architectures": [ARCHITECTURES[family]], "model_type": family, "vocab_size": cfg.vocab_size,
-           "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-           "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-           "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-           "attention_dropout": 0.0, "attention_bias": cfg.attention_bias,
-           "max_position_embeddings": cfg.max_position_embeddings, "initializer_range": cfg.initializer_range,
-           "rms_norm_eps": cfg.rms_norm_eps, "use_cache": True, "tie_word_embeddings": cfg.tie_word_embeddings,
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
-                               "partial_rotary_factor": cfg.partial_rotary_factor},
-           "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
-           "eos_token_id": eos[0] if len(eos) == 1 else (eos or None)}
+    out = {
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "attention_bias": cfg.attention_bias,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "use_cache": True,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": cfg.rope_theta,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+        },
+        "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+    }
     if family == "glm4_moe":
-        out.update({k: getattr(cfg, k) for k in ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok",
-                                                 "n_shared_experts", "n_group", "topk_group", "norm_topk_prob",
-                                                 "routed_scaling_factor", "num_nextn_predict_layers")},
-                   use_qk_norm=cfg.use_qk_norm, first_k_dense_replace=cfg.mlp_layer_types.count("dense"))
+        out.update(
+            {
+                k: getattr(cfg, k)
+                for k in (
+                    "moe_intermediate_size",
+                    "n_routed_experts",
+                    "num_experts_per_tok",
+                    "n_shared_experts",
+                    "n_group",
+                    "topk_group",
+                    "norm_topk_prob",
+                    "routed_scaling_factor",
+                    "num_nextn_predict_layers",
+                )
+            },
+            use_qk_norm=cfg.use_qk_norm,
+            first_k_dense_replace=cfg.mlp_layer_types.count("dense"),
+        )
     if dtype is not None:
         out["dtype"] = str(dtype).removeprefix("torch.")
     return out
@@ -149,14 +208,14 @@ def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict
 # Tensor names
 # ----------------------------------------------------------------------------------------------------
 def _sub(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _rename(name: str, pairs, reverse: bool) -> str:
     for ours, hf in pairs:
         a, b = (hf, ours) if reverse else (ours, hf)
         if name.startswith(a):
-            return b + name[len(a):]
+            return b + name[len(a) :]
     return name
 
 
@@ -167,22 +226,26 @@ def _layer(sd: dict, cfg: DecoderConfig, mixer_type: str, to_hf: bool) -> dict:
     hook = getattr(mixer_cls, "ours_to_hf" if to_hf else "hf_to_ours", None)
     mixer = _sub(sd, src_mixer)
     out = {dst_mixer + k: v for k, v in (hook(mixer, cfg) if hook else mixer).items()}
-    split_mlp = cfg.n_routed_experts > 0          # glm4_moe stores gate and up apart (glm/glm4: fused)
+    split_mlp = cfg.n_routed_experts > 0  # glm4_moe stores gate and up apart (glm/glm4: fused)
     for name, t in sd.items():
         if name.startswith(src_mixer):
             continue
         name = _rename(name, _LAYER_NAMES, reverse=not to_hf)
-        if to_hf and split_mlp and name.endswith("gate_up_proj.weight") and "experts." not in name.replace(
-                "shared_experts.", ""):
+        if (
+            to_hf
+            and split_mlp
+            and name.endswith("gate_up_proj.weight")
+            and "experts." not in name.replace("shared_experts.", "")
+        ):
             gate, up = t.chunk(2)
             out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
-        elif to_hf and name == "mlp.experts.gate_up_proj":       # stacked → one expert at a time
+        elif to_hf and name == "mlp.experts.gate_up_proj":  # stacked → one expert at a time
             for j, (g, u) in enumerate(zip(*t.chunk(2, dim=1))):
                 out[f"mlp.experts.{j}.gate_proj.weight"], out[f"mlp.experts.{j}.up_proj.weight"] = g, u
         elif to_hf and name == "mlp.experts.down_proj":
             out.update({f"mlp.experts.{j}.down_proj.weight": d for j, d in enumerate(t)})
         elif not to_hf and re.fullmatch(r"mlp\.experts\.\d+\..*", name):
-            continue                                                 # stacked below
+            continue  # stacked below
         elif not to_hf and name.split(".")[-2] == "gate_proj":
             out[name.replace("gate_proj", "gate_up_proj")] = torch.cat([t, sd[name.replace("gate_proj", "up_proj")]])
         elif not to_hf and name.split(".")[-2] == "up_proj":
@@ -192,7 +255,11 @@ def _layer(sd: dict, cfg: DecoderConfig, mixer_type: str, to_hf: bool) -> dict:
     if not to_hf and "mlp.experts.0.gate_proj.weight" in sd:
         E = sum(1 for k in sd if re.fullmatch(r"mlp\.experts\.\d+\.down_proj\.weight", k))
         out["mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([sd[f"mlp.experts.{j}.gate_proj.weight"], sd[f"mlp.experts.{j}.up_proj.weight"]]) for j in range(E)])
+            [
+                torch.cat([sd[f"mlp.experts.{j}.gate_proj.weight"], sd[f"mlp.experts.{j}.up_proj.weight"]])
+                for j in range(E)
+            ]
+        )
         out["mlp.experts.down_proj"] = torch.stack([sd[f"mlp.experts.{j}.down_proj.weight"] for j in range(E)])
     return out
 
@@ -210,25 +277,40 @@ def to_hf_names(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, to
         else:
             mtp = _sub(sd, f"mtp.{i - n}.")
             layer, kind = _sub(mtp, "block."), cfg.mtp_layer_type
-            out.update({f"model.layers.{i}." + _rename(k, _MTP_NAMES, False): v for k, v in mtp.items()
-                        if not k.startswith("block.")})
+            out.update(
+                {
+                    f"model.layers.{i}." + _rename(k, _MTP_NAMES, False): v
+                    for k, v in mtp.items()
+                    if not k.startswith("block.")
+                }
+            )
         hf = _layer(layer, cfg, kind, to_hf=True)
         if "mlp.gate.weight" in hf and cfg.n_shared_experts == 0:
             d = cfg.hidden_size
-            hf.update({f"mlp.shared_experts.{p}_proj.weight": torch.empty(0, d) if p != "down" else torch.empty(d, 0)
-                       for p in ("gate", "up", "down")})
+            hf.update(
+                {
+                    f"mlp.shared_experts.{p}_proj.weight": torch.empty(0, d) if p != "down" else torch.empty(d, 0)
+                    for p in ("gate", "up", "down")
+                }
+            )
         out.update({f"model.layers.{i}.{k}": v for k, v in hf.items()})
     return out
 
 
 def from_hf_names(tensors: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """The inverse of ``to_hf_names``: HF tensors under our names (zero-size shared experts dropped)."""
-    out = {"embed_tokens.weight": tensors["model.embed_tokens.weight"], "final_norm.weight": tensors["model.norm.weight"],
-           "lm_head.weight": tensors["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]}
+    out = {
+        "embed_tokens.weight": tensors["model.embed_tokens.weight"],
+        "final_norm.weight": tensors["model.norm.weight"],
+        "lm_head.weight": tensors["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"],
+    }
     n = cfg.num_hidden_layers
     for i in range(n + cfg.num_nextn_predict_layers):
-        layer = {k: v for k, v in _sub(tensors, f"model.layers.{i}.").items()
-                 if not (k.startswith("mlp.shared_experts.") and v.numel() == 0)}
+        layer = {
+            k: v
+            for k, v in _sub(tensors, f"model.layers.{i}.").items()
+            if not (k.startswith("mlp.shared_experts.") and v.numel() == 0)
+        }
         if i < n:
             out.update({f"layers.{i}.{k}": v for k, v in _layer(layer, cfg, cfg.layer_types[i], False).items()})
         else:
@@ -247,8 +329,13 @@ def _stack_to_per_expert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         prefix = name[: -len("gate_up_proj")]
         gate_up, down = out.pop(name), out.pop(prefix + "down_proj")
         for j, (g, u) in enumerate(zip(*gate_up.chunk(2, dim=1))):
-            out.update({f"{prefix}{j}.gate_proj.weight": g, f"{prefix}{j}.up_proj.weight": u,
-                        f"{prefix}{j}.down_proj.weight": down[j]})
+            out.update(
+                {
+                    f"{prefix}{j}.gate_proj.weight": g,
+                    f"{prefix}{j}.up_proj.weight": u,
+                    f"{prefix}{j}.down_proj.weight": down[j],
+                }
+            )
     return out
 
 
@@ -258,13 +345,19 @@ def _check_names(present: dict[str, torch.Tensor], cfg: DecoderConfig) -> None:
         expected = {k: tuple(v.shape) for k, v in to_hf_names(Decoder(cfg).state_dict(), cfg).items()}
     missing = [k for k in expected if k not in present and 0 not in expected[k]]  # zero-size: optional
     unexpected = [k for k in present if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(present[k].shape)}, config expects {expected[k]}"
-                  for k in expected if k in present and tuple(present[k].shape) != expected[k]]
+    mismatched = [
+        f"{k}: checkpoint {tuple(present[k].shape)}, config expects {expected[k]}"
+        for k in expected
+        if k in present and tuple(present[k].shape) != expected[k]
+    ]
     if missing or unexpected or mismatched:
-        parts = [f"missing {len(missing)}: " + ", ".join(f"{k} {expected[k]}" for k in missing[:12]) if missing else "",
-                 f"unexpected {len(unexpected)}: " + ", ".join(f"{k} {tuple(present[k].shape)}" for k in unexpected[:12])
-                 if unexpected else "", f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched[:12])
-                 if mismatched else ""]
+        parts = [
+            f"missing {len(missing)}: " + ", ".join(f"{k} {expected[k]}" for k in missing[:12]) if missing else "",
+            f"unexpected {len(unexpected)}: " + ", ".join(f"{k} {tuple(present[k].shape)}" for k in unexpected[:12])
+            if unexpected
+            else "",
+            f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched[:12]) if mismatched else "",
+        ]
         raise HFCheckpointError("checkpoint does not match its config.json: " + " | ".join(p for p in parts if p))
 
 
@@ -287,21 +380,30 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         for f in files:
             for name, t in load_file(str(folder / f)).items():
                 if weight_map.get(name) != f:
-                    raise HFCheckpointError(f"tensor {name} is in {f} but {index.name} maps it to "
-                                            f"{weight_map.get(name)!r}")
+                    raise HFCheckpointError(
+                        f"tensor {name} is in {f} but {index.name} maps it to {weight_map.get(name)!r}"
+                    )
                 tensors[name] = t
         if set(weight_map) - set(tensors):
-            raise HFCheckpointError(f"{index.name} lists tensors no shard holds: {sorted(set(weight_map) - set(tensors))[:12]}")
+            raise HFCheckpointError(
+                f"{index.name} lists tensors no shard holds: {sorted(set(weight_map) - set(tensors))[:12]}"
+            )
         return tensors
     if (folder / "model.safetensors").is_file():
         return load_file(str(folder / "model.safetensors"))
     have = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise HFCheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder} (found: {have}); "
-                            f"only safetensors checkpoints are read (not pytorch_model.bin)")
+    raise HFCheckpointError(
+        f"no model.safetensors or model.safetensors.index.json in {folder} (found: {have}); "
+        f"only safetensors checkpoints are read (not pytorch_model.bin)"
+    )
 
 
-def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-            **config_overrides: Any) -> Decoder:
+def load_hf(
+    folder: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    **config_overrides: Any,
+) -> Decoder:
     """Load a ``glm``/``glm4``/``glm4_moe`` checkpoint folder into a ``Decoder``, in eval mode.
 
     dtype: convert the weights (default: as stored; the routing bias stays fp32); device: default CPU.
@@ -322,22 +424,27 @@ def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None, device:
         stored = any(k.startswith(f"model.layers.{n}.") for k in tensors)
         config_overrides["num_nextn_predict_layers"] = min(int(hf.get("num_nextn_predict_layers", 0) or 0), 1) * stored
         if stored and "mtp_tied" not in config_overrides:
-            main = (tensors.get("model.embed_tokens.weight"), tensors.get("lm_head.weight",
-                                                                          tensors.get("model.embed_tokens.weight")))
-            own = (tensors.get(f"model.layers.{n}.embed_tokens.weight"),
-                   tensors.get(f"model.layers.{n}.shared_head.head.weight"))
-            config_overrides["mtp_tied"] = all(a is not None and b is not None and a.shape == b.shape and
-                                               torch.equal(a, b) for a, b in zip(main, own))
+            main = (
+                tensors.get("model.embed_tokens.weight"),
+                tensors.get("lm_head.weight", tensors.get("model.embed_tokens.weight")),
+            )
+            own = (
+                tensors.get(f"model.layers.{n}.embed_tokens.weight"),
+                tensors.get(f"model.layers.{n}.shared_head.head.weight"),
+            )
+            config_overrides["mtp_tied"] = all(
+                a is not None and b is not None and a.shape == b.shape and torch.equal(a, b) for a, b in zip(main, own)
+            )
     cfg = config_from_hf(hf, **config_overrides)
     if cfg.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)   # a tied head may be stored too: it is the embedding
+        tensors.pop("lm_head.weight", None)  # a tied head may be stored too: it is the embedding
     _check_names(tensors, cfg)
     sd = from_hf_names(tensors, cfg)
     with torch.device("meta"):
         model = Decoder(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
-    model.tie_weights()   # assign=True replaced parameters one name at a time (tied MTP copies equal the main ones)
-    for module in model.modules():             # non-persistent buffers (MoE load counters) are not in the files
+    model.tie_weights()  # assign=True replaced parameters one name at a time (tied MTP copies equal the main ones)
+    for module in model.modules():  # non-persistent buffers (MoE load counters) are not in the files
         for name, buf in module.named_buffers(recurse=False):
             if buf.is_meta:
                 setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype))
@@ -365,8 +472,9 @@ def save_hf(model: Decoder, folder: str | os.PathLike, max_shard_size: int | str
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share memory (split q/k/v views, tied MTP copies)
-    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in to_hf_names(model.state_dict(),
-                                                                                     model.config).items()}
+    tensors = {
+        k: v.detach().to("cpu").clone().contiguous() for k, v in to_hf_names(model.state_dict(), model.config).items()
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for stale in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
         stale.unlink()
@@ -387,7 +495,9 @@ def save_hf(model: Decoder, folder: str | os.PathLike, max_shard_size: int | str
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": total, "total_parameters": sum(t.numel() for t in tensors.values())},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": total, "total_parameters": sum(t.numel() for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder

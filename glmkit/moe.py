@@ -40,7 +40,6 @@ Shapes: N tokens (batch and sequence flattened), H hidden size, E routed experts
 I expert intermediate size.
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -76,8 +75,9 @@ class SoftmaxTopKRouter(nn.Module):
     (Mixtral); False keeps the raw probabilities (Switch, Qwen2-MoE's default).
     """
 
-    def __init__(self, hidden_size: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
-                 init_std: float = INIT_STD):
+    def __init__(
+        self, hidden_size: int, n_experts: int, top_k: int, norm_topk_prob: bool = True, init_std: float = INIT_STD
+    ):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
@@ -88,7 +88,7 @@ class SoftmaxTopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_x(x, self.hidden_size)
-        with torch.autocast(x.device.type, enabled=False):   # fp32 even under autocast
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under autocast
             logits = F.linear(x.reshape(-1, self.hidden_size).float(), self.weight.float())  # [N, E]
         scores = logits.softmax(dim=-1)
         topk_weight, topk_idx = scores.topk(self.top_k, dim=-1)
@@ -125,18 +125,18 @@ def sigmoid_topk_route(
     if not 1 <= top_k <= topk_group * group_size:
         raise ValueError(f"top_k must be in [1, topk_group·E/n_group = {topk_group * group_size}], got {top_k}")
 
-    scores = logits.sigmoid()                                        # s: the weights come from these
-    choice = scores if bias is None else scores + bias               # s + b: used ONLY for selection
+    scores = logits.sigmoid()  # s: the weights come from these
+    choice = scores if bias is None else scores + bias  # s + b: used ONLY for selection
     if n_group > 1 and topk_group < n_group:
         grouped = rearrange(choice, "n (g e) -> n g e", g=n_group)
-        group_scores = grouped.topk(GROUP_TOPK, dim=-1).values.sum(dim=-1)           # [N, G]
-        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices      # [N, topk_group]
+        group_scores = grouped.topk(GROUP_TOPK, dim=-1).values.sum(dim=-1)  # [N, G]
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices  # [N, topk_group]
         group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
         expert_keep = rearrange(group_keep, "n g -> n g 1").expand(-1, -1, group_size).reshape(-1, E)
         # -inf (not 0 as some DeepSeek code had): s + b may be negative, and a 0 would outrank it.
         choice = choice.masked_fill(~expert_keep, float("-inf"))
     topk_idx = choice.topk(top_k, dim=-1, sorted=False).indices
-    topk_weight = scores.gather(1, topk_idx)                          # unbiased s of the chosen experts
+    topk_weight = scores.gather(1, topk_idx)  # unbiased s of the chosen experts
     if norm_topk_prob:
         topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + NORM_EPS)
     topk_weight = topk_weight * routed_scaling_factor
@@ -153,8 +153,17 @@ class SigmoidGroupRouter(nn.Module):
     ``forward(x [..., H]) -> (topk_idx [N, k], topk_weight [N, k] fp32, scores [N, E] fp32)``.
     """
 
-    def __init__(self, hidden_size: int, n_experts: int, top_k: int, n_group: int = 1, topk_group: int = 1,
-                 norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0, init_std: float = INIT_STD):
+    def __init__(
+        self,
+        hidden_size: int,
+        n_experts: int,
+        top_k: int,
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        init_std: float = INIT_STD,
+    ):
         super().__init__()
         self.hidden_size, self.n_experts, self.top_k = hidden_size, n_experts, top_k
         self.n_group, self.topk_group = n_group, topk_group
@@ -175,10 +184,17 @@ class SigmoidGroupRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_x(x, self.hidden_size)
-        with torch.autocast(x.device.type, enabled=False):   # fp32 even under autocast (bf16 would flip ties)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under autocast (bf16 would flip ties)
             logits = F.linear(x.reshape(-1, self.hidden_size).float(), self.weight.float())  # [N, E], fp32 as HF
-        return sigmoid_topk_route(logits, self.e_score_correction_bias, self.top_k, self.n_group,
-                                  self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        return sigmoid_topk_route(
+            logits,
+            self.e_score_correction_bias,
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.norm_topk_prob,
+            self.routed_scaling_factor,
+        )
 
 
 def expert_load(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -224,16 +240,16 @@ def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float
     if scores.dim() == 2:
         scores, topk_idx = scores.unsqueeze(0), topk_idx.unsqueeze(0)
     if scores.dim() != 3 or topk_idx.dim() != 3 or scores.shape[:2] != topk_idx.shape[:2]:
-        raise ValueError(f"scores must be [B, T, E] and topk_idx [B, T, k], got {tuple(scores.shape)} "
-                         f"and {tuple(topk_idx.shape)}")
+        raise ValueError(
+            f"scores must be [B, T, E] and topk_idx [B, T, k], got {tuple(scores.shape)} and {tuple(topk_idx.shape)}"
+        )
     B, T, E = scores.shape
     k = topk_idx.shape[-1]
-    s_norm = scores / scores.sum(dim=-1, keepdim=True)                     # s'  [B, T, E]
-    P = s_norm.mean(dim=1)                                                 # [B, E]
+    s_norm = scores / scores.sum(dim=-1, keepdim=True)  # s'  [B, T, E]
+    P = s_norm.mean(dim=1)  # [B, E]
     counts = torch.zeros(B, E, device=scores.device, dtype=torch.float32)
-    counts.scatter_add_(1, rearrange(topk_idx, "b t k -> b (t k)").long(),
-                        torch.ones(B, T * k, device=scores.device))
-    f = counts * (E / (k * T))                                             # [B, E], 1 when uniform
+    counts.scatter_add_(1, rearrange(topk_idx, "b t k -> b (t k)").long(), torch.ones(B, T * k, device=scores.device))
+    f = counts * (E / (k * T))  # [B, E], 1 when uniform
     return alpha * (f * P.float()).sum(dim=-1).mean()
 
 
@@ -242,8 +258,9 @@ class Experts(nn.Module):
     [I:] up) and ``down_proj [E, H, I]``. ``forward(x [N, H], topk_idx, topk_weight)`` runs
     ``glmkit.ops.moe_experts`` with ``impl`` ("auto", "loop", "sorted", "triton")."""
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto",
-                 init_std: float = INIT_STD):
+    def __init__(
+        self, n_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto", init_std: float = INIT_STD
+    ):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.randn(n_experts, 2 * intermediate_size, hidden_size) * init_std)
         self.down_proj = nn.Parameter(torch.randn(n_experts, hidden_size, intermediate_size) * init_std)
@@ -269,15 +286,28 @@ class MoE(nn.Module):
     ``update_bias`` so every rank applies the same step.
     """
 
-    def __init__(self, hidden_size: int, n_experts: int, top_k: int, moe_intermediate_size: int,
-                 n_shared_experts: int = 1, router: str = "sigmoid", n_group: int = 1, topk_group: int = 1,
-                 norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0, aux_loss_alpha: float = 0.0,
-                 impl: str = "auto", init_std: float = INIT_STD):
+    def __init__(
+        self,
+        hidden_size: int,
+        n_experts: int,
+        top_k: int,
+        moe_intermediate_size: int,
+        n_shared_experts: int = 1,
+        router: str = "sigmoid",
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        aux_loss_alpha: float = 0.0,
+        impl: str = "auto",
+        init_std: float = INIT_STD,
+    ):
         super().__init__()
         self.hidden_size, self.n_experts, self.top_k = hidden_size, n_experts, top_k
         if router == "sigmoid":
-            self.gate = SigmoidGroupRouter(hidden_size, n_experts, top_k, n_group, topk_group, norm_topk_prob,
-                                           routed_scaling_factor, init_std)
+            self.gate = SigmoidGroupRouter(
+                hidden_size, n_experts, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor, init_std
+            )
         elif router == "softmax":
             self.gate = SoftmaxTopKRouter(hidden_size, n_experts, top_k, norm_topk_prob, init_std)
         else:
@@ -291,7 +321,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_x(x, self.hidden_size)
-        flat = x.reshape(-1, self.hidden_size)                               # [N, H]
+        flat = x.reshape(-1, self.hidden_size)  # [N, H]
         topk_idx, topk_weight, scores = self.gate(flat)
         y = self.experts(flat, topk_idx, topk_weight)
         if self.shared_experts is not None:
@@ -304,8 +334,9 @@ class MoE(nn.Module):
             self.aux_loss = None
             if self.aux_loss_alpha > 0:
                 seqs = x.shape[0] if x.dim() == 3 else 1
-                self.aux_loss = sequence_aux_loss(scores.view(seqs, -1, self.n_experts),
-                                                  topk_idx.view(seqs, -1, self.top_k), self.aux_loss_alpha)
+                self.aux_loss = sequence_aux_loss(
+                    scores.view(seqs, -1, self.n_experts), topk_idx.view(seqs, -1, self.top_k), self.aux_loss_alpha
+                )
         return y.view(x.shape)
 
     def _apply(self, fn, recurse=True):

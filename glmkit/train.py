@@ -31,15 +31,16 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from glmkit.checkpoint import load_training_state, save_training_state
 from glmkit.data.blank_infilling import GLMBatch
-from glmkit.data.lm_data import LMBatch, LMData
+from glmkit.data.lm_data import LMData
 from glmkit.models.decoder import Decoder
 from glmkit.moe import max_violation
 
@@ -55,20 +56,28 @@ class TrainConfig:
     seq_len: int = 128
     lr: float = 3e-3
     warmup_steps: int = 30
-    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.1       # GLM-10B used 0.1
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1  # GLM-10B used 0.1
     betas: tuple[float, float] = (0.9, 0.95)  # GLM-10B's Adam betas
-    grad_clip: float = 1.0          # max global grad norm; 0 turns clipping off
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 0
-    ckpt_every: int = 100           # steps between checkpoints (needs out_dir); 0 = only at the end
-    eval_every: int = 0             # steps between evaluations (needs eval_data); 0 = off
+    ckpt_every: int = 100  # steps between checkpoints (needs out_dir); 0 = only at the end
+    eval_every: int = 0  # steps between evaluations (needs eval_data); 0 = off
     eval_batches: int = 4
-    log_every: int = 10             # steps between progress-bar / plot updates (and MoE load snapshots)
-    bias_update_rate: float = 0.0   # MoE: γ of the aux-loss-free bias update per step (DeepSeek-V3: 0.001); 0 = off
+    log_every: int = 10  # steps between progress-bar / plot updates (and MoE load snapshots)
+    bias_update_rate: float = 0.0  # MoE: γ of the aux-loss-free bias update per step (DeepSeek-V3: 0.001); 0 = off
 
     def __post_init__(self) -> None:
-        ints = {"steps": 1, "batch_size": 1, "seq_len": 2, "warmup_steps": 0, "ckpt_every": 0,
-                "eval_every": 0, "eval_batches": 1, "log_every": 1}
+        ints = {
+            "steps": 1,
+            "batch_size": 1,
+            "seq_len": 2,
+            "warmup_steps": 0,
+            "ckpt_every": 0,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "log_every": 1,
+        }
         for name, lo in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -83,10 +92,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip < 0:
             raise ValueError(f"TrainConfig.grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
-        if not (isinstance(self.bias_update_rate, (int, float)) and math.isfinite(self.bias_update_rate)
-                and self.bias_update_rate >= 0):
-            raise ValueError(f"TrainConfig.bias_update_rate must be a number >= 0 (0 = off), got "
-                             f"{self.bias_update_rate!r}")
+        if not (
+            isinstance(self.bias_update_rate, (int, float))
+            and math.isfinite(self.bias_update_rate)
+            and self.bias_update_rate >= 0
+        ):
+            raise ValueError(
+                f"TrainConfig.bias_update_rate must be a number >= 0 (0 = off), got {self.bias_update_rate!r}"
+            )
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -97,7 +110,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -118,8 +131,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """AdamW with weight decay on matrices and embedding tables only, not on biases or norm gains (the usual
     GPT/GLM split). A tied head is one parameter and appears once."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
 
 
@@ -139,9 +154,9 @@ class History:
     grad_norms: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
-    elapsed_s: float = 0.0           # wall time of the training steps, summed over resumed calls
+    elapsed_s: float = 0.0  # wall time of the training steps, summed over resumed calls
     resumed_from: int | None = None  # the step this call resumed from (None: started fresh)
-    objective: str = NEXT_TOKEN      # or BLANK_INFILLING: what ``losses`` measures
+    objective: str = NEXT_TOKEN  # or BLANK_INFILLING: what ``losses`` measures
     aux: dict[str, list[float]] = field(default_factory=dict)
     max_violation: list[float] = field(default_factory=list)
     load_steps: list[int] = field(default_factory=list)
@@ -168,8 +183,10 @@ class History:
 
     def __repr__(self) -> str:
         last = f"{self.losses[-1]:.4f}" if self.losses else "-"
-        return (f"History({len(self.steps)} steps, last loss {last}, {self.elapsed_s:.1f} s, "
-                f"{self.steps_per_s:.2f} steps/s)")
+        return (
+            f"History({len(self.steps)} steps, last loss {last}, {self.elapsed_s:.1f} s, "
+            f"{self.steps_per_s:.2f} steps/s)"
+        )
 
 
 def default_device() -> torch.device:
@@ -178,12 +195,19 @@ def default_device() -> torch.device:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if dataclasses.is_dataclass(batch):
-        return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
-                                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+        return dataclasses.replace(
+            batch,
+            **{
+                f.name: getattr(batch, f.name).to(device)
+                for f in dataclasses.fields(batch)
+                if isinstance(getattr(batch, f.name), torch.Tensor)
+            },
+        )
     if isinstance(batch, dict):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    raise TypeError(f"data.batch(step) must return a GLMBatch, an LMBatch or a dict of tensors, got "
-                    f"{type(batch).__name__}")
+    raise TypeError(
+        f"data.batch(step) must return a GLMBatch, an LMBatch or a dict of tensors, got {type(batch).__name__}"
+    )
 
 
 def _autocast(device: torch.device):
@@ -232,7 +256,7 @@ def _deterministic(on: bool):
 
 
 def _record_load(history: History, layers: list, step: int, snapshot: bool) -> None:
-    loads = torch.stack([m.load_accum for m in layers]).float().cpu()      # [layers, E] slots this step
+    loads = torch.stack([m.load_accum for m in layers]).float().cpu()  # [layers, E] slots this step
     history.max_violation.append(max(max_violation(row) for row in loads))
     if snapshot:
         history.load_steps.append(step)
@@ -274,8 +298,10 @@ def train(
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} is longer than the model allows "
-                         f"(max_position_embeddings={model.config.max_position_embeddings})")
+        raise ValueError(
+            f"TrainConfig.seq_len={cfg.seq_len} is longer than the model allows "
+            f"(max_position_embeddings={model.config.max_position_embeddings})"
+        )
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
     data = default_data(cfg, model=model) if data is None else data
@@ -296,8 +322,11 @@ def train(
         if state is not None:
             saved = state.extra.get("train_config")
             if saved is not None and TrainConfig.from_dict(saved) != cfg:
-                warnings.warn(f"resuming {state.path} with a different TrainConfig than it was saved with "
-                              f"(saved {saved}); the result will not equal an uninterrupted run", stacklevel=2)
+                warnings.warn(
+                    f"resuming {state.path} with a different TrainConfig than it was saved with "
+                    f"(saved {saved}); the result will not equal an uninterrupted run",
+                    stacklevel=2,
+                )
             history = History.from_dict(state.extra.get("history", {}))
             history.resumed_from = start = state.step
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
@@ -306,7 +335,7 @@ def train(
         first = data.batch(start)
         history.objective = BLANK_INFILLING if isinstance(first, GLMBatch) else NEXT_TOKEN
         ids = first["input_ids"] if isinstance(first, dict) else first.input_ids
-        model.check_tokens(ids)                         # once, at the edge: the forward never syncs to check
+        model.check_tokens(ids)  # once, at the edge: the forward never syncs to check
 
     def save(step: int) -> None:
         extra = {"seed": cfg.seed, "train_config": cfg.to_dict(), "history": history.to_dict()}
@@ -326,7 +355,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 for m in layers:
-                    m.reset_load()                                    # the loads below are this step's alone
+                    m.reset_load()  # the loads below are this step's alone
                 with _autocast(device):
                     loss = model.loss(batch)
                     aux = model.aux_losses()
@@ -343,11 +372,13 @@ def train(
                     _record_load(history, layers, step, snapshot=step % cfg.log_every == 0 or step == end)
                     metrics["max_violation"] = history.max_violation[-1]
                     if cfg.bias_update_rate > 0:
-                        model.update_bias(cfg.bias_update_rate)       # from this step's loads
+                        model.update_bias(cfg.bias_update_rate)  # from this step's loads
                 total_value = metrics["loss"] + sum(metrics[name] for name in aux)
                 if not math.isfinite(total_value):
-                    raise FloatingPointError(f"loss became {total_value} at step {step}: lower TrainConfig.lr "
-                                             f"(now {cfg.lr}) or check the data")
+                    raise FloatingPointError(
+                        f"loss became {total_value} at step {step}: lower TrainConfig.lr "
+                        f"(now {cfg.lr}) or check the data"
+                    )
                 history.steps.append(step)
                 history.losses.append(metrics["loss"])
                 history.lrs.append(lr)

@@ -115,12 +115,24 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # ================================================ forward ================================================
 @triton.jit
 def _attend_blocks(
-    acc, l_i, m_i, q,
-    k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_n, offs_d,
-    sep, T, lo, hi, qk_scale,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_n,
+    offs_d,
+    sep,
+    T,
+    lo,
+    hi,
+    qk_scale,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,       # False: fully visible, in-bounds blocks (phase 1); True: boundary blocks
+    MASKED: tl.constexpr,  # False: fully visible, in-bounds blocks (phase 1); True: boundary blocks
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi), in steps of BLOCK_N.
@@ -130,21 +142,21 @@ def _attend_blocks(
     qk_scale is the max of the scaled ones because qk_scale > 0.
     """
     for start_n in tl.range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n                                          # [BN] key indices
+        cols = start_n + offs_n  # [BN] key indices
         if MASKED:
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
         else:
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)      # [BM, BN] raw scores, fp32
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN] raw scores, fp32
         if MASKED:
             visible = ((cols[None, :] < sep) | (cols[None, :] <= offs_m[:, None])) & (cols[None, :] < T)
             s = tl.where(visible, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))      # finite from the first block on (key 0 is visible)
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite from the first block on (key 0 is visible)
             p = tl.math.exp2(s - m_new[:, None])
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)              # rescales what was accumulated under the old max
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if MASKED:
@@ -158,14 +170,29 @@ def _attend_blocks(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, SEP, O, LSE,
-    qk_scale,                                   # softmax scale · log2(e)
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    H, T, GROUP,                                # GROUP = H // H_kv query heads per key/value head
-    T_BUCKET,                                   # only an autotune key (T rounded up to a size class)
+    Q,
+    K,
+    V,
+    SEP,
+    O,
+    LSE,
+    qk_scale,  # softmax scale · log2(e)
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    H,
+    T,
+    GROUP,  # GROUP = H // H_kv query heads per key/value head
+    T_BUCKET,  # only an autotune key (T rounded up to a size class)
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -178,10 +205,10 @@ def _attn_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    kvh = h // GROUP                            # grouped-query attention: the shared k/v head
+    kvh = h // GROUP  # grouped-query attention: the shared k/v head
 
     sep = tl.load(SEP + b).to(tl.int32)
-    sep = tl.minimum(tl.maximum(sep, 0), T)     # out-of-range values act as the nearest bound
+    sep = tl.minimum(tl.maximum(sep, 0), T)  # out-of-range values act as the nearest bound
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -201,13 +228,49 @@ def _attn_fwd_kernel(
     hi = tl.minimum(tl.maximum(sep, m0 + BLOCK_M), T)
     full = (tl.minimum(tl.maximum(sep, m0 + 1), T) // BLOCK_N) * BLOCK_N
     # Phase 1: fully visible blocks, no mask, no bounds checks.
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_n, offs_d, sep, T, 0, full, qk_scale,
-                                   BLOCK_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _attend_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        offs_d,
+        sep,
+        T,
+        0,
+        full,
+        qk_scale,
+        BLOCK_N,
+        False,
+        DOT_PRECISION,
+    )
     # Phase 2: boundary blocks (Part-A edge, diagonal, end of sequence) with the element mask.
-    acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, offs_n, offs_d, sep, T, full, hi, qk_scale,
-                                   BLOCK_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _attend_blocks(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        offs_d,
+        sep,
+        T,
+        full,
+        hi,
+        qk_scale,
+        BLOCK_N,
+        True,
+        DOT_PRECISION,
+    )
     # Blocks at [hi, T) are fully masked for every row here: skipped.
 
     out = acc / l_i[:, None]
@@ -232,10 +295,12 @@ _CONFIGS = {  # head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
 }
 
 
-
 def _fwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for lst in _CONFIGS.values() for bm, bn, w, s in lst]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for lst in _CONFIGS.values()
+        for bm, bn, w, s in lst
+    ]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -284,17 +349,39 @@ def attention_fwd(q, k, v, sep, scale: float | None = None, return_lse: bool = F
     sep = _sep_or_full(sep, B, T, q.device)
     out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device) if return_lse else out  # dummy ptr
-    args = (q, k, v, sep, out, lse, scale * LOG2E,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, T, H // H_kv, _t_bucket(T))
+    args = (
+        q,
+        k,
+        v,
+        sep,
+        out,
+        lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        H,
+        T,
+        H // H_kv,
+        _t_bucket(T),
+    )
     consts = dict(HEAD_DIM=D, DOT_PRECISION=_precision(q.dtype), STORE_LSE=return_lse)
     if q.device.type == "cuda" and q.dtype != torch.float32:
         _attn_fwd_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*args, **consts)
-    elif q.device.type == "cuda":   # fp32, the checking dtype: one small fixed config
-        _attn_fwd_kernel[(triton.cdiv(T, 64), B * H)](*args, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2,
-                                                      **consts)
-    else:                           # interpreter
+    elif q.device.type == "cuda":  # fp32, the checking dtype: one small fixed config
+        _attn_fwd_kernel[(triton.cdiv(T, 64), B * H)](
+            *args, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, **consts
+        )
+    else:  # interpreter
         _attn_fwd_kernel[(triton.cdiv(T, 16), B * H)](*args, BLOCK_M=16, BLOCK_N=16, **consts)
     return (out, lse) if return_lse else out
 
@@ -309,10 +396,17 @@ def visible_pairs(T: int, sep: int) -> int:
 # ================================================ backward ===============================================
 @triton.jit
 def _bwd_preprocess(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_ot,
-    stride_dob, stride_doh, stride_dot,
-    H, T,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    H,
+    T,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -325,19 +419,35 @@ def _bwd_preprocess(
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < T
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=rows, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-    offs_n, offs_m0, offs_d,
-    sep, T, lo, hi, qk_scale,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qt,
+    stride_dot,
+    offs_n,
+    offs_m0,
+    offs_d,
+    sep,
+    T,
+    lo,
+    hi,
+    qk_scale,
     BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr,        # False: fully visible, in-bounds (query, key) tiles; True: boundary tiles
+    MASKED: tl.constexpr,  # False: fully visible, in-bounds (query, key) tiles; True: boundary tiles
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dk, dv [BN, D] (fp32) of one key block over query blocks [lo, hi), one query head.
@@ -346,7 +456,7 @@ def _dkdv_blocks(
     dv += pᵀ dO and dk += dsᵀ q need no transposes of the accumulators.
     """
     for start_m in tl.range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_m0                                           # [BM] query rows
+        offs_m = start_m + offs_m0  # [BM] query rows
         if MASKED:
             rmask = offs_m < T
             q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rmask[:, None], other=0.0)
@@ -358,31 +468,58 @@ def _dkdv_blocks(
             do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :])
             lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)         # [BN, BM] raw scores, fp32
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BN, BM] raw scores, fp32
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         if MASKED:
-            visible = ((offs_n[:, None] < sep) | (offs_n[:, None] <= offs_m[None, :])) \
-                & (offs_m[None, :] < T) & (offs_n[:, None] < T)
+            visible = (
+                ((offs_n[:, None] < sep) | (offs_n[:, None] <= offs_m[None, :]))
+                & (offs_m[None, :] < T)
+                & (offs_n[:, None] < T)
+            )
             pT = tl.where(visible, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)        # [BN, BM] = (dO vᵀ)ᵀ
-        dsT = pT * (dpT - delta[None, :])                                   # masked entries: pT = 0
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM] = (dO vᵀ)ᵀ
+        dsT = pT * (dpT - delta[None, :])  # masked entries: pT = 0
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, SEP, DK, DV,
-    scale, qk_scale,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt,
-    stride_dvb, stride_dvh, stride_dvt,
-    H, H_KV, T, GROUP,
-    T_BUCKET,                                   # only an autotune key
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    SEP,
+    DK,
+    DV,
+    scale,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    H,
+    H_KV,
+    T,
+    GROUP,
+    T_BUCKET,  # only an autotune key
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -403,8 +540,12 @@ def _attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     nmask = offs_n[:, None] < T
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nmask, other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nmask, other=0.0)
+    k = tl.load(
+        K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nmask, other=0.0
+    )
+    v = tl.load(
+        V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nmask, other=0.0
+    )
 
     # The query ranges (see the module docstring's picture).
     lo = tl.where(n0 < sep, 0, (n0 // BLOCK_M) * BLOCK_M)
@@ -424,29 +565,108 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + bh * T
         delta_base = DELTA + bh * T
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                              offs_n, offs_m0, offs_d, sep, T, lo, mid, qk_scale,
-                              BLOCK_M, True, DOT_PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                              offs_n, offs_m0, offs_d, sep, T, mid, tail, qk_scale,
-                              BLOCK_M, False, DOT_PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                              offs_n, offs_m0, offs_d, sep, T, tail, T, qk_scale,
-                              BLOCK_M, True, DOT_PRECISION)
+        dk, dv = _dkdv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_m0,
+            offs_d,
+            sep,
+            T,
+            lo,
+            mid,
+            qk_scale,
+            BLOCK_M,
+            True,
+            DOT_PRECISION,
+        )
+        dk, dv = _dkdv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_m0,
+            offs_d,
+            sep,
+            T,
+            mid,
+            tail,
+            qk_scale,
+            BLOCK_M,
+            False,
+            DOT_PRECISION,
+        )
+        dk, dv = _dkdv_blocks(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_dot,
+            offs_n,
+            offs_m0,
+            offs_d,
+            sep,
+            T,
+            tail,
+            T,
+            qk_scale,
+            BLOCK_M,
+            True,
+            DOT_PRECISION,
+        )
 
-    dk = dk * scale                                 # dS was taken w.r.t. the scaled scores
-    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=nmask)
-    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nmask)
+    dk = dk * scale  # dS was taken w.r.t. the scaled scores
+    tl.store(
+        DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=nmask,
+    )
+    tl.store(
+        DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=nmask,
+    )
 
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse2, delta,
-    k_base, v_base, stride_kt, stride_vt,
-    offs_m, offs_n0, offs_d,
-    sep, T, lo, hi, qk_scale,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_n0,
+    offs_d,
+    sep,
+    T,
+    lo,
+    hi,
+    qk_scale,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -460,12 +680,12 @@ def _dq_blocks(
         else:
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
             v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)          # [BM, BN]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             visible = ((cols[None, :] < sep) | (cols[None, :] <= offs_m[:, None])) & (cols[None, :] < T)
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)         # [BM, BN]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -473,14 +693,34 @@ def _dq_blocks(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, SEP, DQ,
-    scale, qk_scale,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot,
-    stride_dqb, stride_dqh, stride_dqt,
-    H, T, GROUP,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    SEP,
+    DQ,
+    scale,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_dob,
+    stride_doh,
+    stride_dot,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    H,
+    T,
+    GROUP,
     T_BUCKET,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -502,10 +742,16 @@ def _attn_bwd_dq_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rmask = offs_m < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+        mask=rmask[:, None],
+        other=0.0,
+    )
     row = pid_bh.to(tl.int64) * T + offs_m
     lse2 = tl.load(LSE + row, mask=rmask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row, mask=rmask, other=0.0)
@@ -515,13 +761,56 @@ def _attn_bwd_dq_kernel(
     hi = tl.minimum(tl.maximum(sep, m0 + BLOCK_M), T)
     full = (tl.minimum(tl.maximum(sep, m0 + 1), T) // BLOCK_N) * BLOCK_N
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
-                    sep, T, 0, full, qk_scale, BLOCK_N, False, DOT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_n0, offs_d,
-                    sep, T, full, hi, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    dq = _dq_blocks(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n0,
+        offs_d,
+        sep,
+        T,
+        0,
+        full,
+        qk_scale,
+        BLOCK_N,
+        False,
+        DOT_PRECISION,
+    )
+    dq = _dq_blocks(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n0,
+        offs_d,
+        sep,
+        T,
+        full,
+        hi,
+        qk_scale,
+        BLOCK_N,
+        True,
+        DOT_PRECISION,
+    )
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=rmask[:, None],
+    )
 
 
 # ---- CUDA: a few configurations per kernel, autotuned on (head dim, T size class, dtype) ----
@@ -559,16 +848,19 @@ def _pruner(table):
         wanted = set(table.get(d, _SMALL_D))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         return keep or configs[:1]
+
     return prune
 
 
 _KEY = ["HEAD_DIM", "T_BUCKET", "DOT_PRECISION", "GROUP"]
 # Each kernel writes every element of its output exactly once (no accumulation into the output), so the
 # autotuner's repeated launches leave correct results behind.
-_dkdv_tuned = triton.autotune(configs=_configs(_DKDV_CONFIGS), key=_KEY,
-                              prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(configs=_configs(_DQ_CONFIGS), key=_KEY,
-                            prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)})(_attn_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(
+    configs=_configs(_DKDV_CONFIGS), key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)}
+)(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(
+    configs=_configs(_DQ_CONFIGS), key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)}
+)(_attn_bwd_dq_kernel)
 
 
 def attention_bwd(do, q, k, v, o, lse, sep, scale: float | None = None):
@@ -588,16 +880,78 @@ def attention_bwd(do, q, k, v, o, lse, sep, scale: float | None = None):
     interp = q.device.type != "cuda"
     pre_bm = 16 if interp else 128
     _bwd_preprocess[(triton.cdiv(T, pre_bm), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, T, HEAD_DIM=D, BLOCK_M=pre_bm, **({} if interp else dict(num_warps=4)),
+        o,
+        do,
+        delta,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        H,
+        T,
+        HEAD_DIM=D,
+        BLOCK_M=pre_bm,
+        **({} if interp else dict(num_warps=4)),
     )
-    common = (scale, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    dkdv_args = (q, k, v, do, lse, delta, sep, dk, dv, *common,
-                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-                 H, H_kv, T, H // H_kv, _t_bucket(T))
-    dq_args = (q, k, v, do, lse, delta, sep, dq, *common,
-               dq.stride(0), dq.stride(1), dq.stride(2), H, T, H // H_kv, _t_bucket(T))
+    common = (
+        scale,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+    )
+    dkdv_args = (
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        sep,
+        dk,
+        dv,
+        *common,
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
+        H,
+        H_kv,
+        T,
+        H // H_kv,
+        _t_bucket(T),
+    )
+    dq_args = (
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        sep,
+        dq,
+        *common,
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        H,
+        T,
+        H // H_kv,
+        _t_bucket(T),
+    )
     consts = dict(HEAD_DIM=D, DOT_PRECISION=_precision(q.dtype))
     if not interp and q.dtype != torch.float32:
         _dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)](*dkdv_args, **consts)

@@ -37,7 +37,6 @@ Runs natively on CUDA and under the Triton interpreter on CPU tensors.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -48,15 +47,18 @@ from glmkit.ops.moe_align import padded_size
 
 @triton.jit
 def _count_kernel(
-    TOPK, COUNTS, CHUNK_COUNTS,
-    S, E,
+    TOPK,
+    COUNTS,
+    CHUNK_COUNTS,
+    S,
+    E,
     CHUNK: tl.constexpr,
 ):
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     in_range = offs < S
     e = tl.load(TOPK + offs, mask=in_range, other=-1).to(tl.int32)
-    ok = in_range & (e >= 0) & (e < E)          # ids outside [0, E) are dropped (the wrapper can check)
+    ok = in_range & (e >= 0) & (e < E)  # ids outside [0, E) are dropped (the wrapper can check)
     ones = tl.full([CHUNK], 1, dtype=tl.int32)
     tl.atomic_add(COUNTS + e, ones, mask=ok)
     tl.atomic_add(CHUNK_COUNTS + c.to(tl.int64) * E + e, ones, mask=ok)
@@ -64,19 +66,27 @@ def _count_kernel(
 
 @triton.jit
 def _offsets_kernel(
-    COUNTS, CHUNK_COUNTS, CHUNK_BASE, SORTED, EXPERT_IDS, NTPP,
-    S, E, NUM_CHUNKS, S_PAD,
+    COUNTS,
+    CHUNK_COUNTS,
+    CHUNK_BASE,
+    SORTED,
+    EXPERT_IDS,
+    NTPP,
+    S,
+    E,
+    NUM_CHUNKS,
+    S_PAD,
     BLOCK_M: tl.constexpr,
-    E_P2: tl.constexpr,          # next power of two >= E
-    SCAN: tl.constexpr,          # chunks per step of the column scan
-    FILL: tl.constexpr,          # elements per step of the tail fills
+    E_P2: tl.constexpr,  # next power of two >= E
+    SCAN: tl.constexpr,  # chunks per step of the column scan
+    FILL: tl.constexpr,  # elements per step of the tail fills
 ):
     e = tl.program_id(0)
     offs_e = tl.arange(0, E_P2)
     counts = tl.load(COUNTS + offs_e, mask=offs_e < E, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    start = tl.sum(tl.where(offs_e < e, padded, 0), axis=0)      # exclusive prefix sum at e
-    total = tl.sum(padded, axis=0)                              # = num_tokens_post_pad
+    start = tl.sum(tl.where(offs_e < e, padded, 0), axis=0)  # exclusive prefix sum at e
+    total = tl.sum(padded, axis=0)  # = num_tokens_post_pad
     my_count = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
     my_padded = tl.sum(tl.where(offs_e == e, padded, 0), axis=0)
 
@@ -93,14 +103,15 @@ def _offsets_kernel(
     # This expert's blocks and the sentinels that pad its last block.
     for b0 in range(0, my_padded // BLOCK_M, FILL):
         blocks = start // BLOCK_M + b0 + tl.arange(0, FILL)
-        tl.store(EXPERT_IDS + blocks, tl.full([FILL], 0, tl.int32) + e,
-                 mask=b0 + tl.arange(0, FILL) < my_padded // BLOCK_M)
+        tl.store(
+            EXPERT_IDS + blocks, tl.full([FILL], 0, tl.int32) + e, mask=b0 + tl.arange(0, FILL) < my_padded // BLOCK_M
+        )
     pad = start + my_count + tl.arange(0, BLOCK_M)
     tl.store(SORTED + pad, tl.full([BLOCK_M], 0, tl.int32) + S, mask=pad < start + my_padded)
 
     if e == 0:
         tl.store(NTPP, total)
-        for p0 in range(total, S_PAD, FILL):                      # empty tail: sentinels ...
+        for p0 in range(total, S_PAD, FILL):  # empty tail: sentinels ...
             p = p0 + tl.arange(0, FILL)
             tl.store(SORTED + p, tl.full([FILL], 0, tl.int32) + S, mask=p < S_PAD)
         for b0 in range(total // BLOCK_M, S_PAD // BLOCK_M, FILL):  # ... and expert -1
@@ -110,8 +121,11 @@ def _offsets_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    TOPK, CHUNK_BASE, SORTED,
-    S, E,
+    TOPK,
+    CHUNK_BASE,
+    SORTED,
+    S,
+    E,
     CHUNK: tl.constexpr,
 ):
     c = tl.program_id(0)
@@ -120,7 +134,7 @@ def _scatter_kernel(
     in_range = offs < S
     e = tl.load(TOPK + offs, mask=in_range, other=-1).to(tl.int32)
     ok = in_range & (e >= 0) & (e < E)
-    e = tl.where(ok, e, -1 - idx)                 # distinct negative ids: dropped slots match nothing
+    e = tl.where(ok, e, -1 - idx)  # distinct negative ids: dropped slots match nothing
     # rank = number of earlier slots of this chunk routed to the same expert (deterministic order)
     same = (e[:, None] == e[None, :]) & (idx[None, :] < idx[:, None])
     rank = tl.sum(same.to(tl.int32), axis=1)
@@ -155,14 +169,26 @@ def moe_align(topk_idx: torch.Tensor, num_experts: int, block_m: int):
     if not flat.is_contiguous():
         flat = flat.contiguous()
     interp = dev.type != "cuda"
-    chunk = 32 if interp else 64      # the scatter's CHUNK×CHUNK comparison: 4K elements on the GPU
+    chunk = 32 if interp else 64  # the scatter's CHUNK×CHUNK comparison: 4K elements on the GPU
     num_chunks = triton.cdiv(S, chunk)
     chunk_counts = torch.zeros((num_chunks, E), dtype=torch.int32, device=dev)
     chunk_base = torch.empty((num_chunks, E), dtype=torch.int32, device=dev)
     _count_kernel[(num_chunks,)](flat, counts, chunk_counts, S, E, CHUNK=chunk)
     _offsets_kernel[(E,)](
-        counts, chunk_counts, chunk_base, out, expert_ids, ntpp, S, E, num_chunks, S_pad,
-        BLOCK_M=block_m, E_P2=triton.next_power_of_2(E), SCAN=64 if interp else 1024, FILL=64 if interp else 1024,
+        counts,
+        chunk_counts,
+        chunk_base,
+        out,
+        expert_ids,
+        ntpp,
+        S,
+        E,
+        num_chunks,
+        S_pad,
+        BLOCK_M=block_m,
+        E_P2=triton.next_power_of_2(E),
+        SCAN=64 if interp else 1024,
+        FILL=64 if interp else 1024,
     )
     _scatter_kernel[(num_chunks,)](flat, chunk_base, out, S, E, CHUNK=chunk)
     return out, expert_ids, ntpp, counts

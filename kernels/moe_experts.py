@@ -63,7 +63,6 @@ wrong, so CPU tests use fp32/fp16; bf16 is tested on the GPU.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -76,26 +75,44 @@ from .moe_align import moe_align
 PLAIN, SWIGLU, SWIGLU_BWD = 0, 1, 2
 
 
-
 @triton.jit
 def _moe_gemm_kernel(
-    A, W, C, SORTED, EXPERT_IDS, NTPP, TOPW, PRE, DWP, AW,
-    N_OUT, K, S, A_DIV, NUM_PID_M,
-    stride_am, stride_ak,
-    stride_we, stride_wn, stride_wk,
-    stride_cm, stride_cn,
-    stride_pm, stride_pn,
-    stride_dwp, stride_awm,
+    A,
+    W,
+    C,
+    SORTED,
+    EXPERT_IDS,
+    NTPP,
+    TOPW,
+    PRE,
+    DWP,
+    AW,
+    N_OUT,
+    K,
+    S,
+    A_DIV,
+    NUM_PID_M,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_cm,
+    stride_cn,
+    stride_pm,
+    stride_pn,
+    stride_dwp,
+    stride_awm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    EPILOGUE: tl.constexpr,     # PLAIN, SWIGLU or SWIGLU_BWD (see the module docstring)
-    MUL_W: tl.constexpr,        # PLAIN: multiply row s by TOPW[s]
-    STORE_PRE: tl.constexpr,    # SWIGLU: also store the pre-activation into PRE [S, 2·N_OUT]
+    EPILOGUE: tl.constexpr,  # PLAIN, SWIGLU or SWIGLU_BWD (see the module docstring)
+    MUL_W: tl.constexpr,  # PLAIN: multiply row s by TOPW[s]
+    STORE_PRE: tl.constexpr,  # SWIGLU: also store the pre-activation into PRE [S, 2·N_OUT]
     DOT_PRECISION: tl.constexpr,
     DW_SUB: tl.constexpr = 64,  # SWIGLU_BWD: columns per partial d-weight sum (divides BLOCK_N)
-    STORE_AW: tl.constexpr = False,   # SWIGLU_BWD: also store AW[s] = w[s]·a[s] [S, N_OUT]
+    STORE_AW: tl.constexpr = False,  # SWIGLU_BWD: also store AW[s] = w[s]·a[s] [S, N_OUT]
 ):
     # 1-D grid in "grouped" order: GROUP_M row blocks share each column slice of W while it is in L2.
     pid = tl.program_id(0)
@@ -107,22 +124,22 @@ def _moe_gemm_kernel(
     pid_n = (pid % per_group) // group_m
 
     if pid_m * BLOCK_M >= tl.load(NTPP):
-        return                                   # the empty tail of the worst-case grid
+        return  # the empty tail of the worst-case grid
     e = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(SORTED + offs_m)              # slot ids; S marks padding
+    slot = tl.load(SORTED + offs_m)  # slot ids; S marks padding
     valid = slot < S
     slot = tl.where(valid, slot, 0).to(tl.int64)
-    rows = slot // A_DIV                         # the gather: row of A this slot reads
+    rows = slot // A_DIV  # the gather: row of A this slot reads
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = W + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk   # [BK, BN] = W[e]ᵀ
+    w_ptrs = W + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN] = W[e]ᵀ
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if EPILOGUE == 1:
-        u_ptrs = w_ptrs + N_OUT * stride_wn      # the up half: rows I.. 2I of W[e]
+        u_ptrs = w_ptrs + N_OUT * stride_wn  # the up half: rows I.. 2I of W[e]
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
@@ -160,23 +177,102 @@ def _moe_gemm_kernel(
         if BLOCK_N >= 128 and (BLOCK_N // 2) % DW_SUB == 0:
             g0, g1 = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
             half = tl.arange(0, BLOCK_N // 2)
-            _swiglu_bwd_epilogue(g0, slot, valid, pid_n * BLOCK_N + half, pid_n * BLOCK_N // DW_SUB,
-                                 PRE, C, DWP, AW, TOPW, N_OUT, stride_pm, stride_pn, stride_cm, stride_cn,
-                                 stride_dwp, stride_awm, BLOCK_M, BLOCK_N // 2, DW_SUB, STORE_AW)
-            _swiglu_bwd_epilogue(g1, slot, valid, pid_n * BLOCK_N + BLOCK_N // 2 + half,
-                                 (pid_n * BLOCK_N + BLOCK_N // 2) // DW_SUB,
-                                 PRE, C, DWP, AW, TOPW, N_OUT, stride_pm, stride_pn, stride_cm, stride_cn,
-                                 stride_dwp, stride_awm, BLOCK_M, BLOCK_N // 2, DW_SUB, STORE_AW)
+            _swiglu_bwd_epilogue(
+                g0,
+                slot,
+                valid,
+                pid_n * BLOCK_N + half,
+                pid_n * BLOCK_N // DW_SUB,
+                PRE,
+                C,
+                DWP,
+                AW,
+                TOPW,
+                N_OUT,
+                stride_pm,
+                stride_pn,
+                stride_cm,
+                stride_cn,
+                stride_dwp,
+                stride_awm,
+                BLOCK_M,
+                BLOCK_N // 2,
+                DW_SUB,
+                STORE_AW,
+            )
+            _swiglu_bwd_epilogue(
+                g1,
+                slot,
+                valid,
+                pid_n * BLOCK_N + BLOCK_N // 2 + half,
+                (pid_n * BLOCK_N + BLOCK_N // 2) // DW_SUB,
+                PRE,
+                C,
+                DWP,
+                AW,
+                TOPW,
+                N_OUT,
+                stride_pm,
+                stride_pn,
+                stride_cm,
+                stride_cn,
+                stride_dwp,
+                stride_awm,
+                BLOCK_M,
+                BLOCK_N // 2,
+                DW_SUB,
+                STORE_AW,
+            )
         else:
-            _swiglu_bwd_epilogue(acc, slot, valid, offs_n, pid_n * BLOCK_N // DW_SUB,
-                                 PRE, C, DWP, AW, TOPW, N_OUT, stride_pm, stride_pn, stride_cm, stride_cn,
-                                 stride_dwp, stride_awm, BLOCK_M, BLOCK_N, DW_SUB, STORE_AW)
+            _swiglu_bwd_epilogue(
+                acc,
+                slot,
+                valid,
+                offs_n,
+                pid_n * BLOCK_N // DW_SUB,
+                PRE,
+                C,
+                DWP,
+                AW,
+                TOPW,
+                N_OUT,
+                stride_pm,
+                stride_pn,
+                stride_cm,
+                stride_cn,
+                stride_dwp,
+                stride_awm,
+                BLOCK_M,
+                BLOCK_N,
+                DW_SUB,
+                STORE_AW,
+            )
 
 
 @triton.jit
-def _swiglu_bwd_epilogue(g, slot, valid, offs_n, col0, PRE, C, DWP, AW, TOPW, N_OUT,
-                         stride_pm, stride_pn, stride_cm, stride_cn, stride_dwp, stride_awm,
-                         BLOCK_M: tl.constexpr, BN: tl.constexpr, DW_SUB: tl.constexpr, STORE_AW: tl.constexpr):
+def _swiglu_bwd_epilogue(
+    g,
+    slot,
+    valid,
+    offs_n,
+    col0,
+    PRE,
+    C,
+    DWP,
+    AW,
+    TOPW,
+    N_OUT,
+    stride_pm,
+    stride_pn,
+    stride_cm,
+    stride_cn,
+    stride_dwp,
+    stride_awm,
+    BLOCK_M: tl.constexpr,
+    BN: tl.constexpr,
+    DW_SUB: tl.constexpr,
+    STORE_AW: tl.constexpr,
+):
     """SWIGLU_BWD on one [BLOCK_M, BN] tile g of dy[t] @ w_down[e], columns offs_n of I (h = PRE [S, 2I]):
     dh = swiglu_bwd(w·g, h) into C [S, 2I]; Σ g·a over each DW_SUB columns into DWP[s, col0 + j];
     w·a into AW [S, I] when STORE_AW."""
@@ -186,7 +282,7 @@ def _swiglu_bwd_epilogue(g, slot, valid, offs_n, col0, PRE, C, DWP, AW, TOPW, N_
     hu = tl.load(p_ptrs + N_OUT * stride_pn, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(hg)
     silu = hg * sig
-    act = (silu * hu).to(C.dtype.element_ty).to(tl.float32)   # the a that GEMM 2 read
+    act = (silu * hu).to(C.dtype.element_ty).to(tl.float32)  # the a that GEMM 2 read
     # partial d weight over each DW_SUB columns; the wrapper sums the partials (deterministic, and
     # every column of DWP is written whatever BLOCK_N the autotuner picks)
     if BN == DW_SUB:
@@ -194,10 +290,13 @@ def _swiglu_bwd_epilogue(g, slot, valid, offs_n, col0, PRE, C, DWP, AW, TOPW, N_
     else:
         part = tl.sum(tl.reshape(g * act, [BLOCK_M, BN // DW_SUB, DW_SUB]), axis=2)
         cols = col0 + tl.arange(0, BN // DW_SUB)
-        tl.store(DWP + slot[:, None] * stride_dwp + cols[None, :], part,
-                 mask=valid[:, None] & (cols < tl.cdiv(N_OUT, DW_SUB))[None, :])
+        tl.store(
+            DWP + slot[:, None] * stride_dwp + cols[None, :],
+            part,
+            mask=valid[:, None] & (cols < tl.cdiv(N_OUT, DW_SUB))[None, :],
+        )
     tw = tl.load(TOPW + slot, mask=valid, other=0.0).to(tl.float32)[:, None]
-    if STORE_AW:    # the right operand of dW_down, weighted here once, not in its K loop
+    if STORE_AW:  # the right operand of dW_down, weighted here once, not in its K loop
         tl.store(AW + slot[:, None] * stride_awm + offs_n[None, :], (act * tw).to(AW.dtype.element_ty), mask=mask)
     da = g * tw
     d_gate = da * hu * sig * (1.0 + hg * (1.0 - sig))
@@ -209,17 +308,30 @@ def _swiglu_bwd_epilogue(g, slot, valid, offs_n, col0, PRE, C, DWP, AW, TOPW, N_
 
 @triton.jit
 def _moe_wgrad_kernel(
-    L, R, DW, SORTED, COUNTS, TOPW,
-    M, N, E, L_DIV, R_DIV,
-    stride_lm, stride_lk,       # L [rows, M]: row index along the slot axis, M the output rows
-    stride_rm, stride_rk,       # R [rows, N]
-    stride_de, stride_dm, stride_dn,
-    ALIGN_M: tl.constexpr,      # moe_align's block_m (to find each expert's run)
+    L,
+    R,
+    DW,
+    SORTED,
+    COUNTS,
+    TOPW,
+    M,
+    N,
+    E,
+    L_DIV,
+    R_DIV,
+    stride_lm,
+    stride_lk,  # L [rows, M]: row index along the slot axis, M the output rows
+    stride_rm,
+    stride_rk,  # R [rows, N]
+    stride_de,
+    stride_dm,
+    stride_dn,
+    ALIGN_M: tl.constexpr,  # moe_align's block_m (to find each expert's run)
     E_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,      # slots per step
-    MUL_W: tl.constexpr,        # scale L's row of slot s by TOPW[s]
+    BLOCK_K: tl.constexpr,  # slots per step
+    MUL_W: tl.constexpr,  # scale L's row of slot s by TOPW[s]
     DOT_PRECISION: tl.constexpr,
 ):
     """DW[e] = Σ over expert e's slots s of (w[s]·) L[s // L_DIV]ᵀ ⊗ R[s // R_DIV]: [M, N]."""
@@ -239,17 +351,23 @@ def _moe_wgrad_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, count, BLOCK_K):          # an expert with no slots stores zeros
+    for k0 in range(0, count, BLOCK_K):  # an expert with no slots stores zeros
         pos = start + k0 + tl.arange(0, BLOCK_K)
         ok = k0 + tl.arange(0, BLOCK_K) < count
         slot = tl.load(SORTED + pos, mask=ok, other=0).to(tl.int64)
-        lt = tl.load(L + (slot // L_DIV)[None, :] * stride_lm + offs_m[:, None] * stride_lk,
-                     mask=ok[None, :] & m_ok[:, None], other=0.0)                 # [BM, BK]
+        lt = tl.load(
+            L + (slot // L_DIV)[None, :] * stride_lm + offs_m[:, None] * stride_lk,
+            mask=ok[None, :] & m_ok[:, None],
+            other=0.0,
+        )  # [BM, BK]
         if MUL_W:
             w = tl.load(TOPW + slot, mask=ok, other=0.0).to(tl.float32)
             lt = (lt.to(tl.float32) * w[None, :]).to(L.dtype.element_ty)
-        r = tl.load(R + (slot // R_DIV)[:, None] * stride_rm + offs_n[None, :] * stride_rk,
-                    mask=ok[:, None] & n_ok[None, :], other=0.0)                  # [BK, BN]
+        r = tl.load(
+            R + (slot // R_DIV)[:, None] * stride_rm + offs_n[None, :] * stride_rk,
+            mask=ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )  # [BK, BN]
         acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
     d_ptrs = DW + e.to(tl.int64) * stride_de + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
     tl.store(d_ptrs, acc.to(DW.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -257,9 +375,12 @@ def _moe_wgrad_kernel(
 
 @triton.jit
 def _moe_combine_kernel(
-    Z, TOPW, Y,
+    Z,
+    TOPW,
+    Y,
     H,
-    stride_zm, stride_ym,
+    stride_zm,
+    stride_ym,
     TOP_K: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -285,7 +406,12 @@ def _moe_combine_kernel(
 # 256-row alignment blocks were no faster (0.14-0.82×). 256×64 w8 s4 added 2026-11-23: it led the backward's dx
 # GEMM (N-major weights, 586 vs 555 TFLOP/s for s3). The key holds stride_wk: K-major and N-major weights tune apart.
 _GEMM_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
+    (64, 64, 4, 4),
+    (256, 64, 8, 3),
+    (256, 64, 8, 4),
+    (128, 128, 8, 3),
 ]
 # Tried only for the SwiGLU-backward epilogue (the dgrad of the backward): 64-column tiles with 8 warps hold
 # its fp32 temporaries without spilling; 128×64 w8 s4 led the 2026-11-23 sweep of that GEMM.
@@ -295,7 +421,11 @@ _DGRAD_ONLY_CONFIGS = [(128, 64, 8, 4), (64, 64, 8, 4)]
 # 128×256×32 w8 s5 led dW_down (318). num_stages 3 and 4 compile to the same 2-deep pipeline here (the slot
 # ids are loaded a stage ahead of the rows they address); 5 gives 3 buffers.
 _WGRAD_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (128, 128, 64, 8, 3), (128, 128, 64, 8, 5), (128, 256, 32, 8, 5), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 5),
+    (128, 256, 32, 8, 5),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
 ]
 
 
@@ -309,22 +439,26 @@ def _prune_gemm(configs, named_args, **kwargs):
             continue
         if epi != SWIGLU_BWD and (bn, c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in _DGRAD_ONLY_CONFIGS:
             continue
-        if bm <= 32 and (bn > 128 or c.num_warps > 4):       # decode-sized blocks: small tiles
+        if bm <= 32 and (bn > 128 or c.num_warps > 4):  # decode-sized blocks: small tiles
             continue
         keep.append(c)
     return keep or configs[:1]
 
 
 _moe_gemm_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-             for bn, bk, w, s in _GEMM_CONFIGS + _DGRAD_ONLY_CONFIGS],
+    configs=[
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in _GEMM_CONFIGS + _DGRAD_ONLY_CONFIGS
+    ],
     key=["N_OUT", "K", "BLOCK_M", "EPILOGUE", "MUL_W", "STORE_PRE", "STORE_AW", "stride_wk"],
     prune_configs_by={"early_config_prune": _prune_gemm},
 )(_moe_gemm_kernel)
 
 _moe_wgrad_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-             for bm, bn, bk, w, s in _WGRAD_CONFIGS],
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _WGRAD_CONFIGS
+    ],
     key=["M", "N", "E", "ALIGN_M", "MUL_W"],
 )(_moe_wgrad_kernel)
 
@@ -345,8 +479,19 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, *, top_k: int, block_m: int,
-             swiglu: bool = False, topk_weight=None, pre_out=None) -> torch.Tensor:
+def moe_gemm(
+    a,
+    w,
+    sorted_token_ids,
+    expert_ids,
+    num_tokens_post_pad,
+    *,
+    top_k: int,
+    block_m: int,
+    swiglu: bool = False,
+    topk_weight=None,
+    pre_out=None,
+) -> torch.Tensor:
     """Grouped GEMM over aligned slots: out[s] = a[s // top_k] @ w[e(s)]ᵀ for every slot s = token·k + j.
 
     a [rows, K] with rows·top_k = S slots (top_k = k gathers token rows; top_k = 1 reads an [S, K]
@@ -360,36 +505,77 @@ def moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_pad, *, top_k: 
     n_out = n_w // 2 if swiglu else n_w
     out = torch.empty((S, n_out), dtype=a.dtype, device=a.device)
     topw = None if topk_weight is None else topk_weight.reshape(-1).contiguous()
-    _launch_gemm(a, w, out, sorted_token_ids, expert_ids, num_tokens_post_pad, topw, pre_out, None,
-                 n_out, K, S, top_k, block_m, SWIGLU if swiglu else PLAIN)
+    _launch_gemm(
+        a,
+        w,
+        out,
+        sorted_token_ids,
+        expert_ids,
+        num_tokens_post_pad,
+        topw,
+        pre_out,
+        None,
+        n_out,
+        K,
+        S,
+        top_k,
+        block_m,
+        SWIGLU if swiglu else PLAIN,
+    )
     return out
 
 
-def _launch_gemm(a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K, S, a_div, block_m,
-                 epilogue, aw=None, dw_sub=64):
+def _launch_gemm(
+    a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K, S, a_div, block_m, epilogue, aw=None, dw_sub=64
+):
     if S == 0 or sorted_ids.numel() == 0:
         return
     num_pid_m = sorted_ids.numel() // block_m
     dummy = c
     args = (
-        a, w, c, sorted_ids, expert_ids, ntpp,
-        topw if topw is not None else dummy, pre if pre is not None else dummy, dwp if dwp is not None else dummy,
+        a,
+        w,
+        c,
+        sorted_ids,
+        expert_ids,
+        ntpp,
+        topw if topw is not None else dummy,
+        pre if pre is not None else dummy,
+        dwp if dwp is not None else dummy,
         aw if aw is not None else dummy,
-        n_out, K, S, a_div, num_pid_m,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
-        pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
-        dwp.stride(0) if dwp is not None else 0, aw.stride(0) if aw is not None else 0,
+        n_out,
+        K,
+        S,
+        a_div,
+        num_pid_m,
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        c.stride(0),
+        c.stride(1),
+        pre.stride(0) if pre is not None else 0,
+        pre.stride(1) if pre is not None else 0,
+        dwp.stride(0) if dwp is not None else 0,
+        aw.stride(0) if aw is not None else 0,
     )
-    consts = dict(BLOCK_M=block_m, EPILOGUE=epilogue, MUL_W=epilogue == PLAIN and topw is not None,
-                  STORE_PRE=epilogue == SWIGLU and pre is not None, DOT_PRECISION=_precision(a.dtype),
-                  DW_SUB=dw_sub, STORE_AW=aw is not None)
+    consts = dict(
+        BLOCK_M=block_m,
+        EPILOGUE=epilogue,
+        MUL_W=epilogue == PLAIN and topw is not None,
+        STORE_PRE=epilogue == SWIGLU and pre is not None,
+        DOT_PRECISION=_precision(a.dtype),
+        DW_SUB=dw_sub,
+        STORE_AW=aw is not None,
+    )
     if a.device.type == "cuda" and a.dtype != torch.float32:
         grid = lambda meta: (num_pid_m * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
         _moe_gemm_tuned[grid](*args, GROUP_M=8, **consts)
         return
-    if a.device.type == "cuda":   # fp32, the checking dtype
+    if a.device.type == "cuda":  # fp32, the checking dtype
         cfg = dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-    else:                         # interpreter: few, mid-sized tiles run fastest
+    else:  # interpreter: few, mid-sized tiles run fastest
         cfg = dict(BLOCK_N=32, BLOCK_K=32)
     grid = (num_pid_m * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](*args, GROUP_M=8, **consts, **cfg)
@@ -407,14 +593,22 @@ def moe_combine(z: torch.Tensor, top_k: int, topk_weight: torch.Tensor | None = 
     if N and H:
         block = min(triton.next_power_of_2(H), 128 if z.device.type != "cuda" else 1024)
         _moe_combine_kernel[(N, triton.cdiv(H, block))](
-            z, topw if topw is not None else z, out, H, z.stride(0), out.stride(0),
-            TOP_K=top_k, BLOCK=block, HAS_W=topw is not None,
+            z,
+            topw if topw is not None else z,
+            out,
+            H,
+            z.stride(0),
+            out.stride(0),
+            TOP_K=top_k,
+            BLOCK=block,
+            HAS_W=topw is not None,
         )
     return out
 
 
-def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m: int, left_div: int, right_div: int,
-                    topk_weight=None) -> torch.Tensor:
+def moe_weight_grad(
+    left, right, sorted_token_ids, counts, *, block_m: int, left_div: int, right_div: int, topk_weight=None
+) -> torch.Tensor:
     """dW[e] = Σ over expert e's slots s of (w[s]·) left[s // left_div]ᵀ ⊗ right[s // right_div]: [E, M, N].
 
     left [rows_l, M], right [rows_r, N] (rows·div = S each); sorted_token_ids and counts from
@@ -425,12 +619,29 @@ def moe_weight_grad(left, right, sorted_token_ids, counts, *, block_m: int, left
     M, N = left.shape[1], right.shape[1]
     out = torch.empty((E, M, N), dtype=left.dtype, device=left.device)
     topw = topk_weight.reshape(-1).contiguous() if topk_weight is not None else None
-    args = (left, right, out, sorted_token_ids, counts, topw if topw is not None else left,
-            M, N, E, left_div, right_div,
-            left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-            out.stride(0), out.stride(1), out.stride(2))
-    consts = dict(ALIGN_M=block_m, E_P2=triton.next_power_of_2(E), MUL_W=topw is not None,
-                  DOT_PRECISION=_precision(left.dtype))
+    args = (
+        left,
+        right,
+        out,
+        sorted_token_ids,
+        counts,
+        topw if topw is not None else left,
+        M,
+        N,
+        E,
+        left_div,
+        right_div,
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+    )
+    consts = dict(
+        ALIGN_M=block_m, E_P2=triton.next_power_of_2(E), MUL_W=topw is not None, DOT_PRECISION=_precision(left.dtype)
+    )
     if left.device.type == "cuda" and left.dtype != torch.float32:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)  # noqa: E731
         _moe_wgrad_tuned[grid](*args, **consts)
@@ -450,13 +661,30 @@ def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, 
     S = dy.shape[0] * top_k
     dh = torch.empty((S, 2 * I), dtype=h.dtype, device=h.device)
     aw = torch.empty((S, I), dtype=h.dtype, device=h.device) if store_aw else None
-    wt = w_down.transpose(1, 2)                   # [E, I, H] view: GEMM computes dy @ w_down[e] = dy @ wtᵀ
+    wt = w_down.transpose(1, 2)  # [E, I, H] view: GEMM computes dy @ w_down[e] = dy @ wtᵀ
     # The partial sums of dw come in DW_SUB-column pieces whatever BLOCK_N is (every BLOCK_N the autotuner
     # or the fallbacks use is a multiple of it), so this GEMM is autotuned like the others.
     sub = 32 if dy.device.type != "cuda" else 64
-    dwp = torch.zeros((S, triton.cdiv(I, sub)), dtype=torch.float32, device=dy.device)   # unrouted slots stay 0
-    _launch_gemm(dy, wt, dh, sorted_ids, expert_ids, ntpp, topw, h, dwp, I, dy.shape[1], S, top_k,
-                 block_m, SWIGLU_BWD, aw=aw, dw_sub=sub)
+    dwp = torch.zeros((S, triton.cdiv(I, sub)), dtype=torch.float32, device=dy.device)  # unrouted slots stay 0
+    _launch_gemm(
+        dy,
+        wt,
+        dh,
+        sorted_ids,
+        expert_ids,
+        ntpp,
+        topw,
+        h,
+        dwp,
+        I,
+        dy.shape[1],
+        S,
+        top_k,
+        block_m,
+        SWIGLU_BWD,
+        aw=aw,
+        dw_sub=sub,
+    )
     return dh, dwp.sum(1), aw
 
 
@@ -483,8 +711,9 @@ def experts_bwd(dy, saved, top_k: int, block_m: int, need=(True, True, True, Tru
     I = w_gate_up.shape[1] // 2
     dy = dy.to(x.dtype)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    dh, dw, aw = _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I,
-                                   store_aw=need[3])
+    dh, dw, aw = _moe_swiglu_dgrad(
+        dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=need[3]
+    )
     dx = dwgu = dwd = None
     if need[0]:
         dx_slot = moe_gemm(dh, w_gate_up.transpose(1, 2), sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)

@@ -29,23 +29,23 @@ SCALE_ADD_BLOCK = 1024
 
 @triton.jit
 def _scale_add_kernel(x_ptr, b_ptr, y_ptr, a, n, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)                       # which block am I? 0 .. cdiv(n, BLOCK) - 1
-    offs = pid * BLOCK + tl.arange(0, BLOCK)     # [BLOCK] element indices of my block
-    mask = offs < n                              # False past the end (only in the last block)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)   # fp16/bf16 in memory, fp32 maths
+    pid = tl.program_id(0)  # which block am I? 0 .. cdiv(n, BLOCK) - 1
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] element indices of my block
+    mask = offs < n  # False past the end (only in the last block)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # fp16/bf16 in memory, fp32 maths
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = a * x + b                                # in registers: one read of x and b, one write of y
+    y = a * x + b  # in registers: one read of x and b, one write of y
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _row_softmax_kernel(x_ptr, y_ptr, n_cols, stride_x, stride_y, BLOCK: tl.constexpr):
-    row = tl.program_id(0)                       # one program per row
-    cols = tl.arange(0, BLOCK)                   # BLOCK >= n_cols: the whole row fits in one block
+    row = tl.program_id(0)  # one program per row
+    cols = tl.arange(0, BLOCK)  # BLOCK >= n_cols: the whole row fits in one block
     mask = cols < n_cols
     # Masked lanes load -inf: exp(-inf) = 0, so they add nothing to the sum and never win the max.
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    x = x - tl.max(x, axis=0)                    # subtract the row max: exp never overflows
+    x = x - tl.max(x, axis=0)  # subtract the row max: exp never overflows
     e = tl.exp(x)
     y = e / tl.sum(e, axis=0)
     tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -76,8 +76,9 @@ def _check_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def scale_add(x: torch.Tensor, b: torch.Tensor, a: float = 1.0, *, out: torch.Tensor | None = None,
-              block: int = SCALE_ADD_BLOCK) -> torch.Tensor:
+def scale_add(
+    x: torch.Tensor, b: torch.Tensor, a: float = 1.0, *, out: torch.Tensor | None = None, block: int = SCALE_ADD_BLOCK
+) -> torch.Tensor:
     """y = a * x + b with the Triton kernel. x, b: same shape, dtype and device (any shape; flattened).
 
     a: a Python number. out: optional contiguous tensor like x to write into (returned).
@@ -121,7 +122,7 @@ def row_softmax(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Te
     rows, cols = x.shape
     if rows == 0 or cols == 0:
         return y
-    block = triton.next_power_of_2(cols)          # the whole row in one block; the tail lanes are masked
+    block = triton.next_power_of_2(cols)  # the whole row in one block; the tail lanes are masked
     _row_softmax_kernel[(rows,)](x, y, cols, x.stride(0), y.stride(0), BLOCK=block)
     return y
 

@@ -24,7 +24,6 @@ TRITON_INTERPRET=1 on machines without CUDA).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -34,19 +33,23 @@ from glmkit.backend import require_kernel_device
 MAX_HIDDEN = 65536  # a whole row lives in registers: beyond this the single-pass design spills badly
 
 
-
 @triton.jit
 def _rmsnorm_fwd_kernel(
-    X, W, Y, RSTD,
-    stride_x, stride_y,          # row strides (elements); the last dim is contiguous
-    N, eps,
+    X,
+    W,
+    Y,
+    RSTD,
+    stride_x,
+    stride_y,  # row strides (elements); the last dim is contiguous
+    N,
+    eps,
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)   # padding lanes are 0: they add nothing
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)  # padding lanes are 0: they add nothing
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
@@ -54,9 +57,18 @@ def _rmsnorm_fwd_kernel(
 
 @triton.jit
 def _rmsnorm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PART,
-    stride_dy, stride_x, stride_dx,
-    M, N, rows_per_program,
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PART,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    M,
+    N,
+    rows_per_program,
     BLOCK_N: tl.constexpr,
     COMPUTE_DW: tl.constexpr,
 ):
@@ -66,7 +78,7 @@ def _rmsnorm_bwd_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
-    n_rows = tl.minimum(rows_per_program, M - row_start)   # the last program may get fewer rows
+    n_rows = tl.minimum(rows_per_program, M - row_start)  # the last program may get fewer rows
     for i in range(0, n_rows):
         row = row_start + i
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -121,8 +133,16 @@ def rmsnorm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5):
         y2 = out.view(-1, N)
         block_n = triton.next_power_of_2(N)
         _rmsnorm_fwd_kernel[(M,)](
-            x2, weight.contiguous(), y2, rstd, x2.stride(0), y2.stride(0), N, float(eps),
-            BLOCK_N=block_n, **_fwd_launch_opts(block_n, x.device),
+            x2,
+            weight.contiguous(),
+            y2,
+            rstd,
+            x2.stride(0),
+            y2.stride(0),
+            N,
+            float(eps),
+            BLOCK_N=block_n,
+            **_fwd_launch_opts(block_n, x.device),
         )
     return out, rstd
 
@@ -154,9 +174,21 @@ def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
     dw_part = torch.empty((P, N) if compute_dw else (1,), dtype=torch.float32, device=x.device)
     dx2 = dx.view(-1, N)
     _rmsnorm_bwd_kernel[(P,)](
-        dy2, x2, weight.contiguous(), rstd.contiguous(), dx2, dw_part,
-        dy2.stride(0), x2.stride(0), dx2.stride(0), M, N, rows_per_program,
-        BLOCK_N=block_n, COMPUTE_DW=compute_dw, **_launch_opts(block_n, x.device),
+        dy2,
+        x2,
+        weight.contiguous(),
+        rstd.contiguous(),
+        dx2,
+        dw_part,
+        dy2.stride(0),
+        x2.stride(0),
+        dx2.stride(0),
+        M,
+        N,
+        rows_per_program,
+        BLOCK_N=block_n,
+        COMPUTE_DW=compute_dw,
+        **_launch_opts(block_n, x.device),
     )
     dw = dw_part.sum(0).to(weight.dtype) if compute_dw else None
     return dx, dw

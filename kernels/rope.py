@@ -30,7 +30,6 @@ contiguous. Runs natively on CUDA and under the Triton interpreter on CPU tensor
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -44,12 +43,17 @@ from glmkit.backend import require_kernel_device
 _DEFAULT_BLOCK_T, _DEFAULT_WARPS, _DEFAULT_HEADS = 64, 8, 1
 
 
-
 @triton.jit
 def _rotate_head(
-    X, O, stride_xt, stride_ot,
-    c, s, offs_t,
-    T, D,
+    X,
+    O,
+    stride_xt,
+    stride_ot,
+    c,
+    s,
+    offs_t,
+    T,
+    D,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -68,8 +72,8 @@ def _rotate_head(
     if INTERLEAVED:
         offs_r = tl.arange(0, 2 * BLOCK_HALF)
         rmask = tmask & (offs_r[None, :] < 2 * HALF)
-        x = tl.load(rows_x + offs_r[None, :], mask=rmask, other=0.0).to(tl.float32)   # [BT, R] as stored
-        x1, x2 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_HALF, 2]))                      # even, odd dims
+        x = tl.load(rows_x + offs_r[None, :], mask=rmask, other=0.0).to(tl.float32)  # [BT, R] as stored
+        x1, x2 = tl.split(tl.reshape(x, [BLOCK_T, BLOCK_HALF, 2]))  # even, odd dims
         o1 = x1 * c - x2 * s
         o2 = x2 * c + x1 * s
         o = tl.reshape(tl.join(o1, o2), [BLOCK_T, 2 * BLOCK_HALF])
@@ -92,18 +96,35 @@ def _rotate_head(
 
 @triton.jit
 def _rope_kernel(
-    Q, K, QO, KO, COS, SIN,
-    sq_b, sq_h, sq_t,
-    sk_b, sk_h, sk_t,
-    sqo_b, sqo_h, sqo_t,
-    sko_b, sko_h, sko_t,
-    sc_b, sc_t,                  # cos/sin strides; sc_b = 0 when one table serves the whole batch
-    T, H, H_KV, D,
-    HALF: tl.constexpr,          # R / 2: rotated planes per head
-    BLOCK_HALF: tl.constexpr,    # next power of two >= HALF
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    sq_b,
+    sq_h,
+    sq_t,
+    sk_b,
+    sk_h,
+    sk_t,
+    sqo_b,
+    sqo_h,
+    sqo_t,
+    sko_b,
+    sko_h,
+    sko_t,
+    sc_b,
+    sc_t,  # cos/sin strides; sc_b = 0 when one table serves the whole batch
+    T,
+    H,
+    H_KV,
+    D,
+    HALF: tl.constexpr,  # R / 2: rotated planes per head
+    BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
     BLOCK_T: tl.constexpr,
-    BLOCK_PASS: tl.constexpr,    # next power of two >= D - R (unused unless COPY_PASS)
-    HEADS: tl.constexpr,         # heads per program: the cos/sin tile is loaded once for all of them
+    BLOCK_PASS: tl.constexpr,  # next power of two >= D - R (unused unless COPY_PASS)
+    HEADS: tl.constexpr,  # heads per program: the cos/sin tile is loaded once for all of them
     INTERLEAVED: tl.constexpr,
     COPY_PASS: tl.constexpr,
     INVERSE: tl.constexpr,
@@ -122,16 +143,47 @@ def _rope_kernel(
     for i in tl.static_range(HEADS):
         h = (h0 + i).to(tl.int64)
         if h < H:
-            _rotate_head(Q + b * sq_b + h * sq_h, QO + b * sqo_b + h * sqo_h, sq_t, sqo_t,
-                         c, s, offs_t, T, D, HALF, BLOCK_HALF, BLOCK_T, BLOCK_PASS, INTERLEAVED, COPY_PASS)
+            _rotate_head(
+                Q + b * sq_b + h * sq_h,
+                QO + b * sqo_b + h * sqo_h,
+                sq_t,
+                sqo_t,
+                c,
+                s,
+                offs_t,
+                T,
+                D,
+                HALF,
+                BLOCK_HALF,
+                BLOCK_T,
+                BLOCK_PASS,
+                INTERLEAVED,
+                COPY_PASS,
+            )
         elif h < H + H_KV:
             hk = h - H
-            _rotate_head(K + b * sk_b + hk * sk_h, KO + b * sko_b + hk * sko_h, sk_t, sko_t,
-                         c, s, offs_t, T, D, HALF, BLOCK_HALF, BLOCK_T, BLOCK_PASS, INTERLEAVED, COPY_PASS)
+            _rotate_head(
+                K + b * sk_b + hk * sk_h,
+                KO + b * sko_b + hk * sko_h,
+                sk_t,
+                sko_t,
+                c,
+                s,
+                offs_t,
+                T,
+                D,
+                HALF,
+                BLOCK_HALF,
+                BLOCK_T,
+                BLOCK_PASS,
+                INTERLEAVED,
+                COPY_PASS,
+            )
 
 
-def rope_fwd(q, k, cos, sin, rotary_dim: int, pairing: str = "interleaved", inplace: bool = False,
-             inverse: bool = False):
+def rope_fwd(
+    q, k, cos, sin, rotary_dim: int, pairing: str = "interleaved", inplace: bool = False, inverse: bool = False
+):
     """Partial RoPE on q [B, H, T, D] and k [B, H_kv, T, D] (or None) in one launch. cos, sin [T, R/2] or
     [B, T, R/2] (read as fp32), R = rotary_dim. inplace: rotate q and k where they are (last dim contiguous)
     and return them; otherwise new tensors. inverse: rotate by -angle (the backward). Returns (q', k')."""
@@ -159,16 +211,38 @@ def rope_fwd(q, k, cos, sin, rotary_dim: int, pairing: str = "interleaved", inpl
     heads = min(1 if interp else _DEFAULT_HEADS, H + H_kv)
     grid = (triton.cdiv(T, block_t), B, triton.cdiv(H + H_kv, heads))
     _rope_kernel[grid](
-        q, kk, qo, kko, cos, sin,
-        q.stride(0), q.stride(1), q.stride(2),
-        kk.stride(0), kk.stride(1), kk.stride(2),
-        qo.stride(0), qo.stride(1), qo.stride(2),
-        kko.stride(0), kko.stride(1), kko.stride(2),
-        sc_b, cos.stride(-2),
-        T, H, H_kv, D,
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_T=block_t,
-        BLOCK_PASS=triton.next_power_of_2(D - R) if R < D else 1, HEADS=heads,
-        INTERLEAVED=(pairing == "interleaved"), COPY_PASS=(not inplace) and R < D, INVERSE=inverse,
+        q,
+        kk,
+        qo,
+        kko,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        kk.stride(0),
+        kk.stride(1),
+        kk.stride(2),
+        qo.stride(0),
+        qo.stride(1),
+        qo.stride(2),
+        kko.stride(0),
+        kko.stride(1),
+        kko.stride(2),
+        sc_b,
+        cos.stride(-2),
+        T,
+        H,
+        H_kv,
+        D,
+        HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_T=block_t,
+        BLOCK_PASS=triton.next_power_of_2(D - R) if R < D else 1,
+        HEADS=heads,
+        INTERLEAVED=(pairing == "interleaved"),
+        COPY_PASS=(not inplace) and R < D,
+        INVERSE=inverse,
         **({} if interp else {"num_warps": _DEFAULT_WARPS}),
     )
     return qo, ko

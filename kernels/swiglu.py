@@ -22,7 +22,6 @@ Runs natively on CUDA and under the Triton interpreter on CPU tensors.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -30,12 +29,12 @@ import triton.language as tl
 from glmkit.backend import require_kernel_device
 
 
-
-
 @triton.jit
 def _swiglu_fwd_kernel(
-    GU, Y,
-    stride_gu, stride_y,        # row strides; last dims contiguous
+    GU,
+    Y,
+    stride_gu,
+    stride_y,  # row strides; last dims contiguous
     I,
     BLOCK: tl.constexpr,
 ):
@@ -51,8 +50,12 @@ def _swiglu_fwd_kernel(
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY, GU, DGU,
-    stride_dy, stride_gu, stride_dgu,
+    DY,
+    GU,
+    DGU,
+    stride_dy,
+    stride_gu,
+    stride_dgu,
     I,
     BLOCK: tl.constexpr,
 ):

@@ -12,7 +12,9 @@ from glmkit.testing import poisoned_allocations
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs CUDA: run `pytest -m gpu` on a GPU machine (results in benchmarks/results/)")
+    skip_gpu = pytest.mark.skip(
+        reason="needs CUDA: run `pytest -m gpu` on a GPU machine (results in benchmarks/results/)"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)

@@ -40,6 +40,6 @@ def cached_decode_errors(hf, ours, x: torch.Tensor, prefix: int, max_len: int = 
     cache = ours.new_cache(x.shape[0], max_len)
     errs = [rel_err(ref.logits, ours(x[:, :prefix], cache=cache))]
     for t in range(prefix, x.shape[1]):
-        ref = hf(x[:, t:t + 1], cache=ref.cache, use_cache=True)
-        errs.append(rel_err(ref.logits, ours(x[:, t:t + 1], cache=cache)))
+        ref = hf(x[:, t : t + 1], cache=ref.cache, use_cache=True)
+        errs.append(rel_err(ref.logits, ours(x[:, t : t + 1], cache=cache)))
     return errs

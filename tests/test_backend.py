@@ -46,6 +46,7 @@ def backward_calls(monkeypatch):
             if only_if is None or only_if(kwargs):
                 calls[op] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(attention, "attention_bwd", counting("attention", attention.attention_bwd))
@@ -67,15 +68,37 @@ def quiet(**kw):
 
 def tiny_dense() -> Decoder:
     # One sandwich layer (4 RMSNorms + the final one), D = 32, GQA 2/1: small enough for the interpreter.
-    return Decoder(get_config("cpu-small", num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=32, intermediate_size=96, max_position_embeddings=32))
+    return Decoder(
+        get_config(
+            "cpu-small",
+            num_hidden_layers=1,
+            hidden_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=96,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def tiny_moe() -> Decoder:
     # Layer 0 dense, layer 1 MoE (4 experts, top-2, one shared expert); QK-norm adds two RMSNorms per layer.
-    return Decoder(get_config("cpu-moe", num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=32, intermediate_size=96, n_routed_experts=4,
-                              num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=32))
+    return Decoder(
+        get_config(
+            "cpu-moe",
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=96,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def one_cpu_step(model, seq_len: int = 11):
@@ -92,7 +115,7 @@ def test_forced_triton_on_cpu_runs_every_op_on_the_kernels_forward_and_backward(
     assert audit.ops() == DENSE_OPS, audit
     fwd = forward_counts(audit)
     assert fwd == {"attention": 1, "rope": 1, "swiglu": 1, "rmsnorm": 5}, audit
-    assert dict(backward_calls) == fwd          # every forward kernel call had its backward kernel call
+    assert dict(backward_calls) == fwd  # every forward kernel call had its backward kernel call
     assert h.losses[0] > 0 and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
@@ -102,7 +125,7 @@ def test_auto_backend_on_cpu_runs_every_op_on_torch(backward_calls):
         one_cpu_step(tiny_dense())
     assert audit.ops() == DENSE_OPS, audit
     assert all(audit.paths(op) == {"torch"} for op in DENSE_OPS) and not audit.only_triton(), audit
-    assert not backward_calls                    # no kernel backward either
+    assert not backward_calls  # no kernel backward either
 
 
 def test_forced_triton_on_cpu_moe_model(backward_calls):
@@ -118,7 +141,7 @@ def test_forced_triton_on_cpu_moe_model(backward_calls):
     assert dict(backward_calls) == fwd
     assert len(h.max_violation) == 1
 
-    with backend.audit() as audit:               # and the default backend on CPU: torch for all of them
+    with backend.audit() as audit:  # and the default backend on CPU: torch for all of them
         one_cpu_step(tiny_moe())
     assert all(audit.paths(op) == {"torch"} for op in audit.ops()) and "moe_experts" in audit.ops(), audit
 
@@ -130,7 +153,7 @@ def cuda_steps(model, steps: int = 3, seq_len: int = 256, batch_size: int = 4):
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, warmup_steps=1)
     data = LMData(batch_size=batch_size, seq_len=seq_len, seed=0)
     with backend.audit() as audit:
-        h = train(model, data, cfg, device="cuda", **quiet())   # bf16 autocast on CUDA
+        h = train(model, data, cfg, device="cuda", **quiet())  # bf16 autocast on CUDA
     return audit, h
 
 
@@ -161,6 +184,6 @@ def test_backend_setting_and_errors(monkeypatch):
         assert backend.resolve(torch.zeros(1)) == "torch" and "kernels off" in backend.describe()
     with glmkit.use_backend("triton"):
         assert backend.resolve(torch.zeros(1)) == "triton"
-    assert backend.get_backend() == "auto" and backend.resolve(torch.zeros(1)) == "torch"   # CPU tensors: torch
+    assert backend.get_backend() == "auto" and backend.resolve(torch.zeros(1)) == "torch"  # CPU tensors: torch
     with pytest.raises(ValueError, match="backend must be one of"):
         glmkit.set_backend("cuda")

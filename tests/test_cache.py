@@ -15,8 +15,8 @@ TOL = 1e-5  # fp32: cached vs full forward differ only by summation order
 
 
 def test_kv_cache_bytes_real_shapes():
-    assert kv_cache_bytes(40, 2, 128, 1) == 40 * 1024                     # GLM-4-9B, bf16: 40 KiB per token
-    assert kv_cache_bytes(28, 32, 128, 8192) == 16 * kv_cache_bytes(28, 2, 128, 8192)   # ChatGLM-6B vs 2-6B
+    assert kv_cache_bytes(40, 2, 128, 1) == 40 * 1024  # GLM-4-9B, bf16: 40 KiB per token
+    assert kv_cache_bytes(28, 32, 128, 8192) == 16 * kv_cache_bytes(28, 2, 128, 8192)  # ChatGLM-6B vs 2-6B
     model = Decoder(get_config("cpu-small"))
     cache = model.new_cache(3, 50)
     c = model.config
@@ -39,7 +39,7 @@ def test_bookkeeping_room_and_rollback():
     with pytest.raises(ValueError, match="cannot roll back"):
         cache.rollback(3)
     k2 = torch.randn(2, 1, 3, 4)
-    kk, _ = states[0].append(k2, k2, cache.begin(3))        # rolled-back positions are overwritten
+    kk, _ = states[0].append(k2, k2, cache.begin(3))  # rolled-back positions are overwritten
     assert torch.equal(kk[:, :, :2], k[:, :, :2]) and torch.equal(kk[:, :, 2:], k2)
     cache.reset()
     assert cache.length == 0 and not cache.valid.any()
@@ -49,8 +49,13 @@ VARIANTS = {
     "glm4-0414 (sandwich, GQA, interleaved)": {},
     "glm4 (pre-norm)": dict(sandwich_norms=False),
     "glm-4.5 style (QK-norm, half pairs, MQA)": dict(use_qk_norm=True, rope_interleave=False, num_key_value_heads=1),
-    "MoE (GLM-4.5 block)": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                first_k_dense_replace=1, mlp_layer_types=None),
+    "MoE (GLM-4.5 block)": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        mlp_layer_types=None,
+    ),
 }
 
 
@@ -63,7 +68,7 @@ def test_chunked_decoding_equals_full_forward(name):
         full = model(x, sep=sep)
         cache = model.new_cache(B, 20)
         parts = [model(x[:, :6], sep=sep, cache=cache), model(x[:, 6:9], sep=sep, cache=cache)]
-        parts += [model(x[:, t:t + 1], sep=sep, cache=cache) for t in range(9, T)]
+        parts += [model(x[:, t : t + 1], sep=sep, cache=cache) for t in range(9, T)]
     assert cache.length == T
     assert rel_err(full, torch.cat(parts, dim=1)) <= TOL, name
 
@@ -93,7 +98,7 @@ def test_left_padded_row_equals_unpadded():
         batched = model(ids, pos, attention_mask=mask)
         assert rel_err(model(short)[0], batched[0, pad:]) <= TOL
         assert rel_err(model(long)[0], batched[1]) <= TOL
-        cache = model.new_cache(2, 12)                 # through the cache: one decode step after the prefill
+        cache = model.new_cache(2, 12)  # through the cache: one decode step after the prefill
         model(ids, pos, attention_mask=mask, cache=cache)
         nxt = torch.tensor([[5], [7]])
         step = model(nxt, torch.tensor([[6], [10]]), cache=cache)

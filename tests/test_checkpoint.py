@@ -11,14 +11,25 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import glmkit.checkpoint as ckpt
-from glmkit.checkpoint import (latest_checkpoint, load_pretrained, load_training_state, save_pretrained,
-                               save_training_state)
+from glmkit.checkpoint import (
+    latest_checkpoint,
+    load_pretrained,
+    load_training_state,
+    save_pretrained,
+    save_training_state,
+)
 from glmkit.models.decoder import Decoder
 from glmkit.models.glm2021 import GLMConfig, GLMModel
 from glmkit.models.presets import get_config
 
-CFG = GLMConfig(vocab_size=48, num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=32,
-                max_position_embeddings=24)
+CFG = GLMConfig(
+    vocab_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    hidden_size=16,
+    intermediate_size=32,
+    max_position_embeddings=24,
+)
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -109,13 +120,19 @@ def test_training_state_round_trip_is_bitwise(tmp_path):
     m, opt = trained_pair()
     torch.manual_seed(123)
     path = save_training_state(tmp_path, m, opt, step=7, extra={"seed": 3, "losses": [1.5, 0.25]})
-    expected_draw = torch.rand(5)                     # what the RNG gives right after the save
-    assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors", "optimizer.safetensors",
-                                                "optimizer.json", "rng.safetensors", "trainer_state.json"}
+    expected_draw = torch.rand(5)  # what the RNG gives right after the save
+    assert {p.name for p in path.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "rng.safetensors",
+        "trainer_state.json",
+    }
 
     m2 = GLMModel(CFG)
     opt2 = torch.optim.AdamW(m2.parameters(), lr=5.0)
-    torch.rand(100)                                   # move the RNG on; loading must restore it
+    torch.rand(100)  # move the RNG on; loading must restore it
     state = load_training_state(tmp_path, m2, opt2)
     assert state.step == 7 and state.extra == {"seed": 3, "losses": [1.5, 0.25]} and state.path == path
     assert same_weights(m, m2)
@@ -157,7 +174,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     m, opt = trained_pair()
     save_training_state(tmp_path, m, opt, step=5)
     good = {k: v.clone() for k, v in m.state_dict().items()}
-    m2, opt2 = trained_pair(steps=3)                  # different weights, to save over the good ones
+    m2, opt2 = trained_pair(steps=3)  # different weights, to save over the good ones
 
     # 1. Killed while writing the optimizer file (after the model files): the save raises.
     real_save_file = ckpt.save_file
@@ -165,7 +182,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     def dying_save_file(tensors, filename, metadata=None):
         if filename.endswith("optimizer.safetensors"):
             with open(filename, "wb") as f:
-                f.write(b"\x00" * 10)                 # a half-written file
+                f.write(b"\x00" * 10)  # a half-written file
             raise KeyboardInterrupt("killed mid-save")
         return real_save_file(tensors, filename, metadata=metadata)
 
@@ -195,23 +212,34 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert all(torch.equal(good[k], v) for k, v in fresh.state_dict().items())
     assert not (tmp_path / "step-00000006").exists()
 
-    save_training_state(tmp_path, m2, opt2, step=9)   # the next good save cleans the leftovers
+    save_training_state(tmp_path, m2, opt2, step=9)  # the next good save cleans the leftovers
     assert not leftover.exists() and latest_checkpoint(tmp_path).name == "step-00000009"
 
 
 # -- folders written by glmkit 0.1 --------------------------------------------------------------------------
 # glmkit 0.1's names, written down here independently of the converter: (new name piece, old name piece).
-_OLD_GLM2021 = [("embed_tokens", "word_embeddings"), ("block_pos_embed", "block_position_embeddings"),
-                ("pos_embed", "position_embeddings"), (".input_norm.", ".ln1."), (".pre_mlp_norm.", ".ln2."),
-                ("final_norm.", "ln_f."), (".mixer.qkv_proj.", ".attn.qkv."), (".mixer.o_proj.", ".attn.proj."),
-                (".mlp.up_proj.", ".mlp.fc1."), (".mlp.down_proj.", ".mlp.fc2.")]
+_OLD_GLM2021 = [
+    ("embed_tokens", "word_embeddings"),
+    ("block_pos_embed", "block_position_embeddings"),
+    ("pos_embed", "position_embeddings"),
+    (".input_norm.", ".ln1."),
+    (".pre_mlp_norm.", ".ln2."),
+    ("final_norm.", "ln_f."),
+    (".mixer.qkv_proj.", ".attn.qkv."),
+    (".mixer.o_proj.", ".attn.proj."),
+    (".mlp.up_proj.", ".mlp.fc1."),
+    (".mlp.down_proj.", ".mlp.fc2."),
+]
 
 
 def _old_folder(folder, config: dict, tensors: dict, model_type: str):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model_type": model_type, **config}))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt", "model_type": model_type, "aliases": "{}"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt", "model_type": model_type, "aliases": "{}"},
+    )
 
 
 def test_glmkit_0_1_folders_load_with_the_same_outputs(tmp_path):
@@ -224,9 +252,23 @@ def test_glmkit_0_1_folders_load_with_the_same_outputs(tmp_path):
         for new, was in _OLD_GLM2021:
             name = name.replace(new, was)
         old[name] = t
-    _old_folder(tmp_path / "g", {"vocab_size": 48, "n_layers": 2, "n_heads": 2, "d_model": 16, "d_ff": 32,
-                                 "max_seq_len": 24, "dropout": 0.0, "layernorm_eps": 1e-5, "init_std": 0.02,
-                                 "tie_word_embeddings": True}, old, "glmkit_glm2021")
+    _old_folder(
+        tmp_path / "g",
+        {
+            "vocab_size": 48,
+            "n_layers": 2,
+            "n_heads": 2,
+            "d_model": 16,
+            "d_ff": 32,
+            "max_seq_len": 24,
+            "dropout": 0.0,
+            "layernorm_eps": 1e-5,
+            "init_std": 0.02,
+            "tie_word_embeddings": True,
+        },
+        old,
+        "glmkit_glm2021",
+    )
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path / "g").eval()(x), glm(x))
 
@@ -234,27 +276,61 @@ def test_glmkit_0_1_folders_load_with_the_same_outputs(tmp_path):
     old = {}
     for name, t in dense.state_dict().items():
         name = name.replace(".mixer.", ".attn.").replace("post_mixer_norm", "post_attn_norm")
-        if name.endswith("shared_experts.gate_up_proj.weight"):       # 0.1 kept the shared expert's gate and up apart
+        if name.endswith("shared_experts.gate_up_proj.weight"):  # 0.1 kept the shared expert's gate and up apart
             gate, up = t.chunk(2)
             old[name.replace("gate_up_proj", "gate_proj")], old[name.replace("gate_up_proj", "up_proj")] = gate, up
         elif name != "lm_head.weight":
             old[name] = t
     c = dense.config
-    _old_folder(tmp_path / "d", {"vocab_size": 48, "hidden_size": c.hidden_size, "n_layers": 2, "n_heads": 4,
-                                 "n_kv_heads": 2, "head_dim": 32, "intermediate_size": c.intermediate_size,
-                                 "max_seq_len": 256, "qkv_bias": True, "qk_norm": True, "position": "rope",
-                                 "partial_rotary_factor": 0.5, "rope_pairing": "half", "rope_theta": 1e6,
-                                 "block": "pre", "norm": "rmsnorm", "activation": "swiglu", "tie_word_embeddings": True,
-                                 "n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-                                 "n_shared_experts": 1, "first_k_dense_replace": 1}, old, "glmkit_glm_moe")
+    _old_folder(
+        tmp_path / "d",
+        {
+            "vocab_size": 48,
+            "hidden_size": c.hidden_size,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "head_dim": 32,
+            "intermediate_size": c.intermediate_size,
+            "max_seq_len": 256,
+            "qkv_bias": True,
+            "qk_norm": True,
+            "position": "rope",
+            "partial_rotary_factor": 0.5,
+            "rope_pairing": "half",
+            "rope_theta": 1e6,
+            "block": "pre",
+            "norm": "rmsnorm",
+            "activation": "swiglu",
+            "tie_word_embeddings": True,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 128,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+        },
+        old,
+        "glmkit_glm_moe",
+    )
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path / "d").eval()(x), dense(x))
 
 
 def test_glmkit_0_1_folders_without_an_equivalent_say_so(tmp_path):
-    _old_folder(tmp_path / "deep", {"vocab_size": 48, "hidden_size": 16, "n_layers": 1, "n_heads": 2,
-                                    "intermediate_size": 32, "block": "deepnorm", "norm": "layernorm"}, {},
-                "glmkit_glm_dense")
+    _old_folder(
+        tmp_path / "deep",
+        {
+            "vocab_size": 48,
+            "hidden_size": 16,
+            "n_layers": 1,
+            "n_heads": 2,
+            "intermediate_size": 32,
+            "block": "deepnorm",
+            "norm": "layernorm",
+        },
+        {},
+        "glmkit_glm_dense",
+    )
     with pytest.raises(ValueError, match="DeepNorm.*retrain"):
         load_pretrained(tmp_path / "deep")
     m, opt = trained_pair()

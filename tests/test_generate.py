@@ -18,8 +18,14 @@ from glmkit.models.presets import get_config
 from glmkit.train import TrainConfig, train
 
 TOK = ByteTokenizer()
-CFG = GLMConfig(vocab_size=TOK.vocab_size, num_hidden_layers=1, num_attention_heads=2, hidden_size=16,
-                intermediate_size=32, max_position_embeddings=64)
+CFG = GLMConfig(
+    vocab_size=TOK.vocab_size,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    hidden_size=16,
+    intermediate_size=32,
+    max_position_embeddings=64,
+)
 
 
 # -- sampling and the loop -------------------------------------------------------------------------------
@@ -33,9 +39,9 @@ def test_sample_next_rules():
     assert torch.equal(sample_next(logits, 0.8, 10, 0.9, g1), sample_next(logits, 0.8, 10, 0.9, g2))
     top3 = torch.topk(logits, 3).indices
     g = torch.Generator().manual_seed(0)
-    for _ in range(20):                                       # top-k: only the k best ever come out
+    for _ in range(20):  # top-k: only the k best ever come out
         assert (top3 == sample_next(logits, temperature=5.0, top_k=3, generator=g)[:, None]).any(-1).all()
-    two = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))           # top-p 0.5 with a 0.7 token: only it
+    two = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))  # top-p 0.5 with a 0.7 token: only it
     assert all(int(sample_next(two, 1.0, top_p=0.5, generator=g)) == 0 for _ in range(10))
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, top_p=0)
@@ -51,23 +57,36 @@ def test_cached_equals_uncached_batched(preset):
     a = generate(model, prompts, use_cache=True, **kw)
     b = generate(model, prompts, use_cache=False, **kw)
     assert a.tokens == b.tokens and all(len(t) == 10 for t in a.tokens)
-    s1 = generate(model, prompts, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0),
-                  **kw)
-    s2 = generate(model, prompts, temperature=1.0, top_k=20, top_p=0.9, use_cache=False,
-                  generator=torch.Generator().manual_seed(0), **kw)
+    s1 = generate(
+        model, prompts, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0), **kw
+    )
+    s2 = generate(
+        model,
+        prompts,
+        temperature=1.0,
+        top_k=20,
+        top_p=0.9,
+        use_cache=False,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     assert s1.tokens == s2.tokens
-    for p, t in zip(prompts, a.tokens):                      # each row alone gives what it gave in the batch
+    for p, t in zip(prompts, a.tokens):  # each row alone gives what it gave in the batch
         assert generate(model, [p], **kw).tokens[0] == t
 
 
 def test_prefix_sep_and_2d_positions_cached_equals_uncached():
     model = Decoder(get_config("cpu-small", num_hidden_layers=2)).eval()
     prompts = [torch.randint(0, 264, (n,)).tolist() for n in (4, 7)]
-    assert generate(model, prompts, 6, sep=[4, 7], stop_tokens=()).tokens == \
-        generate(model, prompts, 6, sep=[4, 7], stop_tokens=(), use_cache=False).tokens
+    assert (
+        generate(model, prompts, 6, sep=[4, 7], stop_tokens=()).tokens
+        == generate(model, prompts, 6, sep=[4, 7], stop_tokens=(), use_cache=False).tokens
+    )
     glm = GLMModel(CFG).eval()
-    assert generate(glm, prompts, 6, sep=[2, 5], stop_tokens=()).tokens == \
-        generate(glm, prompts, 6, sep=[2, 5], stop_tokens=(), use_cache=False).tokens
+    assert (
+        generate(glm, prompts, 6, sep=[2, 5], stop_tokens=()).tokens
+        == generate(glm, prompts, 6, sep=[2, 5], stop_tokens=(), use_cache=False).tokens
+    )
 
 
 def test_stops_banned_tokens_and_errors():
@@ -76,7 +95,7 @@ def test_stops_banned_tokens_and_errors():
     free = generate(model, prompt, 8, stop_tokens=())
     stop = free.tokens[0][3]
     out = generate(model, [prompt, prompt[:3]], 8, stop_tokens=[stop])
-    assert out.tokens[0] == free.tokens[0][:free.tokens[0].index(stop)] and out.stop_reasons[0] == "stop"
+    assert out.tokens[0] == free.tokens[0][: free.tokens[0].index(stop)] and out.stop_reasons[0] == "stop"
     assert free.stop_reasons == ["length"]
     banned = generate(model, prompt, 8, stop_tokens=(), banned_tokens=free.tokens[0])
     assert not set(banned.tokens[0]) & set(free.tokens[0])
@@ -120,15 +139,15 @@ class Scripted(GLMModel):
 
 def test_fill_blanks_follows_glms_procedure():
     text = "ab[MASK]cd[MASK]e"
-    part_a = TOK.encode(text, parse_special=True)      # a b [M] c d [M] e: blanks at 2 and 5
+    part_a = TOK.encode(text, parse_special=True)  # a b [M] c d [M] e: blanks at 2 and 5
     model = Scripted({2: b"XY", 5: b"Z"})
     r = fill_blanks(model, TOK, text)
     assert r.text == "abXYcdZe" and r.fills == ["XY", "Z"] and r.finished == [True, True]
-    ids, pos, blk, sep = model.last                    # Part A, then both spans: [START] + tokens (no [END] fed)
+    ids, pos, blk, sep = model.last  # Part A, then both spans: [START] + tokens (no [END] fed)
     assert sep == len(part_a) == 7
     assert ids == part_a + [TOK.sop_id, ord("X"), ord("Y"), TOK.sop_id, ord("Z")]
     assert pos == list(range(7)) + [2, 2, 2, 5, 5] and blk == [0] * 7 + [1, 2, 3, 1, 2]
-    assert model.calls == 3 + 2                        # one forward per token, [END]s included
+    assert model.calls == 3 + 2  # one forward per token, [END]s included
 
 
 def test_fill_blanks_stops_at_max_span_len():
@@ -137,7 +156,7 @@ def test_fill_blanks_stops_at_max_span_len():
 
 
 def test_complete_uses_the_gmask_layout():
-    model = Scripted({2: b"there"})                    # [gMASK] sits at position 2
+    model = Scripted({2: b"there"})  # [gMASK] sits at position 2
     r = complete(model, TOK, "hi", max_new_tokens=10)
     assert r.fills == ["there"] and r.text == "hithere" and r.finished == [True]
     ids, pos, blk, sep = model.last
@@ -158,8 +177,8 @@ def test_greedy_is_deterministic_and_sampling_is_seeded():
     s3 = fill_blanks(m, TOK, text, seed=2, **kw)
     assert s1.fill_ids == s2.fill_ids and s1.fill_ids != s3.fill_ids
     assert fill_blanks(m, TOK, text, temperature=1.0, top_k=1, seed=5, max_span_len=6).fill_ids == a.fill_ids
-    assert all(t < 256 for f in s1.fill_ids + s3.fill_ids for t in f)    # never a special token but [END]
-    assert m.training                                                    # the mode is restored
+    assert all(t < 256 for f in s1.fill_ids + s3.fill_ids for t in f)  # never a special token but [END]
+    assert m.training  # the mode is restored
 
 
 def test_blank_filling_errors():
@@ -187,11 +206,24 @@ def test_a_model_overfit_to_one_sentence_fills_its_blanks():
     """End to end: GLM's objective on one sentence, a few hundred tiny steps, then greedy fills."""
     sentence = "a cat sat on the mat."
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig(vocab_size=TOK.vocab_size, num_hidden_layers=2, num_attention_heads=2,
-                               hidden_size=48, intermediate_size=192, max_position_embeddings=48))
+    model = GLMModel(
+        GLMConfig(
+            vocab_size=TOK.vocab_size,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_size=48,
+            intermediate_size=192,
+            max_position_embeddings=48,
+        )
+    )
     data = bi.BlankInfillingData(sentence, seq_len=48, batch_size=16, cfg=bi.BlankInfillingConfig(span_prob=1.0))
-    train(model, data, TrainConfig(steps=300, batch_size=16, seq_len=48, lr=5e-3, warmup_steps=10),
-          progress=False, device="cpu")
+    train(
+        model,
+        data,
+        TrainConfig(steps=300, batch_size=16, seq_len=48, lr=5e-3, warmup_steps=10),
+        progress=False,
+        device="cpu",
+    )
     assert fill_blanks(model, TOK, "a cat [MASK] on the mat.").fills == ["sat"]
     r = fill_blanks(model, TOK, "a [MASK] sat on the [MASK].")
     assert r.fills == ["cat", "mat"] and r.text == sentence and r.finished == [True, True]
@@ -209,17 +241,30 @@ def test_word_recipe_fills_blanks_better_than_chance():
     (measured with model seeds 0, 1, 2: 0.92, 0.64, 0.66 exact match against a 0.16 baseline; 600 steps were not
     enough for a robust margin: 0.02-0.10 over seeds 0-3)."""
     facts = set(_FACTS)
-    lines = [ln for ln in load_corpus("stories").split("\n")
-             if ln and all(s.strip() + "." in facts for s in ln.split(".") if s.strip())]
+    lines = [
+        ln
+        for ln in load_corpus("stories").split("\n")
+        if ln and all(s.strip() + "." in facts for s in ln.split(".") if s.strip())
+    ]
     train_text, val_text = "\n".join(lines[:500]) + "\n", "\n".join(lines[500:]) + "\n"
     tok = WordTokenizer.fit(train_text)
     torch.manual_seed(0)
     model = GLMModel(glm2021_config("cpu-words", vocab_size=tok.vocab_size, max_position_embeddings=64))
     untrained = fill_accuracy(model, tok, val_text, n=50, seed=0)
-    data = bi.BlankInfillingData(train_text, tok, seq_len=32, batch_size=16, seed=0,
-                                 cfg=bi.BlankInfillingConfig(span_prob=0.75, poisson_lambda=1.0))
-    train(model, data, TrainConfig(steps=1200, batch_size=16, seq_len=32, lr=3e-3, warmup_steps=20, ckpt_every=0),
-          progress=False)
+    data = bi.BlankInfillingData(
+        train_text,
+        tok,
+        seq_len=32,
+        batch_size=16,
+        seed=0,
+        cfg=bi.BlankInfillingConfig(span_prob=0.75, poisson_lambda=1.0),
+    )
+    train(
+        model,
+        data,
+        TrainConfig(steps=1200, batch_size=16, seq_len=32, lr=3e-3, warmup_steps=20, ckpt_every=0),
+        progress=False,
+    )
     trained = fill_accuracy(model, tok, val_text, n=50, seed=0)
     assert trained["accuracy"] > trained["baseline"] + 0.2, (trained["accuracy"], trained["baseline"])
     assert trained["accuracy"] >= untrained["accuracy"] + 0.3 and trained["finished"] > 0.5

@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="HF parity tests need transformers>=5.24")
 
+from hf_oracle import cached_decode_errors, save_tiny, sharpen_  # noqa: E402  (tests/hf_oracle.py)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from glmkit import backend  # noqa: E402
@@ -21,7 +22,6 @@ from glmkit.hf import HFCheckpointError, load_hf, save_hf  # noqa: E402
 from glmkit.models.decoder import Decoder  # noqa: E402
 from glmkit.models.presets import get_config  # noqa: E402
 from glmkit.testing import rel_err  # noqa: E402
-from hf_oracle import cached_decode_errors, save_tiny, sharpen_  # noqa: E402  (tests/hf_oracle.py)
 
 TOL = 1e-4
 KINDS = {"glm": ("GlmConfig", "GlmForCausalLM"), "glm4": ("Glm4Config", "Glm4ForCausalLM")}
@@ -32,9 +32,19 @@ def tiny_hf(kind: str, **overrides):
     Weights are redrawn with unit-scale fan-in init (q/k ×2) so attention is sharp and positions matter —
     with the default 0.02 init every check would pass on an almost position-blind model."""
     cfg_cls, model_cls = (getattr(transformers, n) for n in KINDS[kind])
-    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  pad_token_id=0, eos_token_id=[1, 2])
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        eos_token_id=[1, 2],
+    )
     fields.update(overrides)
     return sharpen_(model_cls(cfg_cls(**fields)).eval())
 
@@ -61,8 +71,11 @@ def test_cached_decoding_matches(kind, tmp_path):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_round_trip_through_transformers(kind, tmp_path):
     torch.manual_seed(0)
-    ours = Decoder(get_config("cpu-small", num_hidden_layers=2, vocab_size=128, sandwich_norms=kind == "glm4",
-                              tie_word_embeddings=False)).eval()
+    ours = Decoder(
+        get_config(
+            "cpu-small", num_hidden_layers=2, vocab_size=128, sandwich_norms=kind == "glm4", tie_word_embeddings=False
+        )
+    ).eval()
     save_hf(ours, tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["model_type"] == kind
@@ -85,6 +98,7 @@ def test_tied_embeddings_round_trip(tmp_path):
         assert rel_err(hf(x).logits, ours(x)) <= TOL
     save_hf(ours, tmp_path / "tied_out")
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "tied_out" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
 
@@ -119,7 +133,7 @@ def test_wrong_rope_pairing_silently_changes_logits(tmp_path):
         wrong = rel_err(ref, load_hf(path, rope_interleave=False)(x))
         full = rel_err(ref, load_hf(path, partial_rotary_factor=1.0)(x))
     assert right <= TOL
-    assert wrong > 0.2 and full > 0.2, (wrong, full)   # measured ≈0.85 and ≈0.67
+    assert wrong > 0.2 and full > 0.2, (wrong, full)  # measured ≈0.85 and ≈0.67
 
 
 # -- errors --------------------------------------------------------------------------------------------
@@ -193,12 +207,27 @@ def tiny_moe(**overrides):
     """A random transformers Glm4MoeForCausalLM: hidden 64, 3 layers (1 dense + 2 MoE), 8 experts top-2 + 1
     shared, 4 query heads over 2 KV heads, QK-norm. Weights redrawn at unit fan-in scale (q/k ×2) and a
     random routing bias, so attention is sharp, positions matter and the bias changes the selection."""
-    fields = dict(vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-                  routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, max_position_embeddings=256,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
-                  pad_token_id=0, eos_token_id=[1, 2])
+    fields = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        use_qk_norm=True,
+        attention_bias=True,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+        pad_token_id=0,
+        eos_token_id=[1, 2],
+    )
     fields.update(overrides)
     model = sharpen_(transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**fields)).eval())
     with torch.no_grad():
@@ -221,7 +250,7 @@ def test_moe_prefill_logits_match(case, tmp_path):
     hf = tiny_moe(**CASES[case])
     ours = load_hf(save_tiny(hf, tmp_path / case))
     assert type(ours) is Decoder and not ours.config.rope_interleave
-    assert ours.config.num_nextn_predict_layers == 0   # transformers does not write the MTP layer
+    assert ours.config.num_nextn_predict_layers == 0  # transformers does not write the MTP layer
     x = torch.randint(0, V, (3, 19))
     with torch.no_grad():
         err = rel_err(hf(x).logits, ours(x))
@@ -254,14 +283,22 @@ def test_moe_greedy_generation_matches_transformers(tmp_path):
     prompt = torch.randint(3, V, (1, 6))
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert generate(ours, prompt, 10, stop_tokens=()).tokens[0] == ref[0, prompt.shape[1]:].tolist()
+    assert generate(ours, prompt, 10, stop_tokens=()).tokens[0] == ref[0, prompt.shape[1] :].tolist()
 
 
 def test_moe_round_trip_through_transformers(tmp_path):
     """glmkit → save_hf → transformers.from_pretrained: same logits; → load_hf: same weights."""
     torch.manual_seed(0)
-    cfg = get_config("cpu-moe", vocab_size=V, num_hidden_layers=3, tie_word_embeddings=False,
-                     num_nextn_predict_layers=1, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+    cfg = get_config(
+        "cpu-moe",
+        vocab_size=V,
+        num_hidden_layers=3,
+        tie_word_embeddings=False,
+        num_nextn_predict_layers=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+    )
     ours = Decoder(cfg).eval()
     with torch.no_grad():
         for m in ours.moe_layers():
@@ -270,7 +307,7 @@ def test_moe_round_trip_through_transformers(tmp_path):
     written = json.loads((folder / "config.json").read_text())
     assert written["model_type"] == "glm4_moe" and written["num_nextn_predict_layers"] == 1
     stored = load_file(str(folder / "model.safetensors"))
-    assert "model.layers.3.mlp.experts.7.down_proj.weight" in stored          # per-expert, as zai-org stores
+    assert "model.layers.3.mlp.experts.7.down_proj.weight" in stored  # per-expert, as zai-org stores
     assert torch.equal(stored["model.layers.3.shared_head.head.weight"], stored["lm_head.weight"])  # MTP copies
     hf = transformers.Glm4MoeForCausalLM.from_pretrained(str(folder)).eval()
     x = torch.randint(0, V, (2, 13))
@@ -295,7 +332,9 @@ def _add_mtp_layer(folder, n_layers: int, copies_equal: bool):
     src, dst = f"model.layers.{n_layers - 1}.", f"model.layers.{n_layers}."
     for k, v in list(t.items()):
         if k.startswith(src):
-            t[dst + k[len(src):]] = torch.randn_like(v) / v.shape[-1] ** 0.5 if v.dim() >= 2 else 1 + 0.2 * torch.randn_like(v)
+            t[dst + k[len(src) :]] = (
+                torch.randn_like(v) / v.shape[-1] ** 0.5 if v.dim() >= 2 else 1 + 0.2 * torch.randn_like(v)
+            )
     d = t["model.embed_tokens.weight"].shape[1]
     t[dst + "enorm.weight"] = 1 + 0.2 * torch.randn(d)
     t[dst + "hnorm.weight"] = 1 + 0.2 * torch.randn(d)
@@ -319,8 +358,9 @@ def test_mtp_layer_matches_transformers_mtp_model(tmp_path, monkeypatch):
     hf = tiny_moe()
     folder = save_tiny(hf, tmp_path / "m")
     _add_mtp_layer(folder, 3, copies_equal=True)
-    monkeypatch.setattr(modeling_glm4_moe.Glm4MoeForCausalLM, "_keys_to_ignore_on_load_unexpected",
-                        [r"model\.layers\.3\..*"])
+    monkeypatch.setattr(
+        modeling_glm4_moe.Glm4MoeForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"model\.layers\.3\..*"]
+    )
     main = transformers.Glm4MoeForCausalLM.from_pretrained(str(folder)).eval()
     mtp = MtpModel.from_pretrained(main).eval()
     ours = load_hf(folder)
@@ -328,7 +368,7 @@ def test_mtp_layer_matches_transformers_mtp_model(tmp_path, monkeypatch):
     x = torch.randint(0, V, (2, 12))
     B, T = x.shape
     with torch.no_grad():
-        hidden = main(x, output_hidden_states=True).hidden_states[-1]       # final-norm output
+        hidden = main(x, output_hidden_states=True).hidden_states[-1]  # final-norm output
         assert rel_err(hidden, ours.hidden_states(x)) <= TOL
         pos = torch.arange(1, T)[None].expand(B, T - 1)
         h = mtp.forward_layer(0, hidden[:, :-1], pos, None, input_ids=x[:, 1:])
@@ -356,8 +396,11 @@ def test_stacked_expert_layout_is_accepted(tmp_path):
     folder = tmp_path / "stacked"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(hf.config.to_dict()))
-    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in hf.state_dict().items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     ours = load_hf(folder)
     x = torch.randint(0, V, (2, 9))
     with torch.no_grad():
@@ -407,19 +450,31 @@ def test_no_shared_expert_round_trips_through_transformers_and_mtp_model(tmp_pat
 
     hf = tiny_moe(n_shared_experts=0)
     folder = save_tiny(hf, tmp_path / "m")
-    assert load_file(str(folder / "model.safetensors"))["model.layers.1.mlp.shared_experts.gate_proj.weight"].numel() == 0
+    assert (
+        load_file(str(folder / "model.safetensors"))["model.layers.1.mlp.shared_experts.gate_proj.weight"].numel() == 0
+    )
     ours = load_hf(folder)
     assert ours.moe_layers()[0].shared_experts is None
     x = torch.randint(0, V, (2, 11))
     with torch.no_grad():
         assert rel_err(hf(x).logits, ours(x)) <= TOL
-    mine = Decoder(get_config("cpu-moe", vocab_size=V, num_hidden_layers=3, n_shared_experts=0,
-                              num_nextn_predict_layers=1, tie_word_embeddings=False)).eval()
+    mine = Decoder(
+        get_config(
+            "cpu-moe",
+            vocab_size=V,
+            num_hidden_layers=3,
+            n_shared_experts=0,
+            num_nextn_predict_layers=1,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     out = save_hf(mine, tmp_path / "out")
     stored = load_file(str(out / "model.safetensors"))
     assert tuple(stored["model.layers.3.mlp.shared_experts.down_proj.weight"].shape) == (128, 0)
-    with pytest.MonkeyPatch.context() as mp:   # MtpModel finds layer N through these patterns (92/46 in real files)
-        mp.setattr(modeling_glm4_moe.Glm4MoeForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"model\.layers\.3\..*"])
+    with pytest.MonkeyPatch.context() as mp:  # MtpModel finds layer N through these patterns (92/46 in real files)
+        mp.setattr(
+            modeling_glm4_moe.Glm4MoeForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"model\.layers\.3\..*"]
+        )
         main = transformers.Glm4MoeForCausalLM.from_pretrained(str(out)).eval()
         mtp = MtpModel.from_pretrained(main).eval()
     with torch.no_grad():

@@ -7,13 +7,21 @@ import json
 import subprocess
 import sys
 
-LIBRARY = ("glmkit.models.decoder", "glmkit.models.glm2021", "glmkit.train", "glmkit.generate", "glmkit.hf",
-           "glmkit.checkpoint", "glmkit.data.lm_data", "glmkit.data.blank_infilling", "glmkit.data.hf_tokenizer")
+LIBRARY = (
+    "glmkit.models.decoder",
+    "glmkit.models.glm2021",
+    "glmkit.train",
+    "glmkit.generate",
+    "glmkit.hf",
+    "glmkit.checkpoint",
+    "glmkit.data.lm_data",
+    "glmkit.data.blank_infilling",
+    "glmkit.data.hf_tokenizer",
+)
 
 
 def _loaded_after(*modules: str) -> set[str]:
-    code = ("import json, sys\n" + "".join(f"import {m}\n" for m in modules)
-            + "print(json.dumps(sorted(sys.modules)))")
+    code = "import json, sys\n" + "".join(f"import {m}\n" for m in modules) + "print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -24,8 +32,9 @@ def test_import_glmkit_loads_only_the_backend():
 
 def test_the_library_does_not_import_course_tooling_or_the_grader():
     loaded = _loaded_after(*LIBRARY)
-    offending = sorted(m for m in loaded if m.startswith(("glmkit.course", "glmkit.grading", "matplotlib",
-                                                           "ipywidgets", "IPython")))
+    offending = sorted(
+        m for m in loaded if m.startswith(("glmkit.course", "glmkit.grading", "matplotlib", "ipywidgets", "IPython"))
+    )
     assert not offending, offending
 
 

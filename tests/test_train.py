@@ -24,20 +24,48 @@ SEQ = 48
 
 def tiny(dropout: float = 0.1, seed: int = 0) -> GLMModel:
     torch.manual_seed(seed)
-    return GLMModel(glm2021_config("cpu-tiny", num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=64, dropout=dropout))
+    return GLMModel(
+        glm2021_config(
+            "cpu-tiny",
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            dropout=dropout,
+        )
+    )
 
 
 def small_dense(seed: int = 0) -> Decoder:
     torch.manual_seed(seed)
-    return Decoder(get_config("cpu-small", num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
-                              num_key_value_heads=1, head_dim=32, intermediate_size=96))
+    return Decoder(
+        get_config(
+            "cpu-small",
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=96,
+        )
+    )
 
 
 def small_moe(seed: int = 0, **kw) -> Decoder:
     torch.manual_seed(seed)
-    return Decoder(get_config("cpu-moe", num_hidden_layers=3, hidden_size=64, num_attention_heads=2, head_dim=32,
-                              intermediate_size=96, moe_intermediate_size=32, **kw))
+    return Decoder(
+        get_config(
+            "cpu-moe",
+            num_hidden_layers=3,
+            hidden_size=64,
+            num_attention_heads=2,
+            head_dim=32,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            **kw,
+        )
+    )
 
 
 def blanks(seed: int = 0, batch_size: int = 4, seq_len: int = SEQ) -> BlankInfillingData:
@@ -61,6 +89,7 @@ def kill_at(n):
     def callback(step, metrics, history):
         if step == n:
             raise Killed
+
     return callback
 
 
@@ -78,7 +107,7 @@ def test_same_seed_gives_identical_runs():
     m1, m2 = tiny(seed=1), tiny(seed=1)
     h1 = train(m1, blanks(3), cfg, **quiet())
     h2 = train(m2, blanks(3), cfg, **quiet())
-    assert h1.losses == h2.losses and same_state(m1, m2)       # bitwise, dropout included
+    assert h1.losses == h2.losses and same_state(m1, m2)  # bitwise, dropout included
     assert h1.objective == BLANK_INFILLING
 
 
@@ -88,8 +117,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     h_full = train(full, blanks(5), cfg, out_dir=tmp_path / "full", **quiet())
     with pytest.raises(Killed):
         train(tiny(seed=7), blanks(5), cfg, out_dir=tmp_path / "run", callback=kill_at(5), **quiet())
-    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"   # steps 4-5 were lost
-    torch.manual_seed(999)                                    # a fresh process: other init, other RNG state
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"  # steps 4-5 were lost
+    torch.manual_seed(999)  # a fresh process: other init, other RNG state
     resumed = tiny(seed=8)
     h = train(resumed, blanks(5), cfg, out_dir=tmp_path / "run", **quiet())
     assert h.resumed_from == 3 and h.steps == list(range(1, 9))
@@ -108,7 +137,7 @@ def test_blank_infilling_loss_falls_on_the_builtin_corpus():
     cfg = TrainConfig(steps=60, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=10, seed=0)
     h = train(model, blanks(0, batch_size=8, seq_len=64), cfg, **quiet())
     first, last = sum(h.losses[:10]) / 10, sum(h.losses[-10:]) / 10
-    assert h.losses[0] > 0.9 * math.log(264)           # starts near uniform over the vocabulary
+    assert h.losses[0] > 0.9 * math.log(264)  # starts near uniform over the vocabulary
     assert last < 0.75 * first, f"loss did not fall enough: {first:.3f} -> {last:.3f}"
 
 
@@ -117,12 +146,12 @@ def test_next_token_loss_falls_with_evaluation():
     cfg = TrainConfig(steps=30, batch_size=8, seq_len=48, lr=3e-3, warmup_steps=6, eval_every=15, eval_batches=2)
     assert isinstance(default_data(cfg, model=model), LMData)
     assert isinstance(default_data(cfg, model=tiny()), BlankInfillingData)
-    h = train(model, None, cfg, eval_data=default_data(cfg, "val", model), **quiet())   # LMData over "stories"
+    h = train(model, None, cfg, eval_data=default_data(cfg, "val", model), **quiet())  # LMData over "stories"
     assert h.objective == NEXT_TOKEN
     first, last = sum(h.losses[:5]) / 5, sum(h.losses[-5:]) / 5
     assert h.losses[0] > 0.9 * math.log(264) and last < 0.75 * first, (first, last)
     assert h.eval_steps == [15, 30] and h.eval_losses[1] < h.eval_losses[0] < 0.8 * math.log(264)
-    assert not h.aux and not h.max_violation                        # a dense model has no MoE records
+    assert not h.aux and not h.max_violation  # a dense model has no MoE records
 
 
 def test_lm_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
@@ -132,17 +161,17 @@ def test_lm_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     h_full = train(full, data, cfg, out_dir=tmp_path / "full", **quiet())
     with pytest.raises(Killed):
         train(small_dense(seed=7), data, cfg, out_dir=tmp_path / "run", callback=kill_at(5), **quiet())
-    resumed = small_dense(seed=8)                      # other init: the checkpoint must overwrite it
+    resumed = small_dense(seed=8)  # other init: the checkpoint must overwrite it
     h = train(resumed, data, cfg, out_dir=tmp_path / "run", **quiet())
     assert h.resumed_from == 3 and h.losses == h_full.losses and same_state(resumed, full)
-    loaded = load_pretrained(tmp_path / "run")        # the training folder is a model folder too
+    loaded = load_pretrained(tmp_path / "run")  # the training folder is a model folder too
     assert type(loaded) is Decoder and same_state(loaded, full)
     with pytest.raises(ValueError, match="different model config"):
         train(small_moe(seed=0), data, cfg, out_dir=tmp_path / "run", **quiet())
 
 
 def test_objective_mismatches_and_config_errors():
-    with pytest.raises(ValueError, match="2D"):        # blank-infilling batches need GLM-2021's 2D positions
+    with pytest.raises(ValueError, match="2D"):  # blank-infilling batches need GLM-2021's 2D positions
         train(small_dense(0), blanks(0, 2, 32), TrainConfig(steps=1, batch_size=2, seq_len=32), **quiet())
     with pytest.raises(ValueError, match="TrainConfig.steps must be an int >= 1"):
         TrainConfig(steps=0)
@@ -159,8 +188,12 @@ def test_objective_mismatches_and_config_errors():
     with pytest.raises(TypeError, match="glmkit model"):
         train(torch.nn.Linear(2, 2), blanks(), TrainConfig(steps=1, seq_len=32), **quiet())
     with pytest.warns(UserWarning, match="no MoE layers"):
-        train(small_dense(0), LMData(batch_size=1, seq_len=8),
-              TrainConfig(steps=1, batch_size=1, seq_len=8, bias_update_rate=0.001), **quiet())
+        train(
+            small_dense(0),
+            LMData(batch_size=1, seq_len=8),
+            TrainConfig(steps=1, batch_size=1, seq_len=8, bias_update_rate=0.001),
+            **quiet(),
+        )
 
 
 def test_bad_token_ids_are_caught_at_the_edge():
@@ -183,8 +216,10 @@ def skew_router(model, experts: tuple[int, ...] = (0, 1), seed: int = 123) -> No
     """Tilt every router toward ``experts``: add to their rows the mean direction u of the layer's inputs on a
     probe batch, scaled so the mean logit rises by 1 (score ≈ σ(1) ≈ 0.73 against ≈ 0.5)."""
     inputs = {}
-    hooks = [moe.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
-             for i, moe in enumerate(model.moe_layers())]
+    hooks = [
+        moe.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+        for i, moe in enumerate(model.moe_layers())
+    ]
     with torch.no_grad():
         model(LMData(batch_size=8, seq_len=32, seed=seed).batch(0).input_ids)
     for hook in hooks:
@@ -203,15 +238,16 @@ def test_bias_update_balances_a_skewed_router_only_when_on():
         model = small_moe(seed=0)
         skew_router(model)
         assert torch.count_nonzero(biases(model)) == 0
-        h = train(model, LMData(batch_size=8, seq_len=32, seed=0), TrainConfig(bias_update_rate=gamma, **cfg),
-                  **quiet())
+        h = train(
+            model, LMData(batch_size=8, seq_len=32, seed=0), TrainConfig(bias_update_rate=gamma, **cfg), **quiet()
+        )
         runs[gamma] = (h, biases(model))
     (h0, b0), (h1, b1) = runs[0.0], runs[0.02]
     E = b1.shape[1]
     assert len(h0.max_violation) == len(h1.max_violation) == 30
-    assert h0.max_violation[0] == h1.max_violation[0] > 0.6 * (E / 2 - 1)   # most slots on experts 0, 1
-    assert torch.count_nonzero(b0) == 0                                       # γ = 0: the bias never moves
-    steps = b1 / 0.02                                 # each step adds ±γ (or 0): b/γ is a whole number
+    assert h0.max_violation[0] == h1.max_violation[0] > 0.6 * (E / 2 - 1)  # most slots on experts 0, 1
+    assert torch.count_nonzero(b0) == 0  # γ = 0: the bias never moves
+    steps = b1 / 0.02  # each step adds ±γ (or 0): b/γ is a whole number
     assert torch.allclose(steps, steps.round(), atol=1e-3) and bool((steps.abs() <= 30).all())
     assert bool((b1[:, :2] < 0).all()) and bool((b1[:, 2:].mean(1) > 0).all())
     late0, late1 = sum(h0.max_violation[-10:]) / 10, sum(h1.max_violation[-10:]) / 10
@@ -219,7 +255,7 @@ def test_bias_update_balances_a_skewed_router_only_when_on():
     assert h1.load_steps == [10, 20, 30] and len(h1.expert_loads[0]) == b1.shape[0]
     shares = torch.tensor(h1.expert_loads)
     assert shares.shape[-1] == E and torch.allclose(shares.sum(-1), torch.ones(shares.shape[:-1]))
-    assert History.from_dict(json.loads(json.dumps(h1.to_dict()))) == h1   # checkpoints store it as JSON
+    assert History.from_dict(json.loads(json.dumps(h1.to_dict()))) == h1  # checkpoints store it as JSON
 
 
 def test_balance_loss_is_added_and_reaches_the_router():

@@ -2,7 +2,8 @@
 
 Each check is declared with its points, time limit (seconds) and the message a learner sees when it
 fails. Inputs are random (fresh each run, reproducible with the run's seed); the expected answers are
-computed here, in the grading process, by glmkit's references (glmkit.data.blank_infilling, glmkit.ops.attention) — never stored.
+computed here, in the grading process, by glmkit's references (glmkit.data.blank_infilling,
+glmkit.ops.attention) — never stored.
 ``ctx.call`` runs your function in a separate process and brings its result back as plain data.
 """
 
@@ -32,7 +33,6 @@ def reference(tokens, spans, order, **ids):
 
 def reference_mask(sep: torch.Tensor, T: int) -> torch.Tensor:
     from glmkit.data import blank_infilling as ref
-
     from glmkit.ops.attention import attention_mask
 
     return attention_mask(sep, T)
@@ -90,50 +90,86 @@ def compare_mask(ctx, sep: list[int], T: int):
 WORKED = dict(spans=[(2, 3), (4, 6)], order=[1, 0])
 
 
-@Check(points=2, timeout=20, title="worked example: Part A/B", message=(
-    "Part A is the text with each span replaced by ONE mask token; Part B is, for each span in the given "
-    "order, [START] followed by the span. Targets are -100 on all of Part A and 'span + [END]' on Part "
-    "B, and sep is the length of Part A."))
+@Check(
+    points=2,
+    timeout=20,
+    title="worked example: Part A/B",
+    message=(
+        "Part A is the text with each span replaced by ONE mask token; Part B is, for each span in the given "
+        "order, [START] followed by the span. Targets are -100 on all of Part A and 'span + [END]' on Part "
+        "B, and sep is the length of Part A."
+    ),
+)
 def worked_example_part_a_b(ctx):
-    tokens = [ctx.rng.randrange(256) for _ in range(6)]       # x1..x6
+    tokens = [ctx.rng.randrange(256) for _ in range(6)]  # x1..x6
     compare_part_a_b(ctx, tokens, **WORKED)
 
 
-@Check(points=2, timeout=20, title="worked example: position rows", message=(
-    "Row 0 counts 0, 1, 2, ... along Part A; every Part-B token of a span (its [START] included) repeats "
-    "the Part-A position of that span's mask token. Row 1 is 0 on Part A and 1, 2, ..., len+1 along "
-    "each span of Part B."))
+@Check(
+    points=2,
+    timeout=20,
+    title="worked example: position rows",
+    message=(
+        "Row 0 counts 0, 1, 2, ... along Part A; every Part-B token of a span (its [START] included) repeats "
+        "the Part-A position of that span's mask token. Row 1 is 0 on Part A and 1, 2, ..., len+1 along "
+        "each span of Part B."
+    ),
+)
 def worked_example_positions(ctx):
     compare_positions(ctx, list(range(6)), **WORKED)
 
 
-@Check(points=2, timeout=20, title="worked example: mask", message=(
-    "Query i (row) may attend key j (column) iff j < sep (all of Part A) or j <= i (causal). Return a "
-    "[B, T, T] bool tensor, True meaning 'may attend', one mask per entry of sep."))
+@Check(
+    points=2,
+    timeout=20,
+    title="worked example: mask",
+    message=(
+        "Query i (row) may attend key j (column) iff j < sep (all of Part A) or j <= i (causal). Return a "
+        "[B, T, T] bool tensor, True meaning 'may attend', one mask per entry of sep."
+    ),
+)
 def worked_example_mask(ctx):
-    compare_mask(ctx, [5], 10)                                # Part A = x1 x2 [M] x4 [M], L = 10
+    compare_mask(ctx, [5], 10)  # Part A = x1 x2 [M] x4 [M], L = 10
     compare_mask(ctx, [5, 2, 7], 10)
 
 
-@Check(points=2, timeout=20, title="random texts: Part A/B", message=(
-    "part_a_b is right on the worked example but not on random texts and spans: check spans that touch, "
-    "that start at position 0 or end at the last token, and orders other than the original one."))
+@Check(
+    points=2,
+    timeout=20,
+    title="random texts: Part A/B",
+    message=(
+        "part_a_b is right on the worked example but not on random texts and spans: check spans that touch, "
+        "that start at position 0 or end at the last token, and orders other than the original one."
+    ),
+)
 def random_part_a_b(ctx):
     for _ in range(6):
         compare_part_a_b(ctx, *random_case(ctx.rng))
 
 
-@Check(points=2, timeout=20, title="random texts: position rows", message=(
-    "position_rows is wrong on random texts and spans. Each earlier span shrinks to one mask token, so a "
-    "mask token's Part-A position is its span's start minus what earlier spans lost."))
+@Check(
+    points=2,
+    timeout=20,
+    title="random texts: position rows",
+    message=(
+        "position_rows is wrong on random texts and spans. Each earlier span shrinks to one mask token, so a "
+        "mask token's Part-A position is its span's start minus what earlier spans lost."
+    ),
+)
 def random_positions(ctx):
     for _ in range(6):
         compare_positions(ctx, *random_case(ctx.rng))
 
 
-@Check(points=2, timeout=20, title="random batches: mask", message=(
-    "glm_mask is wrong for random batches: each sample uses its own sep, and T is not always the "
-    "worked example's 10."))
+@Check(
+    points=2,
+    timeout=20,
+    title="random batches: mask",
+    message=(
+        "glm_mask is wrong for random batches: each sample uses its own sep, and T is not always the "
+        "worked example's 10."
+    ),
+)
 def random_masks(ctx):
     for _ in range(4):
         T = ctx.rng.randint(2, 40)

@@ -11,8 +11,8 @@ GLM (Du et al. 2021) trains on a text x_1..x_n with some spans blanked out:
 
 The notebook ex01.ipynb walks through the worked example; write the three functions below, then run
 ``self_check()`` there (or ``python -m glmkit.grading check`` in this folder). Do not import
-``glmkit.data.blank_infilling`` or ``glmkit.ops.attention`` here: they are the references you are re-implementing (a submission that uses
-it is flagged).
+``glmkit.data.blank_infilling`` or ``glmkit.ops.attention`` here: they are the references you are
+re-implementing, and the grader does not make them importable (such a submission scores zero).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch
 IGNORE = -100  # target value where no loss is computed (torch.nn.functional.cross_entropy's ignore_index)
 
 
-def part_a_b(tokens: list[int], spans: list[tuple[int, int]], order: list[int], *,
-             mask_id: int, sop_id: int, eop_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def part_a_b(
+    tokens: list[int], spans: list[tuple[int, int]], order: list[int], *, mask_id: int, sop_id: int, eop_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Part A followed by Part B.
 
     tokens: the text, n token ids.
@@ -49,8 +50,7 @@ def part_a_b(tokens: list[int], spans: list[tuple[int, int]], order: list[int], 
         s, e = spans[k]
         inputs += [sop_id] + list(tokens[s:e])
         targets += list(tokens[s:e]) + [eop_id]
-    return (torch.tensor(inputs, dtype=torch.int64), torch.tensor(targets, dtype=torch.int64),
-            len(part_a))
+    return (torch.tensor(inputs, dtype=torch.int64), torch.tensor(targets, dtype=torch.int64), len(part_a))
     # END SOLUTION
 
 
@@ -65,7 +65,7 @@ def position_rows(n: int, spans: list[tuple[int, int]], order: list[int]) -> tor
     # BEGIN SOLUTION
     mask_pos, shift = [], 0
     for s, e in spans:
-        mask_pos.append(s - shift)        # every earlier span shrank to one token
+        mask_pos.append(s - shift)  # every earlier span shrank to one token
         shift += (e - s) - 1
     len_a = n - shift
     row0, row1 = list(range(len_a)), [0] * len_a
@@ -85,7 +85,7 @@ def glm_mask(sep: torch.Tensor, T: int) -> torch.Tensor:
     """
     # BEGIN SOLUTION
     i = torch.arange(T)
-    causal = i[:, None] >= i[None, :]                      # [T(query), T(key)]
-    part_a = i[None, None, :] < sep[:, None, None]         # [B, 1, T(key)]
+    causal = i[:, None] >= i[None, :]  # [T(query), T(key)]
+    part_a = i[None, None, :] < sep[:, None, None]  # [B, 1, T(key)]
     return causal[None] | part_a
     # END SOLUTION

@@ -17,7 +17,8 @@ KV cache instead of recomputing them.
 The notebook ex02.ipynb walks through each function; write them here, then run ``self_check()`` there
 (or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.ops.rope``,
 ``glmkit.ops.attention``, ``glmkit.cache`` or ``glmkit.mixers.attention``: they are the references you are
-re-implementing (a submission that uses them is flagged). torch and plain Python are fine.
+re-implementing, and the grader does not make them importable (such a submission scores zero). torch and
+plain Python are fine.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import math
 import torch
 
 
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
-                       pairing: str) -> torch.Tensor:
+def apply_partial_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, pairing: str
+) -> torch.Tensor:
     """Rotate the first ``rotary_dim`` dims of every head; pass the others through.
 
     x:          [B, H, T, D] float (float32, float16 or bfloat16).
@@ -45,7 +47,7 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ro
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     elif pairing == "half":
-        x1, x2 = xr[..., : R // 2], xr[..., R // 2:]
+        x1, x2 = xr[..., : R // 2], xr[..., R // 2 :]
         rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     else:
         raise ValueError(f"pairing must be 'interleaved' or 'half', got {pairing!r}")
@@ -67,11 +69,11 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: i
     B, H, Tq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     g = H // Hkv
-    kf = k.float().repeat_interleave(g, dim=1)              # [B, H, L, D]
+    kf = k.float().repeat_interleave(g, dim=1)  # [B, H, L, D]
     vf = v.float().repeat_interleave(g, dim=1)
     scores = torch.einsum("bhid,bhjd->bhij", q.float(), kf) / math.sqrt(D)
     pos_q = torch.arange(Tq)[:, None] + q_offset
-    visible = torch.arange(L)[None, :] <= pos_q              # [Tq, L]
+    visible = torch.arange(L)[None, :] <= pos_q  # [Tq, L]
     scores = scores.masked_fill(~visible, float("-inf"))
     out = torch.einsum("bhij,bhjd->bhid", torch.softmax(scores, dim=-1), vf)
     return out.to(q.dtype)
@@ -103,13 +105,14 @@ def decode_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefill
     for t in range(prefill, T):
         k_cache[:, :, t] = k[:, :, t]
         v_cache[:, :, t] = v[:, :, t]
-        outs.append(gqa_attention(q[:, :, t:t + 1], k_cache[:, :, :t + 1], v_cache[:, :, :t + 1], t))
+        outs.append(gqa_attention(q[:, :, t : t + 1], k_cache[:, :, : t + 1], v_cache[:, :, : t + 1], t))
     return torch.cat(outs, dim=2)
     # END SOLUTION
 
 
-def kv_cache_size(n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int, batch_size: int = 1,
-                  bytes_per_element: int = 2) -> int:
+def kv_cache_size(
+    n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int, batch_size: int = 1, bytes_per_element: int = 2
+) -> int:
     """Bytes a full KV cache takes: keys AND values, for every layer, batch row, KV head, position and
     head dim (bytes_per_element = 2 for bf16/fp16, 4 for fp32). Returns a Python int.
     Example: GLM-4-9B (40 layers, 2 KV heads of 128 dims), one token in bf16 -> 40960 bytes (40 KiB)."""

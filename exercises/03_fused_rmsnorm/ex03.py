@@ -22,7 +22,7 @@ The rules of the game (lesson 00, section 4; lesson 03, section 5):
 * Compute in fp32 whatever the input dtype (x² of an fp16 value above 256 overflows fp16), and round
   once, when storing, to the output's dtype (``.to(Y.dtype.element_ty)``).
 * The expected answers come from ``glmkit.ops.rmsnorm.rmsnorm_reference``; do not import ``glmkit.ops.rmsnorm`` or
-  ``glmkit.kernels.rmsnorm`` here (a submission that uses them is flagged).
+  ``glmkit.kernels.rmsnorm`` here: the grader does not make them importable (such a submission scores zero).
 
 Without a GPU the kernel runs under the Triton interpreter (exact, slow: keep test shapes small). The
 lines below select it before triton is imported; on a CUDA machine the same code compiles natively.
@@ -35,7 +35,7 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -45,11 +45,14 @@ MAX_N = 8192  # a whole row lives in one block; longer rows would need a loop ov
 
 @triton.jit
 def rmsnorm_fwd_kernel(
-    X, W, Y,                 # pointers: x [M, N], weight [N], y [M, N]
-    stride_x, stride_y,      # elements between the starts of two consecutive rows of x / of y
-    N,                       # the row length (hidden size)
-    eps,                     # added to mean(x²) before the square root
-    BLOCK_N: tl.constexpr,   # lanes per program: a power of two >= N
+    X,
+    W,
+    Y,  # pointers: x [M, N], weight [N], y [M, N]
+    stride_x,
+    stride_y,  # elements between the starts of two consecutive rows of x / of y
+    N,  # the row length (hidden size)
+    eps,  # added to mean(x²) before the square root
+    BLOCK_N: tl.constexpr,  # lanes per program: a power of two >= N
 ):
     """One program normalises one row: row = tl.program_id(0).
 
@@ -57,9 +60,9 @@ def rmsnorm_fwd_kernel(
     rstd = 1 / sqrt(Σx² / N + eps), store x · rstd · w into y[row, :N] (masked), in y's dtype.
     """
     # BEGIN SOLUTION
-    row = tl.program_id(0).to(tl.int64)          # int64: row * stride can pass 2^31 on big inputs
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2^31 on big inputs
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N                              # the ragged edge: lanes N..BLOCK_N-1 do nothing
+    mask = cols < N  # the ragged edge: lanes N..BLOCK_N-1 do nothing
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
@@ -67,8 +70,9 @@ def rmsnorm_fwd_kernel(
     # END SOLUTION
 
 
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """RMSNorm of each row of x with the fused kernel.
 
     x:      [M, N] float32, float16 or bfloat16, 1 <= N <= MAX_N (M may be 0).
@@ -93,7 +97,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if M > 0:
-        rmsnorm_fwd_kernel[(M,)](x, weight.contiguous(), out, x.stride(0), out.stride(0), N, float(eps),
-                                 BLOCK_N=triton.next_power_of_2(N))
+        rmsnorm_fwd_kernel[(M,)](
+            x, weight.contiguous(), out, x.stride(0), out.stride(0), N, float(eps), BLOCK_N=triton.next_power_of_2(N)
+        )
     return out
     # END SOLUTION

@@ -10,12 +10,18 @@ import torch
 
 from glmkit.grading import Check, load_sibling
 
-public = load_sibling(__file__, "checks.py")     # reuse the public input generators and the comparison
+public = load_sibling(__file__, "checks.py")  # reuse the public input generators and the comparison
 
 
-@Check(hidden=True, points=2, timeout=40, message=(
-    "fp16 inputs with values in the hundreds: x*x then exceeds fp16's largest value (65504) and becomes "
-    "inf. Square and sum in fp32 (convert x with .to(tl.float32) right after loading it)."))
+@Check(
+    hidden=True,
+    points=2,
+    timeout=40,
+    message=(
+        "fp16 inputs with values in the hundreds: x*x then exceeds fp16's largest value (65504) and becomes "
+        "inf. Square and sum in fp32 (convert x with .to(tl.float32) right after loading it)."
+    ),
+)
 def fp16_large_values(ctx):
     for _ in range(2):
         n, m = public.ragged_n(ctx, 40, 200), ctx.rng.randint(1, 4)
@@ -23,10 +29,16 @@ def fp16_large_values(ctx):
         public.compare(ctx, x, public.randn(ctx, n, scale=0.2) + 1.0, 1e-5)
 
 
-@Check(hidden=True, points=2, timeout=60, message=(
-    "Edge sizes: a row of one element (N = 1), a single row (M = 1), no rows at all (M = 0: return an "
-    "empty [0, N] tensor without launching), long rows of a few thousand elements, and rows of zeros "
-    "(with eps > 0 they normalise to zeros, not NaN)."))
+@Check(
+    hidden=True,
+    points=2,
+    timeout=60,
+    message=(
+        "Edge sizes: a row of one element (N = 1), a single row (M = 1), no rows at all (M = 0: return an "
+        "empty [0, N] tensor without launching), long rows of a few thousand elements, and rows of zeros "
+        "(with eps > 0 they normalise to zeros, not NaN)."
+    ),
+)
 def edge_sizes(ctx):
     public.compare(ctx, public.randn(ctx, 5, 1), public.randn(ctx, 1), 1e-5)
     n = public.ragged_n(ctx, 3, 100)
@@ -39,18 +51,30 @@ def edge_sizes(ctx):
     public.compare(ctx, x, public.randn(ctx, 33), 1e-3)
 
 
-@Check(hidden=True, points=2, timeout=40, message=(
-    "eps must come from the argument, whatever its value: try eps = 0 (plain RMS) and a large eps, "
-    "and rows whose mean square is comparable to eps."))
+@Check(
+    hidden=True,
+    points=2,
+    timeout=40,
+    message=(
+        "eps must come from the argument, whatever its value: try eps = 0 (plain RMS) and a large eps, "
+        "and rows whose mean square is comparable to eps."
+    ),
+)
 def eps_argument(ctx):
     for eps, scale in ((0.0, 1.0), (0.5, 0.7), (1e-6, 1e-3)):
         n, m = public.ragged_n(ctx), ctx.rng.randint(1, 4)
         public.compare(ctx, public.randn(ctx, m, n, scale=scale), public.randn(ctx, n), eps)
 
 
-@Check(hidden=True, points=2, timeout=60, message=(
-    "Many rows of different scales, with weights of another dtype than x: each program must read its "
-    "own row (offset row * stride_x) and the one weight vector, and nothing may mix between rows."))
+@Check(
+    hidden=True,
+    points=2,
+    timeout=60,
+    message=(
+        "Many rows of different scales, with weights of another dtype than x: each program must read its "
+        "own row (offset row * stride_x) and the one weight vector, and nothing may mix between rows."
+    ),
+)
 def many_rows_mixed_dtypes(ctx):
     n = public.ragged_n(ctx, 100, 700)
     m = ctx.rng.randint(20, 40)

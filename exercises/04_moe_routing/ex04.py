@@ -32,8 +32,8 @@ expert wastes block_m − 1 rows), so no one has to wait for the counts before a
 
 The notebook ex04.ipynb walks through each part; write the functions here, then run ``self_check()``
 there (or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.moe``,
-``glmkit.ops.moe_align`` or ``glmkit.kernels.moe_align``: they are the references you are re-implementing (a
-submission that uses them is flagged). torch, triton and plain Python are fine.
+``glmkit.ops.moe_align`` or ``glmkit.kernels.moe_align``: they are the references you are re-implementing, and
+the grader does not make them importable (such a submission scores zero). torch, triton and plain Python are fine.
 
 Without a GPU the kernels run under the Triton interpreter (exact, slow: keep test shapes small). The
 lines below select it before triton is imported; on a CUDA machine the same code compiles natively.
@@ -46,21 +46,28 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-NORM_EPS = 1e-20    # added to the sum of the chosen scores (a token whose scores all underflow gets 0, not NaN)
-GROUP_TOPK = 2      # a group's score is the sum of its GROUP_TOPK largest biased scores
+NORM_EPS = 1e-20  # added to the sum of the chosen scores (a token whose scores all underflow gets 0, not NaN)
+GROUP_TOPK = 2  # a group's score is the sum of its GROUP_TOPK largest biased scores
 
 
 # ----------------------------------------------------------------------------------------------------
 # Part 1 — routing
 # ----------------------------------------------------------------------------------------------------
 
-def sigmoid_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int = 1, topk_group: int = 1,
-                  routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def sigmoid_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GLM-4.5 / DeepSeek-V3 routing of N tokens over E experts.
 
     logits: [N, E] float32 router logits.
@@ -81,13 +88,13 @@ def sigmoid_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group:
     (their sum + NORM_EPS), times routed_scaling_factor.
     """
     # BEGIN SOLUTION
-    scores = logits.float().sigmoid()                       # s: the weights come from these
-    choice = scores + bias.float()                          # s + b: for choosing only
+    scores = logits.float().sigmoid()  # s: the weights come from these
+    choice = scores + bias.float()  # s + b: for choosing only
     N, E = scores.shape
     if n_group > 1 and topk_group < n_group:
         size = E // n_group
-        group_scores = choice.view(N, n_group, size).topk(GROUP_TOPK, dim=-1).values.sum(dim=-1)   # [N, G]
-        best = group_scores.topk(topk_group, dim=-1).indices                                       # [N, tg]
+        group_scores = choice.view(N, n_group, size).topk(GROUP_TOPK, dim=-1).values.sum(dim=-1)  # [N, G]
+        best = group_scores.topk(topk_group, dim=-1).indices  # [N, tg]
         keep = torch.zeros(N, n_group, dtype=torch.bool).scatter_(1, best, True)
         choice = choice.masked_fill(~keep.repeat_interleave(size, dim=1), float("-inf"))
     topk_idx = choice.topk(top_k, dim=-1).indices
@@ -100,6 +107,7 @@ def sigmoid_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group:
 # ----------------------------------------------------------------------------------------------------
 # Part 2 — aux-loss-free balancing
 # ----------------------------------------------------------------------------------------------------
+
 
 def balance_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
     """One aux-loss-free balancing step: ``b_i += γ · sign(mean(load) − load_i)``.
@@ -124,6 +132,7 @@ def balance_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.
 # Part 3 — the token permutation, in Triton
 # ----------------------------------------------------------------------------------------------------
 
+
 def padded_size(num_slots: int, num_experts: int, block_m: int) -> int:
     """S_pad: the length of ``sorted_token_ids`` — enough for any routing of ``num_slots`` slots over
     ``num_experts`` experts when each used expert pads its run up to a multiple of ``block_m``."""
@@ -133,10 +142,10 @@ def padded_size(num_slots: int, num_experts: int, block_m: int) -> int:
 
 @triton.jit
 def count_kernel(
-    TOPK,                    # pointer: the S expert ids, flattened topk_idx (int64 or int32)
-    COUNTS,                  # pointer: counts [E] int32, zero on entry
-    S,                       # number of slots, N·k
-    BLOCK: tl.constexpr,     # slots per program
+    TOPK,  # pointer: the S expert ids, flattened topk_idx (int64 or int32)
+    COUNTS,  # pointer: counts [E] int32, zero on entry
+    S,  # number of slots, N·k
+    BLOCK: tl.constexpr,  # slots per program
 ):
     """Program p counts the slots p·BLOCK .. p·BLOCK + BLOCK − 1 (those < S): for each, add 1 to
     COUNTS[its expert]. Several programs — and several lanes of one program — hit the same expert, so
@@ -151,15 +160,17 @@ def count_kernel(
 
 @triton.jit
 def align_kernel(
-    TOPK,                    # pointer: the S expert ids (as in count_kernel)
-    COUNTS,                  # pointer: counts [E] int32, complete (count_kernel has run)
-    SORTED,                  # pointer: sorted_token_ids [S_PAD] int32 (arbitrary values on entry)
-    EXPERT_IDS,              # pointer: expert_ids [S_PAD // BLOCK_M] int32 (arbitrary values on entry)
-    NTPP,                    # pointer: num_tokens_post_pad [1] int32
-    S, E, S_PAD,             # slots, experts, the buffers' length
-    BLOCK_M: tl.constexpr,   # the GEMM's row block (a power of two)
-    E_P2: tl.constexpr,      # a power of two >= E (to load all the counts at once)
-    BLOCK: tl.constexpr,     # slots per step when scanning the slots
+    TOPK,  # pointer: the S expert ids (as in count_kernel)
+    COUNTS,  # pointer: counts [E] int32, complete (count_kernel has run)
+    SORTED,  # pointer: sorted_token_ids [S_PAD] int32 (arbitrary values on entry)
+    EXPERT_IDS,  # pointer: expert_ids [S_PAD // BLOCK_M] int32 (arbitrary values on entry)
+    NTPP,  # pointer: num_tokens_post_pad [1] int32
+    S,
+    E,
+    S_PAD,  # slots, experts, the buffers' length
+    BLOCK_M: tl.constexpr,  # the GEMM's row block (a power of two)
+    E_P2: tl.constexpr,  # a power of two >= E (to load all the counts at once)
+    BLOCK: tl.constexpr,  # slots per step when scanning the slots
 ):
     """Program e lays out expert e's run; every position of SORTED and EXPERT_IDS must be written by
     some program (the checks pre-fill them with garbage).
@@ -186,16 +197,16 @@ def align_kernel(
     my_count = tl.sum(tl.where(experts == e, counts, 0), axis=0)
     my_padded = tl.sum(tl.where(experts == e, padded, 0), axis=0)
 
-    row = start                                                  # where expert e's next slot goes
+    row = start  # where expert e's next slot goes
     for s0 in range(0, S, BLOCK):
         slots = s0 + tl.arange(0, BLOCK)
         ids = tl.load(TOPK + slots, mask=slots < S, other=-1).to(tl.int32)
         mine = (ids == e).to(tl.int32)
-        place = row + tl.cumsum(mine, axis=0) - mine             # earlier slots of e, this step included
+        place = row + tl.cumsum(mine, axis=0) - mine  # earlier slots of e, this step included
         tl.store(SORTED + place, slots.to(tl.int32), mask=mine != 0)
         row += tl.sum(mine, axis=0)
 
-    pad_rows = start + my_count + tl.arange(0, BLOCK_M)          # fewer than BLOCK_M sentinels per run
+    pad_rows = start + my_count + tl.arange(0, BLOCK_M)  # fewer than BLOCK_M sentinels per run
     tl.store(SORTED + pad_rows, tl.full([BLOCK_M], 0, tl.int32) + S, mask=pad_rows < start + my_padded)
     for b in range(start // BLOCK_M, (start + my_padded) // BLOCK_M):
         tl.store(EXPERT_IDS + b, e)
@@ -211,8 +222,13 @@ def align_kernel(
     # END SOLUTION
 
 
-def moe_align(topk_idx: torch.Tensor, num_experts: int, block_m: int, out: torch.Tensor | None = None,
-              out_expert_ids: torch.Tensor | None = None):
+def moe_align(
+    topk_idx: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    out: torch.Tensor | None = None,
+    out_expert_ids: torch.Tensor | None = None,
+):
     """Sort the N·k routed slots by expert and pad each expert's run to a multiple of ``block_m``.
 
     topk_idx:    [N, k] int64 or int32 expert ids in [0, num_experts), N·k >= 1.
@@ -236,18 +252,30 @@ def moe_align(topk_idx: torch.Tensor, num_experts: int, block_m: int, out: torch
     dev = topk_idx.device
     S, E = topk_idx.numel(), num_experts
     S_pad = padded_size(S, E, block_m)
-    flat = topk_idx.reshape(-1).contiguous()                            # [S]: slot s → its expert
+    flat = topk_idx.reshape(-1).contiguous()  # [S]: slot s → its expert
     sorted_ids = torch.empty(S_pad, dtype=torch.int32, device=dev) if out is None else out
-    expert_ids = (torch.empty(S_pad // block_m, dtype=torch.int32, device=dev) if out_expert_ids is None
-                  else out_expert_ids)
+    expert_ids = (
+        torch.empty(S_pad // block_m, dtype=torch.int32, device=dev) if out_expert_ids is None else out_expert_ids
+    )
     if sorted_ids.shape != (S_pad,) or expert_ids.shape != (S_pad // block_m,):
         raise ValueError(f"out must be [{S_pad}] and out_expert_ids [{S_pad // block_m}] (int32)")
     num_tokens_post_pad = torch.zeros(1, dtype=torch.int32, device=dev)
-    counts = torch.zeros(E, dtype=torch.int32, device=dev)             # zeros: count_kernel adds into it
-    BLOCK = 64                                                          # slots per program / per scan step
+    counts = torch.zeros(E, dtype=torch.int32, device=dev)  # zeros: count_kernel adds into it
+    BLOCK = 64  # slots per program / per scan step
     # BEGIN SOLUTION
     count_kernel[(triton.cdiv(S, BLOCK),)](flat, counts, S, BLOCK=BLOCK)
-    align_kernel[(E,)](flat, counts, sorted_ids, expert_ids, num_tokens_post_pad, S, E, S_pad,
-                       BLOCK_M=block_m, E_P2=triton.next_power_of_2(E), BLOCK=BLOCK)
+    align_kernel[(E,)](
+        flat,
+        counts,
+        sorted_ids,
+        expert_ids,
+        num_tokens_post_pad,
+        S,
+        E,
+        S_pad,
+        BLOCK_M=block_m,
+        E_P2=triton.next_power_of_2(E),
+        BLOCK=BLOCK,
+    )
     # END SOLUTION
     return sorted_ids, expert_ids, num_tokens_post_pad, counts

@@ -20,7 +20,7 @@ import html
 import os
 import platform
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 FAST_ENV = "GLMKIT_FAST"
 
@@ -102,10 +102,10 @@ def start(lesson: str) -> LessonClock:
 class Lesson:
     number: str
     title: str
-    models: str          # which GLM generation(s) the lesson follows
-    builds: str          # what glmkit gains
-    kernel: str          # the Triton kernel of the lesson
-    notebook: str        # lessons/<notebook>, once it exists
+    models: str  # which GLM generation(s) the lesson follows
+    builds: str  # what glmkit gains
+    kernel: str  # the Triton kernel of the lesson
+    notebook: str  # lessons/<notebook>, once it exists
 
     def available(self, root: str | os.PathLike | None = None) -> bool:
         """True when the notebook exists in lessons/ (of ``root``, default: this checkout)."""
@@ -118,40 +118,87 @@ def _repo_root() -> str:
 
 
 LESSONS: tuple[Lesson, ...] = (
-    Lesson("00", "Setup and a Triton primer", "—",
-           "the doctor, the course tools, how exercises are checked",
-           "a fused scale-and-add and a row softmax (program ids, blocks, masks)",
-           "00_setup_and_triton_primer.ipynb"),
-    Lesson("01", "Autoregressive blank infilling", "GLM (2021)",
-           "tokenizer, corpus, span sampling, Part A/B with 2D positions, the GLM mask, the GLM-2021 model, "
-           "training, filling blanks, [gMASK] generation",
-           "flash attention forward under the GLM mask (skips fully masked blocks)",
-           "01_blank_infilling.ipynb"),
-    Lesson("02", "Attention and positions through the generations", "GLM → ChatGLM-6B → ChatGLM2/3 → GLM-4",
-           "2D RoPE, partial RoPE in both pairings, MHA/MQA/GQA with a KV cache, QK-norm",
-           "tiled flash attention, step by step (forward and backward)",
-           "02_attention_and_positions.ipynb"),
-    Lesson("03", "The GLM block", "GLM-130B → ChatGLM2/3 → GLM-4 → GLM-4-0414",
-           "DeepNorm, pre-norm and sandwich norms, GeLU → GeGLU → SwiGLU, a dense GLM-4-style model, HF parity",
-           "fused RMSNorm and SwiGLU (forward and backward)", "03_the_glm_block.ipynb"),
-    Lesson("04", "Mixture of Experts", "GLM-4.5",
-           "sigmoid router with selection bias, shared expert, aux-loss-free balancing, HF parity",
-           "token permutation and a gathering grouped GEMM", "04_mixture_of_experts.ipynb"),
-    Lesson("05", "Multi-head latent attention", "GLM-5",
-           "MLA: low-rank KV compression, decoupled RoPE, the absorbed decode path",
-           "MLA decode attention", "05_latent_attention.ipynb"),
-    Lesson("06", "DeepSeek sparse attention (DSA)", "GLM-5",
-           "the lightning indexer, top-k token selection, the indexer's KL warm-up",
-           "indexer scores and sparse attention over selected tokens", "06_sparse_attention.ipynb"),
-    Lesson("07", "DeltaNet → Gated DeltaNet → KDA, and the hybrid", "GLM-5.3-Flash",
-           "the delta rule, recurrent and chunkwise (WY) forms, gating, KDA, a linear/full hybrid stack",
-           "chunkwise gated delta rule", "07_deltanet_hybrid.ipynb"),
-    Lesson("08", "Multi-token prediction and speculative decoding", "GLM-4.5 / GLM-5",
-           "the MTP module, its loss weight, speculative decoding with it", "MTP draft-and-verify step",
-           "08_multi_token_prediction.ipynb"),
-    Lesson("09", "Capstone: the full hybrid model on GPU", "all of it",
-           "assembling the hybrid GLM, training and generating on a GPU, scaling out with torchrun", "—",
-           "09_capstone.ipynb"),
+    Lesson(
+        "00",
+        "Setup and a Triton primer",
+        "—",
+        "the doctor, the course tools, how exercises are checked",
+        "a fused scale-and-add and a row softmax (program ids, blocks, masks)",
+        "00_setup_and_triton_primer.ipynb",
+    ),
+    Lesson(
+        "01",
+        "Autoregressive blank infilling",
+        "GLM (2021)",
+        "tokenizer, corpus, span sampling, Part A/B with 2D positions, the GLM mask, the GLM-2021 model, "
+        "training, filling blanks, [gMASK] generation",
+        "flash attention forward under the GLM mask (skips fully masked blocks)",
+        "01_blank_infilling.ipynb",
+    ),
+    Lesson(
+        "02",
+        "Attention and positions through the generations",
+        "GLM → ChatGLM-6B → ChatGLM2/3 → GLM-4",
+        "2D RoPE, partial RoPE in both pairings, MHA/MQA/GQA with a KV cache, QK-norm",
+        "tiled flash attention, step by step (forward and backward)",
+        "02_attention_and_positions.ipynb",
+    ),
+    Lesson(
+        "03",
+        "The GLM block",
+        "GLM-130B → ChatGLM2/3 → GLM-4 → GLM-4-0414",
+        "DeepNorm, pre-norm and sandwich norms, GeLU → GeGLU → SwiGLU, a dense GLM-4-style model, HF parity",
+        "fused RMSNorm and SwiGLU (forward and backward)",
+        "03_the_glm_block.ipynb",
+    ),
+    Lesson(
+        "04",
+        "Mixture of Experts",
+        "GLM-4.5",
+        "sigmoid router with selection bias, shared expert, aux-loss-free balancing, HF parity",
+        "token permutation and a gathering grouped GEMM",
+        "04_mixture_of_experts.ipynb",
+    ),
+    Lesson(
+        "05",
+        "Multi-head latent attention",
+        "GLM-5",
+        "MLA: low-rank KV compression, decoupled RoPE, the absorbed decode path",
+        "MLA decode attention",
+        "05_latent_attention.ipynb",
+    ),
+    Lesson(
+        "06",
+        "DeepSeek sparse attention (DSA)",
+        "GLM-5",
+        "the lightning indexer, top-k token selection, the indexer's KL warm-up",
+        "indexer scores and sparse attention over selected tokens",
+        "06_sparse_attention.ipynb",
+    ),
+    Lesson(
+        "07",
+        "DeltaNet → Gated DeltaNet → KDA, and the hybrid",
+        "GLM-5.3-Flash",
+        "the delta rule, recurrent and chunkwise (WY) forms, gating, KDA, a linear/full hybrid stack",
+        "chunkwise gated delta rule",
+        "07_deltanet_hybrid.ipynb",
+    ),
+    Lesson(
+        "08",
+        "Multi-token prediction and speculative decoding",
+        "GLM-4.5 / GLM-5",
+        "the MTP module, its loss weight, speculative decoding with it",
+        "MTP draft-and-verify step",
+        "08_multi_token_prediction.ipynb",
+    ),
+    Lesson(
+        "09",
+        "Capstone: the full hybrid model on GPU",
+        "all of it",
+        "assembling the hybrid GLM, training and generating on a GPU, scaling out with torchrun",
+        "—",
+        "09_capstone.ipynb",
+    ),
 )
 
 
@@ -162,14 +209,17 @@ def lesson_map() -> list[dict]:
 
 def lesson_map_html() -> str:
     """The course map as an HTML table (lessons not written yet are shown in grey)."""
-    head = "".join(f"<th style='text-align:left'>{h}</th>" for h in
-                   ("#", "lesson", "GLM generation", "what glmkit gains", "Triton kernel"))
+    head = "".join(
+        f"<th style='text-align:left'>{h}</th>"
+        for h in ("#", "lesson", "GLM generation", "what glmkit gains", "Triton kernel")
+    )
     rows = []
     for l in lesson_map():
         style = "" if l["available"] else " style='color:#888'"
         cells = (l["number"], l["title"], l["models"], l["builds"], l["kernel"])
-        rows.append(f"<tr{style}>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in cells)
-                    + "</tr>")
+        rows.append(
+            f"<tr{style}>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 

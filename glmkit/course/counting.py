@@ -48,21 +48,22 @@ class ParamCounts:
     embedding: int
     lm_head: int
     final_norm: int
-    attention: int                  # one layer: q/k/v/o (+ biases, + QK-norm) and the two RMSNorms
-    dense_ffn: int                  # one dense layer's FFN
-    moe_ffn: int                    # one MoE layer's FFN: router (+ bias) + routed + shared experts
-    moe_ffn_active: int             # of which one token uses: router + k routed + shared
-    router_bias: int                # per MoE layer (a buffer in HF, stored in the checkpoint)
+    attention: int  # one layer: q/k/v/o (+ biases, + QK-norm) and the two RMSNorms
+    dense_ffn: int  # one dense layer's FFN
+    moe_ffn: int  # one MoE layer's FFN: router (+ bias) + routed + shared experts
+    moe_ffn_active: int  # of which one token uses: router + k routed + shared
+    router_bias: int  # per MoE layer (a buffer in HF, stored in the checkpoint)
     n_dense_layers: int
     n_moe_layers: int
-    mtp: int                        # all MTP layers, without their embedding/head copies
+    mtp: int  # all MTP layers, without their embedding/head copies
     mtp_active: int
-    mtp_copies: int                 # the MTP layers' stored embed_tokens + shared_head.head
+    mtp_copies: int  # the MTP layers' stored embed_tokens + shared_head.head
 
     @property
     def layers(self) -> int:
-        return (self.n_dense_layers * (self.attention + self.dense_ffn)
-                + self.n_moe_layers * (self.attention + self.moe_ffn))
+        return self.n_dense_layers * (self.attention + self.dense_ffn) + self.n_moe_layers * (
+            self.attention + self.moe_ffn
+        )
 
     @property
     def total(self) -> int:
@@ -81,8 +82,11 @@ class ParamCounts:
     @property
     def active(self) -> int:
         """Per token, main model, without the embedding table and the LM head."""
-        return (self.n_dense_layers * (self.attention + self.dense_ffn)
-                + self.n_moe_layers * (self.attention + self.moe_ffn_active) + self.final_norm)
+        return (
+            self.n_dense_layers * (self.attention + self.dense_ffn)
+            + self.n_moe_layers * (self.attention + self.moe_ffn_active)
+            + self.final_norm
+        )
 
     @property
     def active_with_head(self) -> int:
@@ -103,12 +107,15 @@ def param_counts(cfg) -> ParamCounts:
     q_out = cfg.num_attention_heads * cfg.head_dim
     kv_out = cfg.num_key_value_heads * cfg.head_dim
     bias = 1 if cfg.attention_bias else 0
-    attention = (H * q_out + bias * q_out                 # q_proj
-                 + 2 * (H * kv_out + bias * kv_out)       # k_proj, v_proj
-                 + q_out * H                              # o_proj (no bias)
-                 + (2 * cfg.head_dim if cfg.use_qk_norm else 0)   # q_norm, k_norm (per head_dim, shared by heads)
-                 + 2 * H)                                 # input_layernorm, post_attention_layernorm
-    expert = 3 * H * cfg.moe_intermediate_size            # gate, up [I, H] and down [H, I]
+    attention = (
+        H * q_out
+        + bias * q_out  # q_proj
+        + 2 * (H * kv_out + bias * kv_out)  # k_proj, v_proj
+        + q_out * H  # o_proj (no bias)
+        + (2 * cfg.head_dim if cfg.use_qk_norm else 0)  # q_norm, k_norm (per head_dim, shared by heads)
+        + 2 * H
+    )  # input_layernorm, post_attention_layernorm
+    expert = 3 * H * cfg.moe_intermediate_size  # gate, up [I, H] and down [H, I]
     router = cfg.n_routed_experts * H
     router_bias = cfg.n_routed_experts
     shared = cfg.n_shared_experts * expert
@@ -116,7 +123,7 @@ def param_counts(cfg) -> ParamCounts:
     moe_ffn_active = router + router_bias + cfg.num_experts_per_tok * expert + shared
     n_dense = cfg.mlp_layer_types.count("dense")
     n_mtp = cfg.num_nextn_predict_layers
-    mtp_extra = 2 * H + 2 * H * H + H                     # enorm, hnorm; eh_proj [H, 2H]; shared_head.norm
+    mtp_extra = 2 * H + 2 * H * H + H  # enorm, hnorm; eh_proj [H, 2H]; shared_head.norm
     return ParamCounts(
         embedding=V * H,
         lm_head=0 if cfg.tie_word_embeddings else V * H,
@@ -139,10 +146,14 @@ def summary(name: str) -> str:
     cfg = PRESETS[name]
     c = param_counts(cfg)
     pub = PUBLISHED.get(name)
-    rows = [("total (no MTP)", c.total, 0), ("total + MTP", c.total_with_mtp, 0),
-            ("total + MTP + its emb/head copies", c.total_with_mtp_copies, 0),
-            ("active (no emb, no head)", c.active, 1), ("active + head", c.active_with_head, 1),
-            ("active + emb + head", c.active_with_embeddings, 1)]
+    rows = [
+        ("total (no MTP)", c.total, 0),
+        ("total + MTP", c.total_with_mtp, 0),
+        ("total + MTP + its emb/head copies", c.total_with_mtp_copies, 0),
+        ("active (no emb, no head)", c.active, 1),
+        ("active + head", c.active_with_head, 1),
+        ("active + emb + head", c.active_with_embeddings, 1),
+    ]
     lines = [name]
     for label, n, which in rows:
         rel = f"  ({(n / pub[which] - 1) * 100:+.2f}% vs {pub[which] / B:.0f}B)" if pub else ""

@@ -28,8 +28,8 @@ import shutil
 import sys
 import time
 
-TORCH_RANGE = ((2, 6), (2, 14))          # torch >= 2.6, < 2.14 (pyproject)
-NUMPY_INTERP_MAX = (2, 4)                # triton 3.6's interpreter breaks on numpy 2.4
+TORCH_RANGE = ((2, 6), (2, 14))  # torch >= 2.6, < 2.14 (pyproject)
+NUMPY_INTERP_MAX = (2, 4)  # triton 3.6's interpreter breaks on numpy 2.4
 
 
 @dataclasses.dataclass
@@ -37,8 +37,8 @@ class Check:
     name: str
     ok: bool
     detail: str
-    fix: str = ""              # the exact command (or step) that fixes it; empty when ok
-    blocking: bool = True      # a failed blocking check makes `doctor` exit nonzero
+    fix: str = ""  # the exact command (or step) that fixes it; empty when ok
+    blocking: bool = True  # a failed blocking check makes `doctor` exit nonzero
 
     @property
     def status(self) -> str:
@@ -78,8 +78,12 @@ def _vtuple(v: str) -> tuple[int, ...]:
 def check_python(version: tuple[int, int, int] | None = None) -> Check:
     v = version or tuple(sys.version_info[:3])
     ok = v >= (3, 10)
-    return Check("python", ok, f"Python {'.'.join(map(str, v))} ({sys.executable})",
-                 "" if ok else "install Python 3.10 or newer, then rerun: PYTHON=python3.11 ./course setup")
+    return Check(
+        "python",
+        ok,
+        f"Python {'.'.join(map(str, v))} ({sys.executable})",
+        "" if ok else "install Python 3.10 or newer, then rerun: PYTHON=python3.11 ./course setup",
+    )
 
 
 def check_torch(version: str | None = "auto") -> Check:
@@ -92,8 +96,7 @@ def check_torch(version: str | None = "auto") -> Check:
         return Check("torch", False, "PyTorch is not installed", fix)
     lo, hi = TORCH_RANGE
     ok = lo <= _vtuple(version)[:2] < hi
-    return Check("torch", ok, f"torch {version}" + ("" if ok else " (glmkit needs >= 2.6, < 2.14)"),
-                 "" if ok else fix)
+    return Check("torch", ok, f"torch {version}" + ("" if ok else " (glmkit needs >= 2.6, < 2.14)"), "" if ok else fix)
 
 
 def check_numpy(version: str | None = "auto", interpreter: bool | None = None) -> Check:
@@ -105,12 +108,20 @@ def check_numpy(version: str | None = "auto", interpreter: bool | None = None) -
         return Check("numpy", False, "numpy is not installed", _pip("numpy>=1.24,<2.4"))
     too_new = _vtuple(version)[:2] >= NUMPY_INTERP_MAX
     if too_new and interpreter:
-        return Check("numpy", False,
-                     f"numpy {version}: the Triton CPU interpreter (triton 3.6) fails under numpy >= 2.4",
-                     _pip("numpy>=1.24,<2.4"))
+        return Check(
+            "numpy",
+            False,
+            f"numpy {version}: the Triton CPU interpreter (triton 3.6) fails under numpy >= 2.4",
+            _pip("numpy>=1.24,<2.4"),
+        )
     if too_new:
-        return Check("numpy", False, f"numpy {version}: fine natively on the GPU, but the CPU interpreter "
-                     "needs numpy < 2.4", _pip("numpy>=1.24,<2.4"), blocking=False)
+        return Check(
+            "numpy",
+            False,
+            f"numpy {version}: fine natively on the GPU, but the CPU interpreter needs numpy < 2.4",
+            _pip("numpy>=1.24,<2.4"),
+            blocking=False,
+        )
     return Check("numpy", True, f"numpy {version}")
 
 
@@ -132,9 +143,14 @@ def check_triton(version: str | None = "auto") -> Check:
         version = _version("triton")
     if version is None:
         if platform.system() != "Linux":
-            return Check("triton", False, f"triton has no wheels for {platform.system()}: the course runs its "
-                         "torch paths, and kernel cells are skipped", "use Linux (or WSL2) for the kernels",
-                         blocking=False)
+            return Check(
+                "triton",
+                False,
+                f"triton has no wheels for {platform.system()}: the course runs its "
+                "torch paths, and kernel cells are skipped",
+                "use Linux (or WSL2) for the kernels",
+                blocking=False,
+            )
         return Check("triton", False, "triton is not installed: kernels cannot run", _pip("triton>=3.6,<3.7"))
     try:
         import torch
@@ -156,13 +172,19 @@ def check_device() -> Check:
         i = torch.cuda.current_device()
         cap = ".".join(map(str, torch.cuda.get_device_capability(i)))
         mem = torch.cuda.get_device_properties(i).total_memory / 2**30
-        return Check("device", True, f"GPU: {torch.cuda.get_device_name(i)} (sm {cap}, {mem:.0f} GiB), "
-                     f"CUDA {torch.version.cuda}")
+        return Check(
+            "device", True, f"GPU: {torch.cuda.get_device_name(i)} (sm {cap}, {mem:.0f} GiB), CUDA {torch.version.cuda}"
+        )
     cpu = platform.processor() or platform.machine()
     detail = f"CPU: {cpu}, {os.cpu_count()} cores, torch threads={torch.get_num_threads()} (no CUDA)"
     if shutil.which("nvidia-smi") and torch.version.cuda is None:
-        return Check("device", False, detail + "; nvidia-smi sees a GPU but this torch is a CPU build",
-                     _pip("--force-reinstall", "torch>=2.6,<2.14"), blocking=False)
+        return Check(
+            "device",
+            False,
+            detail + "; nvidia-smi sees a GPU but this torch is a CPU build",
+            _pip("--force-reinstall", "torch>=2.6,<2.14"),
+            blocking=False,
+        )
     return Check("device", True, detail + ": lessons use their CPU sizes, kernels the interpreter")
 
 
@@ -171,8 +193,15 @@ def check_bf16() -> Check:
 
     if torch.cuda.is_available():
         ok = torch.cuda.is_bf16_supported()
-        return Check("bf16", ok, "bfloat16 supported on the GPU" if ok else
-                     "this GPU has no bf16 (pre-Ampere): bf16 tests are skipped, use fp16", "", blocking=False)
+        return Check(
+            "bf16",
+            ok,
+            "bfloat16 supported on the GPU"
+            if ok
+            else "this GPU has no bf16 (pre-Ampere): bf16 tests are skipped, use fp16",
+            "",
+            blocking=False,
+        )
     try:
         a = torch.ones(4, 4, dtype=torch.bfloat16)
         ok = bool(((a @ a).float() == 4).all())
@@ -184,8 +213,12 @@ def check_bf16() -> Check:
 def check_kernel_mode() -> Check:
     interp = _interpreter_mode()
     if interp:
-        return Check("kernel mode", True, "Triton interpreter (TRITON_INTERPRET=1): kernels run on the CPU in "
-                     "numpy, exact but slow — lessons use small shapes")
+        return Check(
+            "kernel mode",
+            True,
+            "Triton interpreter (TRITON_INTERPRET=1): kernels run on the CPU in "
+            "numpy, exact but slow — lessons use small shapes",
+        )
     return Check("kernel mode", True, "native: kernels compile for the GPU")
 
 
@@ -197,12 +230,16 @@ def check_kernel_runs() -> Check:
         from glmkit.kernels import primer  # importing glmkit.kernels selects the interpreter without CUDA
         from glmkit.testing import poisoned, rel_err
     except Exception as e:
-        return Check("kernel runs", False, f"could not import the primer kernel: {type(e).__name__}: {e}",
-                     _pip("triton>=3.6,<3.7") if "triton" in str(e) else _pip("-e", ".[cpu,lab,dev]"))
+        return Check(
+            "kernel runs",
+            False,
+            f"could not import the primer kernel: {type(e).__name__}: {e}",
+            _pip("triton>=3.6,<3.7") if "triton" in str(e) else _pip("-e", ".[cpu,lab,dev]"),
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(37, generator=g).to(device)       # 37: not a multiple of the block
+        x = torch.randn(37, generator=g).to(device)  # 37: not a multiple of the block
         b = torch.randn(37, generator=g).to(device)
         t = time.perf_counter()
         y = primer.scale_add(x, b, 2.0, out=poisoned((37,), device=device), block=16)
@@ -211,21 +248,32 @@ def check_kernel_runs() -> Check:
         dt = time.perf_counter() - t
         err = rel_err(primer.scale_add_reference(x, b, 2.0), y)
     except Exception as e:
-        fix = (_pip("numpy>=1.24,<2.4") if _interpreter_mode() else
-               "check that torch's CUDA build and triton match: " + _pip("--force-reinstall", "torch>=2.6,<2.14"))
+        fix = (
+            _pip("numpy>=1.24,<2.4")
+            if _interpreter_mode()
+            else "check that torch's CUDA build and triton match: " + _pip("--force-reinstall", "torch>=2.6,<2.14")
+        )
         return Check("kernel runs", False, f"the primer kernel failed: {type(e).__name__}: {e}"[:300], fix)
     ok = err <= 1e-6
     where = "under the interpreter" if _interpreter_mode() else "natively on the GPU"
-    return Check("kernel runs", ok, f"primer kernel ran {where} in {dt * 1000:.0f} ms (incl. compile), "
-                 f"rel. error vs torch {err:.1e}", "" if ok else "report this: the kernel gave wrong numbers")
+    return Check(
+        "kernel runs",
+        ok,
+        f"primer kernel ran {where} in {dt * 1000:.0f} ms (incl. compile), rel. error vs torch {err:.1e}",
+        "" if ok else "report this: the kernel gave wrong numbers",
+    )
 
 
 def check_jupyterlab(version: str | None = "auto") -> Check:
     if version == "auto":
         version = _version("jupyterlab")
     if version is None:
-        return Check("jupyterlab", False, "JupyterLab is not installed (needed to open the lessons)",
-                     _pip("jupyterlab>=4.2", "ipykernel>=6.29"))
+        return Check(
+            "jupyterlab",
+            False,
+            "JupyterLab is not installed (needed to open the lessons)",
+            _pip("jupyterlab>=4.2", "ipykernel>=6.29"),
+        )
     ok = _vtuple(version)[:1] >= (4,)
     return Check("jupyterlab", ok, f"jupyterlab {version}", "" if ok else _pip("jupyterlab>=4.2"))
 
@@ -234,8 +282,9 @@ def check_jupyterlab(version: str | None = "auto") -> Check:
 _WIDGET_PAIRS = {8: 3, 7: 1}
 
 
-def check_widgets(ipywidgets: str | None = "auto", lab_widgets: str | None = "auto",
-                  labextension_dir: str | None = "auto") -> Check:
+def check_widgets(
+    ipywidgets: str | None = "auto", lab_widgets: str | None = "auto", labextension_dir: str | None = "auto"
+) -> Check:
     if ipywidgets == "auto":
         ipywidgets = _version("ipywidgets")
     if lab_widgets == "auto":
@@ -246,16 +295,29 @@ def check_widgets(ipywidgets: str | None = "auto", lab_widgets: str | None = "au
     if ipywidgets is None:
         return Check("widgets", False, "ipywidgets is not installed: the explorers cannot be shown", fix_all)
     if lab_widgets is None:
-        return Check("widgets", False, f"ipywidgets {ipywidgets}, but jupyterlab_widgets (the JupyterLab "
-                     "side) is missing: widgets show as text", fix_all)
+        return Check(
+            "widgets",
+            False,
+            f"ipywidgets {ipywidgets}, but jupyterlab_widgets (the JupyterLab side) is missing: widgets show as text",
+            fix_all,
+        )
     want = _WIDGET_PAIRS.get(_vtuple(ipywidgets)[0])
     if want is None or _vtuple(lab_widgets)[0] != want or _vtuple(ipywidgets)[0] < 8:
-        return Check("widgets", False, f"ipywidgets {ipywidgets} with jupyterlab_widgets {lab_widgets}: the "
-                     "course needs ipywidgets 8 with jupyterlab_widgets 3", fix_all)
+        return Check(
+            "widgets",
+            False,
+            f"ipywidgets {ipywidgets} with jupyterlab_widgets {lab_widgets}: the "
+            "course needs ipywidgets 8 with jupyterlab_widgets 3",
+            fix_all,
+        )
     if labextension_dir is None:
-        return Check("widgets", False, f"ipywidgets {ipywidgets}, jupyterlab_widgets {lab_widgets}, but the lab "
-                     "extension @jupyter-widgets/jupyterlab-manager is not in any Jupyter data path",
-                     _pip("--force-reinstall", "jupyterlab_widgets>=3,<4"))
+        return Check(
+            "widgets",
+            False,
+            f"ipywidgets {ipywidgets}, jupyterlab_widgets {lab_widgets}, but the lab "
+            "extension @jupyter-widgets/jupyterlab-manager is not in any Jupyter data path",
+            _pip("--force-reinstall", "jupyterlab_widgets>=3,<4"),
+        )
     detail = f"ipywidgets {ipywidgets} + jupyterlab_widgets {lab_widgets} (lab extension installed)"
     kernel = _kernel_kind()
     if kernel == "kernel":
@@ -291,8 +353,18 @@ def _kernel_kind() -> str:
     return "kernel" if getattr(ip, "kernel", None) is not None else "terminal"
 
 
-CHECKS = (check_python, check_torch, check_numpy, check_triton, check_device, check_bf16, check_kernel_mode,
-          check_kernel_runs, check_jupyterlab, check_widgets)
+CHECKS = (
+    check_python,
+    check_torch,
+    check_numpy,
+    check_triton,
+    check_device,
+    check_bf16,
+    check_kernel_mode,
+    check_kernel_runs,
+    check_jupyterlab,
+    check_widgets,
+)
 
 
 def run_checks() -> list[Check]:
@@ -303,8 +375,14 @@ def run_checks() -> list[Check]:
             results.append(fn())
         except Exception as e:
             name = fn.__name__.removeprefix("check_").replace("_", " ")
-            results.append(Check(name, False, f"the check crashed: {type(e).__name__}: {e}",
-                                 _pip("-e", ".[cpu,lab,dev]") + "  (from the repository root)"))
+            results.append(
+                Check(
+                    name,
+                    False,
+                    f"the check crashed: {type(e).__name__}: {e}",
+                    _pip("-e", ".[cpu,lab,dev]") + "  (from the repository root)",
+                )
+            )
     return results
 
 
@@ -323,8 +401,11 @@ def format_table(checks: list[Check]) -> str:
             lines.append(f"fix ({c.name}): {c.fix or 'see the detail above'}")
     bad = blocking_problems(checks)
     lines.append("")
-    lines.append("ready for the course." if not bad else
-                 f"{len(bad)} blocking problem(s): run the fix line(s) above, then `python -m glmkit doctor` again.")
+    lines.append(
+        "ready for the course."
+        if not bad
+        else f"{len(bad)} blocking problem(s): run the fix line(s) above, then `python -m glmkit doctor` again."
+    )
     return "\n".join(lines)
 
 
@@ -334,11 +415,15 @@ def to_html(checks: list[Check]) -> str:
     rows = []
     for c in checks:
         fix = f"<code>{html.escape(c.fix)}</code>" if c.fix and not c.ok else ""
-        rows.append(f"<tr><td style='color:{colour[c.status]};font-weight:bold'>{c.status}</td>"
-                    f"<td style='text-align:left'>{html.escape(c.name)}</td>"
-                    f"<td style='text-align:left'>{html.escape(c.detail)}</td><td style='text-align:left'>{fix}</td></tr>")
-    head = "<tr><th></th><th style='text-align:left'>check</th><th style='text-align:left'>detail</th>" \
-           "<th style='text-align:left'>fix</th></tr>"
+        rows.append(
+            f"<tr><td style='color:{colour[c.status]};font-weight:bold'>{c.status}</td>"
+            f"<td style='text-align:left'>{html.escape(c.name)}</td>"
+            f"<td style='text-align:left'>{html.escape(c.detail)}</td><td style='text-align:left'>{fix}</td></tr>"
+        )
+    head = (
+        "<tr><th></th><th style='text-align:left'>check</th><th style='text-align:left'>detail</th>"
+        "<th style='text-align:left'>fix</th></tr>"
+    )
     return f"<table class='glm-doctor'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -346,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     """Print the checks and fixes; return 1 if a blocking problem exists, else 0."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m glmkit doctor",
-                                     description="Check that this machine is ready for the glmkit course.")
+    parser = argparse.ArgumentParser(
+        prog="python -m glmkit doctor", description="Check that this machine is ready for the glmkit course."
+    )
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     args = parser.parse_args(argv)
     checks = run_checks()
@@ -360,5 +446,4 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if blocking_problems(checks) else 0
 
 
-__all__ = ["Check", "run_checks", "blocking_problems", "format_table", "to_html", "main"] + \
-          [f.__name__ for f in CHECKS]
+__all__ = ["Check", "run_checks", "blocking_problems", "format_table", "to_html", "main"] + [f.__name__ for f in CHECKS]

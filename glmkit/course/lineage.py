@@ -45,8 +45,13 @@ def rope_2d(x, cos_pos, sin_pos, cos_block, sin_block) -> torch.Tensor:
     """ChatGLM-6B's 2D RoPE: x [B, H, T, D]; the first D/2 dims are rotated (half-split, all of them) by the
     position, the last D/2 by the block position. cos/sin [T or B, T, D/4] from ``rope_cos_sin(·, D // 2)``."""
     h = x.shape[-1] // 2
-    return torch.cat((rope_reference(x[..., :h], cos_pos, sin_pos, h, "half"),
-                      rope_reference(x[..., h:], cos_block, sin_block, h, "half")), dim=-1)
+    return torch.cat(
+        (
+            rope_reference(x[..., :h], cos_pos, sin_pos, h, "half"),
+            rope_reference(x[..., h:], cos_block, sin_block, h, "half"),
+        ),
+        dim=-1,
+    )
 
 
 SCHEMES = ("post-LN", "DeepNorm", "pre-LN", "sandwich")
@@ -98,8 +103,17 @@ class ToyStack(nn.Module):
     experiments of lesson 03. DeepNorm defaults to GLM-130B's α = √(2N) and scales the value, output and MLP
     weights by β = (2N)^-½ at init (``beta`` overrides it; post-LN is the same block with α = β = 1)."""
 
-    def __init__(self, scheme: str, n_layers: int, d: int = 32, heads: int = 4, vocab: int = 64,
-                 alpha: float | None = None, beta: float | None = None, seed: int = 0):
+    def __init__(
+        self,
+        scheme: str,
+        n_layers: int,
+        d: int = 32,
+        heads: int = 4,
+        vocab: int = 64,
+        alpha: float | None = None,
+        beta: float | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         deepnorm = scheme == "DeepNorm"
         alpha = alpha if alpha is not None else math.sqrt(2 * n_layers) if deepnorm else 1.0
@@ -111,11 +125,11 @@ class ToyStack(nn.Module):
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if p.dim() == 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * d ** -0.5)
+                    p.copy_(torch.randn(p.shape, generator=g) * d**-0.5)
                     if name.endswith(("o.weight", "up.weight", "down.weight")):
                         p.mul_(beta)
             for layer in self.layers:
-                layer.qkv.weight[2 * d:].mul_(beta)            # the value rows
+                layer.qkv.weight[2 * d :].mul_(beta)  # the value rows
         self.vocab = vocab
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

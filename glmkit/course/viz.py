@@ -15,11 +15,11 @@ learner sees is exactly what the model trains on.
 
 from __future__ import annotations
 
-import time
-
 import html
 import io
-from typing import Any, Sequence
+import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def example_fields(example: Any, index: int = 0) -> dict:
     try:
         ids, tgt, pos, sep = (get(k) for k in ("input_ids", "targets", "position_ids", "sep"))
     except (KeyError, AttributeError) as e:
-        raise TypeError(f"example must have input_ids, targets, position_ids and sep (a GLMBatch); missing {e}")
+        raise TypeError(f"example must have input_ids, targets, position_ids and sep (a GLMBatch); missing {e}") from e
     ids_t = torch.as_tensor(ids)
     if ids_t.dim() == 2:  # batched: pick one sample
         ids, tgt, pos = ids_t[index], torch.as_tensor(tgt)[index], torch.as_tensor(pos)[index]
@@ -63,8 +63,13 @@ def example_fields(example: Any, index: int = 0) -> dict:
     pos = torch.as_tensor(pos)
     if pos.dim() != 2 or pos.shape[0] != 2:
         raise ValueError(f"position_ids must be [2, L] for one sample, got {tuple(pos.shape)}")
-    return dict(input_ids=_as_list(ids), targets=_as_list(tgt), position=_as_list(pos[0]),
-                block_position=_as_list(pos[1]), sep=int(torch.as_tensor(sep).reshape(-1)[0]))
+    return dict(
+        input_ids=_as_list(ids),
+        targets=_as_list(tgt),
+        position=_as_list(pos[0]),
+        block_position=_as_list(pos[1]),
+        sep=int(torch.as_tensor(sep).reshape(-1)[0]),
+    )
 
 
 def _length_without_padding(ids: list[int], pad_id: int | None, sep: int) -> int:
@@ -104,24 +109,30 @@ def example_table_html(example: Any, tokenizer=None, index: int = 0, max_tokens:
         return _PART_A_BG if j < sep else (_PART_B_BG if j < n else _PAD_BG)
 
     rows = []
-    spec = [("", lambda j: str(j)),
-            ("token", lambda j: html.escape(_tok_str(tokenizer, ids[j]))),
-            ("target", lambda j: html.escape(_tok_str(tokenizer, tgt[j])) if tgt[j] >= 0 else "·"),
-            ("position", lambda j: str(f["position"][j])),
-            ("block position", lambda j: str(f["block_position"][j]))]
+    spec = [
+        ("", lambda j: str(j)),
+        ("token", lambda j: html.escape(_tok_str(tokenizer, ids[j]))),
+        ("target", lambda j: html.escape(_tok_str(tokenizer, tgt[j])) if tgt[j] >= 0 else "·"),
+        ("position", lambda j: str(f["position"][j])),
+        ("block position", lambda j: str(f["block_position"][j])),
+    ]
     for name, fn in spec:
         head = f"<th style='{cell};text-align:right;background:#fff'>{name}</th>"
         tds = "".join(f"<td style='{cell};background:{bg(j)}'>{fn(j)}</td>" for j in range(shown))
         rows.append(f"<tr>{head}{tds}</tr>")
     more = f" (first {shown} of {len(ids)} tokens shown)" if shown < len(ids) else ""
-    legend = (f"<div style='font-size:90%'><span style='background:{_PART_A_BG};padding:0 6px'>Part A</span> "
-              f"(corrupted text, {sep} tokens, bidirectional) "
-              f"<span style='background:{_PART_B_BG};padding:0 6px'>Part B</span> "
-              f"(the spans, {n - sep} tokens, left to right)"
-              + (f" <span style='background:{_PAD_BG};padding:0 6px'>padding</span>" if n < len(ids) else "")
-              + f"; target · = no loss{more}</div>")
-    return (f"<div class='glm-example' style='overflow-x:auto'><table style='border-collapse:collapse'>"
-            f"{''.join(rows)}</table>{legend}</div>")
+    legend = (
+        f"<div style='font-size:90%'><span style='background:{_PART_A_BG};padding:0 6px'>Part A</span> "
+        f"(corrupted text, {sep} tokens, bidirectional) "
+        f"<span style='background:{_PART_B_BG};padding:0 6px'>Part B</span> "
+        f"(the spans, {n - sep} tokens, left to right)"
+        + (f" <span style='background:{_PAD_BG};padding:0 6px'>padding</span>" if n < len(ids) else "")
+        + f"; target · = no loss{more}</div>"
+    )
+    return (
+        f"<div class='glm-example' style='overflow-x:auto'><table style='border-collapse:collapse'>"
+        f"{''.join(rows)}</table>{legend}</div>"
+    )
 
 
 def show_example(example: Any, tokenizer=None, index: int = 0, max_tokens: int = 160):
@@ -129,8 +140,11 @@ def show_example(example: Any, tokenizer=None, index: int = 0, max_tokens: int =
     when it is the last thing in a cell; ``print`` it for plain text)."""
     from IPython.display import HTML
 
-    return _TextAndHTML(example_table_html(example, tokenizer, index, max_tokens),
-                        example_table_text(example, tokenizer, index, max_tokens), HTML)
+    return _TextAndHTML(
+        example_table_html(example, tokenizer, index, max_tokens),
+        example_table_text(example, tokenizer, index, max_tokens),
+        HTML,
+    )
 
 
 class _TextAndHTML:
@@ -153,10 +167,12 @@ def example_table_text(example: Any, tokenizer=None, index: int = 0, max_tokens:
     f = example_fields(example, index)
     ids, tgt, sep = f["input_ids"], f["targets"], f["sep"]
     shown = min(len(ids), max_tokens)
-    rows = [("token", [_tok_str(tokenizer, ids[j]) for j in range(shown)]),
-            ("target", [_tok_str(tokenizer, tgt[j]) if tgt[j] >= 0 else "·" for j in range(shown)]),
-            ("position", [str(v) for v in f["position"][:shown]]),
-            ("block pos", [str(v) for v in f["block_position"][:shown]])]
+    rows = [
+        ("token", [_tok_str(tokenizer, ids[j]) for j in range(shown)]),
+        ("target", [_tok_str(tokenizer, tgt[j]) if tgt[j] >= 0 else "·" for j in range(shown)]),
+        ("position", [str(v) for v in f["position"][:shown]]),
+        ("block pos", [str(v) for v in f["block_position"][:shown]]),
+    ]
     w = [max(len(r[1][j]) for r in rows) for j in range(shown)]
     lines = []
     for name, vals in rows:
@@ -188,8 +204,14 @@ def _mask_from(sep_or_mask, T: int | None) -> tuple[torch.Tensor, int | None]:
     return attention_mask(torch.tensor([sep]), T)[0], sep
 
 
-def plot_mask(sep_or_mask, T: int | None = None, ax=None, labels: Sequence[str] | None = None,
-              sep: int | None = None, title: str | None = None):
+def plot_mask(
+    sep_or_mask,
+    T: int | None = None,
+    ax=None,
+    labels: Sequence[str] | None = None,
+    sep: int | None = None,
+    title: str | None = None,
+):
     """Heatmap of the GLM mask (rows = queries, columns = keys). Visible cells are coloured by kind:
     Part A → Part A (bidirectional), Part B → Part A, Part B → Part B (causal); masked cells white.
     The Part A / Part B boundary is drawn when sep is known.
@@ -211,10 +233,10 @@ def plot_mask(sep_or_mask, T: int | None = None, ax=None, labels: Sequence[str] 
     else:
         q = np.arange(T)[:, None]
         k = np.arange(T)[None, :]
-        kind[vis & (q < s) & (k < s)] = 1          # A -> A
-        kind[vis & (q >= s) & (k < s)] = 2         # B -> A
-        kind[vis & (q >= s) & (k >= s)] = 3        # B -> B (causal)
-        kind[vis & (q < s) & (k >= s)] = 4         # A -> B: never visible in a GLM mask
+        kind[vis & (q < s) & (k < s)] = 1  # A -> A
+        kind[vis & (q >= s) & (k < s)] = 2  # B -> A
+        kind[vis & (q >= s) & (k >= s)] = 3  # B -> B (causal)
+        kind[vis & (q < s) & (k >= s)] = 4  # A -> B: never visible in a GLM mask
     if ax is None:
         size = min(7.0, 2.5 + T * 0.12)
         _, ax = plt.subplots(figsize=(size, size))
@@ -268,7 +290,7 @@ def block_grid(sep: int, T: int, block_m: int, block_n: int) -> np.ndarray:
     out = np.zeros((nm, nn), dtype=np.int64)
     for a in range(nm):
         for b in range(nn):
-            tile = m[a * block_m:(a + 1) * block_m, b * block_n:(b + 1) * block_n]
+            tile = m[a * block_m : (a + 1) * block_m, b * block_n : (b + 1) * block_n]
             out[a, b] = 2 if bool(tile.all()) else (1 if bool(tile.any()) else 0)
     return out
 
@@ -284,9 +306,11 @@ def plot_block_grid(sep: int, T: int, block_m: int, block_n: int, ax=None, show_
         _, ax = plt.subplots(figsize=(5.5, 5.5))
     if show_mask:
         plot_mask(int(sep), T, ax=ax, title="")
-    style = {0: dict(facecolor="#555555", alpha=0.55, hatch=None),
-             1: dict(facecolor="none", alpha=1.0, hatch="//"),
-             2: dict(facecolor="none", alpha=1.0, hatch=None)}
+    style = {
+        0: dict(facecolor="#555555", alpha=0.55, hatch=None),
+        1: dict(facecolor="none", alpha=1.0, hatch="//"),
+        2: dict(facecolor="none", alpha=1.0, hatch=None),
+    }
     for a in range(grid.shape[0]):
         for b in range(grid.shape[1]):
             x0, y0 = b * block_n - 0.5, a * block_m - 0.5
@@ -297,8 +321,11 @@ def plot_block_grid(sep: int, T: int, block_m: int, block_n: int, ax=None, show_
     ax.set_xlim(-0.5, T - 0.5)
     ax.set_ylim(T - 0.5, -0.5)
     n_skip, n_part, n_full = (int((grid == v).sum()) for v in (0, 1, 2))
-    ax.set_title(f"T={T}, sep={sep}, tiles {block_m}×{block_n}: {n_skip} skipped (grey), "
-                 f"{n_part} masked (hatched), {n_full} full", fontsize=9)
+    ax.set_title(
+        f"T={T}, sep={sep}, tiles {block_m}×{block_n}: {n_skip} skipped (grey), "
+        f"{n_part} masked (hatched), {n_full} full",
+        fontsize=9,
+    )
     return ax
 
 
@@ -307,7 +334,7 @@ def plot_block_grid(sep: int, T: int, block_m: int, block_n: int, ax=None, show_
 
 
 def _loss_series(history) -> tuple[np.ndarray, np.ndarray]:
-    if hasattr(history, "losses") and not isinstance(history, (list, tuple, dict)):   # glmkit.train.History
+    if hasattr(history, "losses") and not isinstance(history, (list, tuple, dict)):  # glmkit.train.History
         steps = getattr(history, "steps", None) or range(1, len(history.losses) + 1)
         return np.asarray(list(steps), dtype=float), np.asarray(history.losses, dtype=float)
     if hasattr(history, "history") and not isinstance(history, (list, tuple, dict)):
@@ -374,7 +401,7 @@ DEFAULT_TEXT = "The cat sat on the mat. It was warm there!"
 
 
 def parse_spans(text: str) -> list[tuple[int, int]]:
-    """"2:3, 4:6" -> [(2, 3), (4, 6)]: half-open token ranges, like Python slices. Raises ValueError."""
+    """ "2:3, 4:6" -> [(2, 3), (4, 6)]: half-open token ranges, like Python slices. Raises ValueError."""
     spans = []
     for part in text.replace(";", ",").split(","):
         part = part.strip()
@@ -406,9 +433,10 @@ def _build_for_explorer(tokenizer, text: str, mode: str, seed: int, spans: list[
             raise ValueError("type at least one span, e.g. 2:3, 4:6")
         if spans[-1][1] > len(ids):
             raise ValueError(f"span {spans[-1][0]}:{spans[-1][1]} runs past the text ({len(ids)} tokens)")
-        order = rng.permutation(len(spans)).tolist()          # the seed shuffles Part B, as in training
-        ex = bi.build_example(ids, spans, order, mask_id=tokenizer.mask_id, sop_id=tokenizer.sop_id,
-                              eop_id=tokenizer.eop_id)
+        order = rng.permutation(len(spans)).tolist()  # the seed shuffles Part B, as in training
+        ex = bi.build_example(
+            ids, spans, order, mask_id=tokenizer.mask_id, sop_id=tokenizer.sop_id, eop_id=tokenizer.eop_id
+        )
     else:
         mode_name = {"mask": "mask", "sentence": "smask", "gmask": "gmask"}[mode]
         ex = bi.corrupt(ids, bi.BlankInfillingConfig(), rng, tokenizer, mode=mode_name)
@@ -427,8 +455,15 @@ class BlankInfillingExplorer:
     an ``ipywidgets.Image`` (``explorer.image``) whose PNG changes with the mask.
     """
 
-    def __init__(self, tokenizer=None, text: str = DEFAULT_TEXT, mode: str = "[MASK] random spans",
-                 seed: int = 0, spans: str = "4:7, 15:18", max_tokens: int = 200):
+    def __init__(
+        self,
+        tokenizer=None,
+        text: str = DEFAULT_TEXT,
+        mode: str = "[MASK] random spans",
+        seed: int = 0,
+        spans: str = "4:7, 15:18",
+        max_tokens: int = 200,
+    ):
         import ipywidgets as W
 
         if tokenizer is None:
@@ -446,12 +481,18 @@ class BlankInfillingExplorer:
         self.error: str | None = None
         self.updates = 0
 
-        self.text = W.Textarea(value=text, description="text", layout=W.Layout(width="98%", height="64px"),
-                               continuous_update=False)
+        self.text = W.Textarea(
+            value=text, description="text", layout=W.Layout(width="98%", height="64px"), continuous_update=False
+        )
         self.mode = W.Dropdown(options=list(MODES), value=mode, description="mode")
         self.seed = W.IntSlider(value=seed, min=0, max=99, description="seed", continuous_update=False)
-        self.spans = W.Text(value=spans, description="spans", placeholder="start:end, ... e.g. 2:3, 4:6",
-                            continuous_update=False, layout=W.Layout(width="360px"))
+        self.spans = W.Text(
+            value=spans,
+            description="spans",
+            placeholder="start:end, ... e.g. 2:3, 4:6",
+            continuous_update=False,
+            layout=W.Layout(width="360px"),
+        )
         self.status = W.HTML()
         self.table = W.HTML(layout=W.Layout(width="98%", overflow="auto"))
         self.image = W.Image(format="png", layout=W.Layout(width="420px"))
@@ -494,9 +535,11 @@ class BlankInfillingExplorer:
         n_text = len(self.tokenizer.encode(self.text.value))
         spans_txt = ", ".join(f"{s}:{e}" for s, e in self.spans_used)
         covered = sum(e - s for s, e in self.spans_used)
-        self.status.value = (f"{n_text} tokens, {len(self.spans_used)} span(s) [{html.escape(spans_txt)}] "
-                             f"covering {covered} ({covered / max(n_text, 1):.0%}); Part A = {self.sep} tokens, "
-                             f"Part B = {T - self.sep}")
+        self.status.value = (
+            f"{n_text} tokens, {len(self.spans_used)} span(s) [{html.escape(spans_txt)}] "
+            f"covering {covered} ({covered / max(n_text, 1):.0%}); Part A = {self.sep} tokens, "
+            f"Part B = {T - self.sep}"
+        )
         self.table.value = example_table_html(example, self.tokenizer, max_tokens=self.max_tokens)
         labels = self.tokenizer.token_strings(f["input_ids"]) if hasattr(self.tokenizer, "token_strings") else None
         self.image.value = mask_png(self.mask, sep=self.sep, labels=labels)

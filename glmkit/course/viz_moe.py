@@ -38,7 +38,7 @@ import dataclasses
 import io
 import math
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ def plot_param_breakdown(cfg, ax=None, log: bool = False):
     y = np.arange(len(rows))[::-1]
     bars_t = ax.barh(y, tot, color="#c6dbef", edgecolor="#6b8fb8", label="total (stored)")
     bars_a = ax.barh(y, act, height=0.5, color="#2b6cb0", label="active per token")
-    for b, (name, t, a) in zip(bars_t, rows):
+    for b, (_, _, a) in zip(bars_t, rows):
         if a == 0:
             b.set_hatch("//")
     for yi, t, a in zip(y, tot, act):
@@ -161,8 +161,16 @@ def plot_param_breakdown(cfg, ax=None, log: bool = False):
 # ----------------------------------------------------------------------------------------------------
 
 
-def plot_router(scores, topk_idx, topk_weight=None, ax=None, title: str = "", vmax: float | None = None,
-                cmap: str = "Blues", annotate: bool = True):
+def plot_router(
+    scores,
+    topk_idx,
+    topk_weight=None,
+    ax=None,
+    title: str = "",
+    vmax: float | None = None,
+    cmap: str = "Blues",
+    annotate: bool = True,
+):
     """Heatmap of router scores [N tokens, E experts]; each token's chosen experts boxed in red, with
     their routing weight written inside. ``ax.images[0]`` holds exactly ``scores``; the boxes are
     Rectangles with gid "chosen" (N·k of them)."""
@@ -175,15 +183,28 @@ def plot_router(scores, topk_idx, topk_weight=None, ax=None, title: str = "", vm
         raise ValueError(f"scores must be [N, E] and topk_idx [N, k]; got {s.shape} and {idx.shape}")
     N, E = s.shape
     ax = _new_ax(ax, (0.45 * E + 1.5, 0.35 * N + 1.2))
-    im = ax.imshow(s, cmap=cmap, vmin=0, vmax=vmax if vmax is not None else max(float(s.max()), 1e-6),
-                   aspect="auto", interpolation="nearest")
+    im = ax.imshow(
+        s,
+        cmap=cmap,
+        vmin=0,
+        vmax=vmax if vmax is not None else max(float(s.max()), 1e-6),
+        aspect="auto",
+        interpolation="nearest",
+    )
     for t in range(N):
         for j in range(idx.shape[1]):
             e = int(idx[t, j])
             ax.add_patch(Rectangle((e - 0.5, t - 0.5), 1, 1, fill=False, edgecolor="#d62728", lw=2, gid="chosen"))
             if annotate and w is not None:
-                ax.text(e, t, f"{w[t, j]:.2f}", ha="center", va="center", fontsize=6.5,
-                        color="white" if s[t, e] > 0.6 * (vmax or s.max()) else "black")
+                ax.text(
+                    e,
+                    t,
+                    f"{w[t, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if s[t, e] > 0.6 * (vmax or s.max()) else "black",
+                )
     ax.set_xticks(range(E))
     ax.set_yticks(range(N))
     ax.tick_params(labelsize=7)
@@ -207,23 +228,34 @@ class RouterExplorer:
     (``topk_idx``, ``topk_weight``, ``scores``, ``load``). CSS class ``moe-router-explorer``.
     """
 
-    def __init__(self, n_tokens: int = 10, n_experts: int = 16, top_k: int = 4, hidden: int = 32,
-                 biased_expert: int = 5, seed: int = 0):
+    def __init__(
+        self,
+        n_tokens: int = 10,
+        n_experts: int = 16,
+        top_k: int = 4,
+        hidden: int = 32,
+        biased_expert: int = 5,
+        seed: int = 0,
+    ):
         import ipywidgets as W
 
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n_tokens, hidden, generator=g)
-        self.w_r = torch.randn(n_experts, hidden, generator=g) * hidden ** -0.5
+        self.w_r = torch.randn(n_experts, hidden, generator=g) * hidden**-0.5
         self.top_k, self.biased_expert = top_k, biased_expert
         self.E = n_experts
-        self.kind = W.ToggleButtons(options=["sigmoid (GLM-4.5)", "softmax (classic)"], value="sigmoid (GLM-4.5)",
-                                    description="router")
-        self.bias = W.FloatSlider(value=0.0, min=-1.0, max=1.0, step=0.05, description=f"bias e{biased_expert}",
-                                  continuous_update=False)
-        self.scale = W.FloatSlider(value=2.5, min=0.5, max=3.0, step=0.1, description="scaling",
-                                   continuous_update=False)
-        self.groups = W.Dropdown(options=list(GROUP_CHOICES), value="1 / 1 (GLM-4.5)",
-                                 description="groups", layout=W.Layout(width="330px"))
+        self.kind = W.ToggleButtons(
+            options=["sigmoid (GLM-4.5)", "softmax (classic)"], value="sigmoid (GLM-4.5)", description="router"
+        )
+        self.bias = W.FloatSlider(
+            value=0.0, min=-1.0, max=1.0, step=0.05, description=f"bias e{biased_expert}", continuous_update=False
+        )
+        self.scale = W.FloatSlider(
+            value=2.5, min=0.5, max=3.0, step=0.1, description="scaling", continuous_update=False
+        )
+        self.groups = W.Dropdown(
+            options=list(GROUP_CHOICES), value="1 / 1 (GLM-4.5)", description="groups", layout=W.Layout(width="330px")
+        )
         self.status = W.HTML()
         self.image = W.Image(format="png", layout=W.Layout(width="820px"))
         self.image.add_class("moe-router-image")
@@ -239,7 +271,7 @@ class RouterExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
     def route(self) -> dict:
-        logits = self.x @ self.w_r.T                                   # [N, E]
+        logits = self.x @ self.w_r.T  # [N, E]
         sigmoid = self.kind.value.startswith("sigmoid")
         n_group, topk_group = GROUP_CHOICES[self.groups.value]
         if sigmoid:
@@ -252,8 +284,15 @@ class RouterExplorer:
             w, idx = s.topk(self.top_k, dim=-1)
             w = w / w.sum(-1, keepdim=True)
             choice = s
-        return {"topk_idx": idx, "topk_weight": w, "scores": s, "choice": choice, "sigmoid": sigmoid,
-                "groups": (n_group, topk_group), "load": moe.expert_load(idx, self.E)}
+        return {
+            "topk_idx": idx,
+            "topk_weight": w,
+            "scores": s,
+            "choice": choice,
+            "sigmoid": sigmoid,
+            "groups": (n_group, topk_group),
+            "load": moe.expert_load(idx, self.E),
+        }
 
     def update(self) -> None:
         from matplotlib.figure import Figure
@@ -262,8 +301,14 @@ class RouterExplorer:
         fig = Figure(figsize=(11.5, 3.6), layout="constrained")
         ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
         name = "sigmoid scores s (weights come from s)" if r["sigmoid"] else "softmax probabilities p"
-        plot_router(r["scores"], r["topk_idx"], r["topk_weight"], ax=ax0, vmax=1.0 if r["sigmoid"] else None,
-                    title=f"{name}; boxed: the {self.top_k} chosen experts, with their weights")
+        plot_router(
+            r["scores"],
+            r["topk_idx"],
+            r["topk_weight"],
+            ax=ax0,
+            vmax=1.0 if r["sigmoid"] else None,
+            title=f"{name}; boxed: the {self.top_k} chosen experts, with their weights",
+        )
         G, TG = r["groups"]
         if r["sigmoid"] and G > 1:
             for gi in range(1, G):
@@ -279,7 +324,8 @@ class RouterExplorer:
             + (f", groups {G}/{TG}, bias of e{self.biased_expert} = {self.bias.value:+.2f}" if r["sigmoid"] else "")
             + f" · weights per token sum to {float(wsum.min()):.2f}"
             + (" (= routed_scaling_factor)" if r["sigmoid"] else " (renormalised top-k)")
-            + f" · e{self.biased_expert} chosen by {int(load[self.biased_expert])} of {self.x.shape[0]} tokens")
+            + f" · e{self.biased_expert} chosen by {int(load[self.biased_expert])} of {self.x.shape[0]} tokens"
+        )
         self.last = r
         self.updates += 1
 
@@ -303,9 +349,9 @@ class ClusterTask:
     def __post_init__(self):
         g = torch.Generator().manual_seed(self.seed)
         H = self.hidden
-        self.centers = torch.randn(self.n_clusters, H, generator=g)                 # c_z [C, H]
+        self.centers = torch.randn(self.n_clusters, H, generator=g)  # c_z [C, H]
         mu = torch.randn(H, generator=g)
-        self.mu = mu / mu.norm() * H ** 0.25                                      # the shared mean μ [H]
+        self.mu = mu / mu.norm() * H**0.25  # the shared mean μ [H]
         self.maps = torch.randn(self.n_clusters, H, H, generator=g) / math.sqrt(H)  # A_z [C, H, H]
 
     def batch(self, step: int, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,10 +388,21 @@ class BalanceRun:
         return ", ".join(parts)
 
 
-def balance_run(router: str = "sigmoid", gamma: float = 0.0, aux_alpha: float = 0.0, skew: float = 2.5,
-                steps: int = 300, n_experts: int = 16, top_k: int = 2, hidden: int = 32,
-                expert_size: int = 8, n_tokens: int = 256, lr: float = 3e-3, seed: int = 0,
-                task: ClusterTask | None = None) -> BalanceRun:
+def balance_run(
+    router: str = "sigmoid",
+    gamma: float = 0.0,
+    aux_alpha: float = 0.0,
+    skew: float = 2.5,
+    steps: int = 300,
+    n_experts: int = 16,
+    top_k: int = 2,
+    hidden: int = 32,
+    expert_size: int = 8,
+    n_tokens: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    task: ClusterTask | None = None,
+) -> BalanceRun:
     """Train one ``glmkit.moe.MoE`` layer (no shared expert) on ``ClusterTask`` with Adam and record the
     expert load of every step.
 
@@ -366,15 +423,18 @@ def balance_run(router: str = "sigmoid", gamma: float = 0.0, aux_alpha: float = 
     if task.hidden != hidden:
         raise ValueError(f"task.hidden ({task.hidden}) must equal hidden ({hidden})")
     with single_thread():
-        return _balance_run(router, gamma, aux_alpha, skew, steps, n_experts, top_k, hidden, expert_size,
-                            n_tokens, lr, seed, task)
+        return _balance_run(
+            router, gamma, aux_alpha, skew, steps, n_experts, top_k, hidden, expert_size, n_tokens, lr, seed, task
+        )
 
 
-def _balance_run(router, gamma, aux_alpha, skew, steps, n_experts, top_k, hidden, expert_size, n_tokens, lr,
-                 seed, task) -> BalanceRun:
+def _balance_run(
+    router, gamma, aux_alpha, skew, steps, n_experts, top_k, hidden, expert_size, n_tokens, lr, seed, task
+) -> BalanceRun:
     torch.manual_seed(seed)
-    layer = moe.MoE(hidden, n_experts, top_k, expert_size, n_shared_experts=0, router=router,
-                    aux_loss_alpha=aux_alpha, init_std=0.1)
+    layer = moe.MoE(
+        hidden, n_experts, top_k, expert_size, n_shared_experts=0, router=router, aux_loss_alpha=aux_alpha, init_std=0.1
+    )
     if skew:
         with torch.no_grad():
             layer.gate.weight[:2] += skew * task.mu / task.mu.norm()
@@ -387,15 +447,27 @@ def _balance_run(router, gamma, aux_alpha, skew, steps, n_experts, top_k, hidden
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        loads.append(layer.update_bias(gamma))           # the load of this step; b moves when γ > 0
+        loads.append(layer.update_bias(gamma))  # the load of this step; b moves when γ > 0
         losses.append(float(loss.detach()))
         b = getattr(layer.gate, "e_score_correction_bias", None)
         biases.append(b.clone() if b is not None else torch.zeros(n_experts))
     L = torch.stack(loads).numpy()
-    return BalanceRun(loads=L, maxvio=np.array([moe.max_violation(torch.from_numpy(l)) for l in L]),
-                      loss=np.array(losses), bias=torch.stack(biases).numpy(),
-                      settings=dict(router=router, gamma=gamma, aux_alpha=aux_alpha, skew=skew, steps=steps,
-                                    n_experts=n_experts, top_k=top_k, n_tokens=n_tokens))
+    return BalanceRun(
+        loads=L,
+        maxvio=np.array([moe.max_violation(torch.from_numpy(l)) for l in L]),
+        loss=np.array(losses),
+        bias=torch.stack(biases).numpy(),
+        settings=dict(
+            router=router,
+            gamma=gamma,
+            aux_alpha=aux_alpha,
+            skew=skew,
+            steps=steps,
+            n_experts=n_experts,
+            top_k=top_k,
+            n_tokens=n_tokens,
+        ),
+    )
 
 
 def load_share(loads) -> np.ndarray:
@@ -418,8 +490,7 @@ def _step_extent(steps, n_rows: int, n_cols: int):
     return (st[0] - half, st[-1] + half, -0.5, n_rows - 0.5)
 
 
-def plot_load_heatmap(loads, ax=None, title: str = "", vmax: float | None = None, colorbar: bool = True,
-                      steps=None):
+def plot_load_heatmap(loads, ax=None, title: str = "", vmax: float | None = None, colorbar: bool = True, steps=None):
     """Experts (rows) × steps (columns): each expert's load divided by the mean load of that step, so 1
     (white) is the balanced share, 0 (blue) an idle expert and red an overloaded one. ``ax.images[0]``
     holds exactly ``load_share(loads).T``. steps: the training step of each row of ``loads`` (default
@@ -429,9 +500,15 @@ def plot_load_heatmap(loads, ax=None, title: str = "", vmax: float | None = None
     share = load_share(loads)
     ax = _new_ax(ax, (7, 3))
     top = vmax if vmax is not None else max(2.0, float(share.max()))
-    im = ax.imshow(share.T, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=top),
-                   interpolation="nearest", origin="lower",
-                   extent=_step_extent(steps, share.shape[1], share.shape[0]))
+    im = ax.imshow(
+        share.T,
+        aspect="auto",
+        cmap="RdBu_r",
+        norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=top),
+        interpolation="nearest",
+        origin="lower",
+        extent=_step_extent(steps, share.shape[1], share.shape[0]),
+    )
     ax.set_xlabel("training step")
     ax.set_ylabel("expert")
     if title:
@@ -441,23 +518,31 @@ def plot_load_heatmap(loads, ax=None, title: str = "", vmax: float | None = None
     return ax
 
 
-def plot_layer_loads(load_steps, expert_loads, ax=None, title: str = "", vmax: float | None = None,
-                     colorbar: bool = True):
+def plot_layer_loads(
+    load_steps, expert_loads, ax=None, title: str = "", vmax: float | None = None, colorbar: bool = True
+):
     """The load heatmap of a whole model: ``expert_loads[i][layer][e]`` is the share of a layer's routed
     slots that expert e got at step ``load_steps[i]`` (``glmkit.train.History``'s fields). Rows are
     (layer, expert) pairs, layer by layer with a line between layers; colour = share · E = load / mean.
     ``ax.images[0]`` holds exactly that [layers·E, snapshots] array."""
     from matplotlib.colors import TwoSlopeNorm
 
-    shares = np.asarray(expert_loads, dtype=float)            # [snapshots, layers, E]
+    shares = np.asarray(expert_loads, dtype=float)  # [snapshots, layers, E]
     if shares.ndim != 3:
         raise ValueError(f"expert_loads must be [snapshots][layers][E], got shape {shares.shape}")
     n, L, E = shares.shape
-    rel = (shares * E).transpose(1, 2, 0).reshape(L * E, n)   # [layers·E, snapshots]
+    rel = (shares * E).transpose(1, 2, 0).reshape(L * E, n)  # [layers·E, snapshots]
     ax = _new_ax(ax, (7, 3))
     top = vmax if vmax is not None else max(2.0, float(rel.max()))
-    im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=top),
-                   interpolation="nearest", origin="lower", extent=_step_extent(load_steps, L * E, n))
+    im = ax.imshow(
+        rel,
+        aspect="auto",
+        cmap="RdBu_r",
+        norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=top),
+        interpolation="nearest",
+        origin="lower",
+        extent=_step_extent(load_steps, L * E, n),
+    )
     for l in range(1, L):
         ax.axhline(l * E - 0.5, color="k", lw=1.2)
     ax.set_yticks([l * E + (E - 1) / 2 for l in range(L)], [f"MoE layer {l + 1}" for l in range(L)], fontsize=7)
@@ -493,10 +578,15 @@ def plot_load(history, ax=None, label: str | None = None, title: str = "expert-l
     if not history.max_violation:
         raise ValueError("this History has no expert-load records: the model had no MoE layers")
     ax = _new_ax(ax, (6.4, 3.2))
-    steps = history.steps[-len(history.max_violation):]
-    line, = ax.plot(steps, history.max_violation, alpha=0.25, lw=1)
-    ax.plot(steps, history.smoothed(values=history.max_violation), color=line.get_color(), lw=2,
-            label=label or "MaxVio (smoothed)")
+    steps = history.steps[-len(history.max_violation) :]
+    (line,) = ax.plot(steps, history.max_violation, alpha=0.25, lw=1)
+    ax.plot(
+        steps,
+        history.smoothed(values=history.max_violation),
+        color=line.get_color(),
+        lw=2,
+        label=label or "MaxVio (smoothed)",
+    )
     ax.set(xlabel="step", ylabel="max load / mean load − 1", title=title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -546,17 +636,27 @@ class BalanceExplorer:
         self.steps, self.run_kwargs = steps, run_kwargs
         self.reference = reference
         self.router = W.ToggleButtons(options=["sigmoid", "softmax"], value="sigmoid", description="router")
-        self.gamma = W.FloatSlider(value=0.01, min=0.0, max=0.05, step=0.001, readout_format=".3f",
-                                   description="γ (bias)", continuous_update=False)
-        self.alpha = W.FloatSlider(value=0.0, min=0.0, max=0.05, step=0.005, readout_format=".3f",
-                                   description="aux α", continuous_update=False)
-        self.skew = W.FloatSlider(value=2.5, min=0.0, max=4.0, step=0.5, description="init skew",
-                                  continuous_update=False)
+        self.gamma = W.FloatSlider(
+            value=0.01,
+            min=0.0,
+            max=0.05,
+            step=0.001,
+            readout_format=".3f",
+            description="γ (bias)",
+            continuous_update=False,
+        )
+        self.alpha = W.FloatSlider(
+            value=0.0, min=0.0, max=0.05, step=0.005, readout_format=".3f", description="aux α", continuous_update=False
+        )
+        self.skew = W.FloatSlider(
+            value=2.5, min=0.0, max=4.0, step=0.5, description="init skew", continuous_update=False
+        )
         self.status = W.HTML()
         self.image = W.Image(format="png", layout=W.Layout(width="900px"))
         self.image.add_class("moe-balance-image")
-        self.widget = W.VBox([W.HBox([self.router, self.skew]), W.HBox([self.gamma, self.alpha]), self.status,
-                              self.image])
+        self.widget = W.VBox(
+            [W.HBox([self.router, self.skew]), W.HBox([self.gamma, self.alpha]), self.status, self.image]
+        )
         self.widget.add_class("moe-balance-explorer")
         self.last: BalanceRun | None = None
         self.updates = 0
@@ -570,8 +670,14 @@ class BalanceExplorer:
     def update(self) -> None:
         from matplotlib.figure import Figure
 
-        run = balance_run(router=self.router.value, gamma=float(self.gamma.value), aux_alpha=float(self.alpha.value),
-                          skew=float(self.skew.value), steps=self.steps, **self.run_kwargs)
+        run = balance_run(
+            router=self.router.value,
+            gamma=float(self.gamma.value),
+            aux_alpha=float(self.alpha.value),
+            skew=float(self.skew.value),
+            steps=self.steps,
+            **self.run_kwargs,
+        )
         fig = Figure(figsize=(12.5, 3.2), layout="constrained")
         ax0, ax1, ax2 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.5, 1, 1]})
         plot_load_heatmap(run.loads, ax=ax0, title=f"your run: {run.label}")
@@ -591,10 +697,16 @@ class BalanceExplorer:
         ax2.legend(fontsize=7)
         self.image.value = _png(fig)
         idle = int((run.loads[-50:].sum(0) == 0).sum())
-        note = " (γ does nothing here: the softmax router has no bias)" if run.settings["router"] == "softmax" and run.settings["gamma"] else ""
-        self.status.value = (f"{run.label}{note} · MaxVio at the end {run.maxvio[-20:].mean():.2f} "
-                             f"(start {run.maxvio[0]:.2f}) · idle experts over the last 50 steps: {idle} · "
-                             f"final MSE {np.mean(run.loss[-20:]):.4f}")
+        note = (
+            " (γ does nothing here: the softmax router has no bias)"
+            if run.settings["router"] == "softmax" and run.settings["gamma"]
+            else ""
+        )
+        self.status.value = (
+            f"{run.label}{note} · MaxVio at the end {run.maxvio[-20:].mean():.2f} "
+            f"(start {run.maxvio[0]:.2f}) · idle experts over the last 50 steps: {idle} · "
+            f"final MSE {np.mean(run.loss[-20:]):.4f}"
+        )
         self.last = run
         self.updates += 1
 
@@ -604,7 +716,7 @@ class BalanceExplorer:
 # ----------------------------------------------------------------------------------------------------
 
 
-def count_tensor_ops(fn, *args, **kwargs) -> "collections.Counter[str]":
+def count_tensor_ops(fn, *args, **kwargs) -> collections.Counter[str]:
     """Run ``fn(*args, **kwargs)`` under a ``torch.overrides.TorchFunctionMode`` and count, by name, the
     torch calls that returned a tensor (views included). On a GPU each such call is at least one kernel
     launch, so the total says how launch-bound a piece of code is. Counts only, without timing."""
@@ -641,8 +753,14 @@ def alignment_cells(topk_idx, sorted_token_ids, expert_ids, num_tokens_post_pad,
         if s < S:
             cells.append({"slot": s, "token": s // k, "expert": flat[s], "kind": "slot"})
         else:
-            cells.append({"slot": None, "token": None, "expert": block_e if p < ntpp else -1,
-                          "kind": "pad" if p < ntpp else "tail"})
+            cells.append(
+                {
+                    "slot": None,
+                    "token": None,
+                    "expert": block_e if p < ntpp else -1,
+                    "kind": "pad" if p < ntpp else "tail",
+                }
+            )
     return cells
 
 
@@ -662,39 +780,71 @@ def plot_alignment(topk_idx, sorted_token_ids, expert_ids, num_tokens_post_pad, 
     S, P = len(flat), len(cells)
     ax = _new_ax(ax, (max(8, 0.42 * P + 1), 3.2))
     y_top, y_bot = 2.2, 0.0
-    x0_top = (P - S) / 2                                    # centre the shorter top row
+    x0_top = (P - S) / 2  # centre the shorter top row
     for s, e in enumerate(flat):
-        ax.add_patch(Rectangle((x0_top + s, y_top), 1, 0.8, facecolor=expert_color(e), edgecolor="k", lw=0.6, gid="src"))
+        ax.add_patch(
+            Rectangle((x0_top + s, y_top), 1, 0.8, facecolor=expert_color(e), edgecolor="k", lw=0.6, gid="src")
+        )
         ax.text(x0_top + s + 0.5, y_top + 0.4, f"t{s // k}.{s % k}", ha="center", va="center", fontsize=6)
     for p, c in enumerate(cells):
         if c["kind"] == "slot":
-            ax.add_patch(Rectangle((p, y_bot), 1, 0.8, facecolor=expert_color(c["expert"]), edgecolor="k", lw=0.6, gid="slot"))
+            ax.add_patch(
+                Rectangle((p, y_bot), 1, 0.8, facecolor=expert_color(c["expert"]), edgecolor="k", lw=0.6, gid="slot")
+            )
             ax.text(p + 0.5, y_bot + 0.4, str(c["slot"]), ha="center", va="center", fontsize=6.5)
-            ax.plot([x0_top + c["slot"] + 0.5, p + 0.5], [y_top, y_bot + 0.8], color=expert_color(c["expert"]),
-                    lw=0.9, alpha=0.9)
+            ax.plot(
+                [x0_top + c["slot"] + 0.5, p + 0.5],
+                [y_top, y_bot + 0.8],
+                color=expert_color(c["expert"]),
+                lw=0.9,
+                alpha=0.9,
+            )
         elif c["kind"] == "pad":
-            ax.add_patch(Rectangle((p, y_bot), 1, 0.8, facecolor=PAD_COLOR, edgecolor=expert_color(c["expert"]),
-                                   hatch="///", lw=0.8, gid="pad"))
+            ax.add_patch(
+                Rectangle(
+                    (p, y_bot),
+                    1,
+                    0.8,
+                    facecolor=PAD_COLOR,
+                    edgecolor=expert_color(c["expert"]),
+                    hatch="///",
+                    lw=0.8,
+                    gid="pad",
+                )
+            )
             ax.text(p + 0.5, y_bot + 0.4, "pad", ha="center", va="center", fontsize=5.5, color="#555")
         else:
             ax.add_patch(Rectangle((p, y_bot), 1, 0.8, facecolor=TAIL_COLOR, edgecolor="#bbb", lw=0.6, gid="tail"))
     blocks = torch.as_tensor(expert_ids).cpu().tolist()
     for b, e in enumerate(blocks):
         ax.plot([b * block_m, b * block_m], [y_bot - 0.15, y_bot + 0.95], color="k", lw=1.8)
-        ax.text(b * block_m + block_m / 2, y_bot - 0.35, f"block {b}: e{e}" if e >= 0 else f"block {b}: –",
-                ha="center", va="center", fontsize=7)
+        ax.text(
+            b * block_m + block_m / 2,
+            y_bot - 0.35,
+            f"block {b}: e{e}" if e >= 0 else f"block {b}: –",
+            ha="center",
+            va="center",
+            fontsize=7,
+        )
     ax.plot([P, P], [y_bot - 0.15, y_bot + 0.95], color="k", lw=1.8)
     ntpp = int(torch.as_tensor(num_tokens_post_pad).reshape(-1)[0])
-    ax.annotate(f"num_tokens_post_pad = {ntpp}", xy=(ntpp, y_bot + 0.9), xytext=(ntpp, y_bot + 1.45),
-                ha="center", fontsize=7, arrowprops=dict(arrowstyle="->", lw=0.8))
+    ax.annotate(
+        f"num_tokens_post_pad = {ntpp}",
+        xy=(ntpp, y_bot + 0.9),
+        xytext=(ntpp, y_bot + 1.45),
+        ha="center",
+        fontsize=7,
+        arrowprops=dict(arrowstyle="->", lw=0.8),
+    )
     ax.text(-0.3, y_top + 0.4, "router order\n(slot = token·k + j)", ha="right", va="center", fontsize=7)
     ax.text(-0.3, y_bot + 0.4, "sorted_token_ids", ha="right", va="center", fontsize=7)
     ax.set_xlim(-0.5, P + 0.5)
     ax.set_ylim(y_bot - 0.7, y_top + 1.0)
     ax.axis("off")
     n_pad = sum(c["kind"] == "pad" for c in cells)
-    ax.set_title(f"moe_align: {S} slots → {ntpp} rows in blocks of {block_m} ({n_pad} padding rows), "
-                 f"buffer of {P}", fontsize=9)
+    ax.set_title(
+        f"moe_align: {S} slots → {ntpp} rows in blocks of {block_m} ({n_pad} padding rows), buffer of {P}", fontsize=9
+    )
     return ax
 
 
@@ -726,7 +876,7 @@ def parse_bench(text: str) -> dict:
     if not start:
         raise ValueError("no '## Ratios vs targets' section in the benchmark file")
     ratios, header = [], None
-    for line in text[start.end():].splitlines():
+    for line in text[start.end() :].splitlines():
         line = line.strip()
         if line.startswith("#"):
             break
@@ -744,8 +894,16 @@ def parse_bench(text: str) -> dict:
         measured, unit = _value(row["measured"])
         target, _ = _value(row["target"])
         op = "≤" if ("≤" in row["target"] or "<=" in row["target"]) else "≥"
-        ratios.append({"name": row["ratio"], "measured": measured, "unit": unit, "target": target, "op": op,
-                       "met": row.get("met", "").lower().startswith("y")})
+        ratios.append(
+            {
+                "name": row["ratio"],
+                "measured": measured,
+                "unit": unit,
+                "target": target,
+                "op": op,
+                "met": row.get("met", "").lower().startswith("y"),
+            }
+        )
     if not ratios:
         raise ValueError("the 'Ratios vs targets' table has no rows")
     return {"meta": meta, "ratios": ratios}
@@ -762,9 +920,8 @@ def plot_speedups(rows: Sequence[dict], ax=None, title: str = ""):
     vals = [r["measured"] for r in rows]
     colors = ["#59a14f" if r["met"] else "#f28e2b" for r in rows]
     ax.barh(y, vals, color=colors, height=0.6)
-    ax.scatter([r["target"] for r in rows], y, marker="|", s=380, color="k", linewidths=2.2, zorder=3,
-               label="target")
-    for yi, r in zip(y, rows):                       # the label right of the bar and of the target tick
+    ax.scatter([r["target"] for r in rows], y, marker="|", s=380, color="k", linewidths=2.2, zorder=3, label="target")
+    for yi, r in zip(y, rows):  # the label right of the bar and of the target tick
         ax.text(max(r["measured"], r["target"]) * 1.01, yi, f" {r['measured']:.2f}×", va="center", fontsize=7.5)
     ax.axvline(1.0, color="#888", ls="--", lw=1)
     ax.set_yticks(y, [r["name"] for r in rows], fontsize=7.5)
@@ -772,8 +929,15 @@ def plot_speedups(rows: Sequence[dict], ax=None, title: str = ""):
     ax.set_xlim(0, max(max(vals), max(r["target"] for r in rows)) * 1.18)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="#59a14f", label="target met"), Patch(color="#f28e2b", label="target missed"),
-                       ax.collections[0]], fontsize=7, loc="upper right")
+    ax.legend(
+        handles=[
+            Patch(color="#59a14f", label="target met"),
+            Patch(color="#f28e2b", label="target missed"),
+            ax.collections[0],
+        ],
+        fontsize=7,
+        loc="upper right",
+    )
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
@@ -798,13 +962,14 @@ def centered_mean(values, window: int = 9) -> np.ndarray:
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd int, got {window!r}")
     i = np.arange(len(v))
-    half = np.minimum(window // 2, np.minimum(i, len(v) - 1 - i))   # symmetric: never reach past an end
+    half = np.minimum(window // 2, np.minimum(i, len(v) - 1 - i))  # symmetric: never reach past an end
     c = np.concatenate([[0.0], np.cumsum(v)])
     return (c[i + half + 1] - c[i - half]) / (2 * half + 1)
 
 
-def plot_loss_vs_compute(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax=None, window: int = 9,
-                         title: str = ""):
+def plot_loss_vs_compute(
+    runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax=None, window: int = 9, title: str = ""
+):
     """runs: name → (training FLOPs per step, cumulative; loss per step). Raw loss faint, a centred moving
     average (``centered_mean``) bold, FLOPs on a log axis."""
     ax = _new_ax(ax, (6.5, 3.4))
@@ -825,7 +990,29 @@ def plot_loss_vs_compute(runs: Mapping[str, tuple[Sequence[float], Sequence[floa
     return ax
 
 
-__all__ = ["param_breakdown", "plot_param_breakdown", "plot_router", "RouterExplorer", "GROUP_CHOICES",
-           "ClusterTask", "BalanceRun", "balance_run", "load_share", "plot_load_heatmap", "plot_layer_loads", "plot_max_violation",
-           "plot_balance_runs", "BalanceExplorer", "count_tensor_ops", "alignment_cells", "plot_alignment", "parse_bench",
-           "plot_speedups", "training_flops", "centered_mean", "plot_loss_vs_compute", "expert_color", "single_thread"]
+__all__ = [
+    "param_breakdown",
+    "plot_param_breakdown",
+    "plot_router",
+    "RouterExplorer",
+    "GROUP_CHOICES",
+    "ClusterTask",
+    "BalanceRun",
+    "balance_run",
+    "load_share",
+    "plot_load_heatmap",
+    "plot_layer_loads",
+    "plot_max_violation",
+    "plot_balance_runs",
+    "BalanceExplorer",
+    "count_tensor_ops",
+    "alignment_cells",
+    "plot_alignment",
+    "parse_bench",
+    "plot_speedups",
+    "training_flops",
+    "centered_mean",
+    "plot_loss_vs_compute",
+    "expert_color",
+    "single_thread",
+]

@@ -62,17 +62,18 @@ def _check(kind: str, head_dim: int, fraction: float, pairing: str, theta: float
         raise ValueError(f"theta must be > 1, got {theta!r}")
 
 
-def _rotate_at(x: torch.Tensor, positions: torch.Tensor, kind: str, theta: float, fraction: float,
-               pairing: str) -> torch.Tensor:
+def _rotate_at(
+    x: torch.Tensor, positions: torch.Tensor, kind: str, theta: float, fraction: float, pairing: str
+) -> torch.Tensor:
     """x [N, D] (one vector per row) placed at ``positions`` [T]: returns [N, T, D] rotated copies."""
     N, D = x.shape
     T = positions.shape[0]
-    xs = x[:, None, None, :].expand(N, 1, T, D).contiguous()             # [B=N, H=1, T, D]
+    xs = x[:, None, None, :].expand(N, 1, T, D).contiguous()  # [B=N, H=1, T, D]
     if kind == "learned":
         out = xs
     elif kind == "rope2d":
         cos_p, sin_p = rope_cos_sin(positions, D // 2, theta)
-        cos_b, sin_b = rope_cos_sin(torch.zeros_like(positions), D // 2, theta)   # block position 0 (Part A)
+        cos_b, sin_b = rope_cos_sin(torch.zeros_like(positions), D // 2, theta)  # block position 0 (Part A)
         out = rope_2d(xs, cos_p, sin_p, cos_b, sin_b)
     else:
         R = rotary_dim_for(D, fraction)
@@ -84,8 +85,16 @@ def _rotate_at(x: torch.Tensor, positions: torch.Tensor, kind: str, theta: float
     return out[:, 0]
 
 
-def qk_curve(q: torch.Tensor, k: torch.Tensor | None = None, *, kind: str = "rope", theta: float = 1e4,
-             fraction: float = 0.5, pairing: str = "interleaved", max_dist: int = 256) -> np.ndarray:
+def qk_curve(
+    q: torch.Tensor,
+    k: torch.Tensor | None = None,
+    *,
+    kind: str = "rope",
+    theta: float = 1e4,
+    fraction: float = 0.5,
+    pairing: str = "interleaved",
+    max_dist: int = 256,
+) -> np.ndarray:
     """q·k / (|q| |k|) with the query at position 0 and the key at position Δ = 0..max_dist.
 
     q, k: [D] or [N, D] (k defaults to q: "how similar is a token to itself Δ positions away"); with N
@@ -98,8 +107,8 @@ def qk_curve(q: torch.Tensor, k: torch.Tensor | None = None, *, kind: str = "rop
     if not isinstance(max_dist, int) or max_dist < 1:
         raise ValueError(f"max_dist must be a positive int, got {max_dist!r}")
     pos = torch.arange(max_dist + 1)
-    qr = _rotate_at(q, pos[:1], kind, theta, fraction, pairing)[:, 0]      # [N, D] at position 0
-    kr = _rotate_at(k, pos, kind, theta, fraction, pairing)                # [N, T, D]
+    qr = _rotate_at(q, pos[:1], kind, theta, fraction, pairing)[:, 0]  # [N, D] at position 0
+    kr = _rotate_at(k, pos, kind, theta, fraction, pairing)  # [N, T, D]
     dots = torch.einsum("nd,ntd->nt", qr.double(), kr.double())
     norms = q.double().norm(dim=-1)[:, None] * k.double().norm(dim=-1)[:, None]
     return (dots / norms).mean(0).numpy()
@@ -131,12 +140,20 @@ def dims_layout(head_dim: int, kind: str, fraction: float, pairing: str) -> np.n
 def _example_vectors(head_dim: int, n: int = 64, seed: int = 0) -> torch.Tensor:
     """A fixed set of query/key vectors with uneven energy across dims, like trained heads have."""
     g = torch.Generator().manual_seed(seed)
-    scale = torch.exp(-torch.arange(head_dim, dtype=torch.float32) / (head_dim / 3))   # energy decays with dim
+    scale = torch.exp(-torch.arange(head_dim, dtype=torch.float32) / (head_dim / 3))  # energy decays with dim
     return torch.randn(n, head_dim, generator=g) * scale[torch.randperm(head_dim, generator=g)]
 
 
-def plot_rope(kind: str = "rope", theta: float = 1e4, fraction: float = 0.5, pairing: str = "interleaved",
-              head_dim: int = 64, max_dist: int = 256, title: str = "", fig=None):
+def plot_rope(
+    kind: str = "rope",
+    theta: float = 1e4,
+    fraction: float = 0.5,
+    pairing: str = "interleaved",
+    head_dim: int = 64,
+    max_dist: int = 256,
+    title: str = "",
+    fig=None,
+):
     """Three panels: (1) a vector's first and slowest planes turning as its position grows, (2) which
     dims rotate in which plane, (3) q·k over relative distance — one vector (thin), the average over 64
     vectors (thick), and the same vector read with the other pairing (dashed)."""
@@ -157,14 +174,21 @@ def plot_rope(kind: str = "rope", theta: float = 1e4, fraction: float = 0.5, pai
             freq = theta ** (-2 * i / R)
             for p in range(9):
                 a = p * freq
-                ax1.annotate("", xy=(math.cos(a), math.sin(a)), xytext=(0, 0),
-                             arrowprops=dict(arrowstyle="->", color=c, alpha=0.25 + 0.75 * p / 8))
+                ax1.annotate(
+                    "",
+                    xy=(math.cos(a), math.sin(a)),
+                    xytext=(0, 0),
+                    arrowprops=dict(arrowstyle="->", color=c, alpha=0.25 + 0.75 * p / 8),
+                )
             ax1.plot([], [], color=c, label=f"plane {i}: {freq:.2g} rad/token")
         ax1.legend(fontsize=7, loc="lower left")
     else:
         ax1.text(0, 0, "no rotation:\npositions are added\nto the embedding", ha="center", va="center", fontsize=9)
-    ax1.set_aspect("equal"); ax1.set_xlim(-1.15, 1.15); ax1.set_ylim(-1.15, 1.15)
-    ax1.set_xticks([]); ax1.set_yticks([])
+    ax1.set_aspect("equal")
+    ax1.set_xlim(-1.15, 1.15)
+    ax1.set_ylim(-1.15, 1.15)
+    ax1.set_xticks([])
+    ax1.set_yticks([])
     ax1.set_title("one vector at positions 0..8", fontsize=9)
 
     # (2) the dims: colour = plane index, grey = passes through
@@ -224,8 +248,9 @@ class RopeExplorer:
     ``ipywidgets.Image`` (``.image``, class "rope-image") whose PNG changes with the settings.
     """
 
-    def __init__(self, scheme: str = "ChatGLM2/3, GLM-4: partial, interleaved", head_dim: int = 64,
-                 max_dist: int = 256):
+    def __init__(
+        self, scheme: str = "ChatGLM2/3, GLM-4: partial, interleaved", head_dim: int = 64, max_dist: int = 256
+    ):
         import ipywidgets as W
 
         if scheme not in SCHEMES:
@@ -236,18 +261,22 @@ class RopeExplorer:
         self._setting = False
         kind, theta, fraction, pairing = SCHEMES[scheme]
         self.kind = kind
-        self.scheme = W.Dropdown(options=list(SCHEMES), value=scheme, description="scheme",
-                                 layout=W.Layout(width="420px"))
-        self.theta = W.FloatLogSlider(value=theta, base=10, min=2, max=7, step=0.25, description="θ",
-                                      continuous_update=False)
-        self.fraction = W.FloatSlider(value=fraction, min=0.0, max=1.0, step=0.125, description="rotary frac.",
-                                      continuous_update=False)
+        self.scheme = W.Dropdown(
+            options=list(SCHEMES), value=scheme, description="scheme", layout=W.Layout(width="420px")
+        )
+        self.theta = W.FloatLogSlider(
+            value=theta, base=10, min=2, max=7, step=0.25, description="θ", continuous_update=False
+        )
+        self.fraction = W.FloatSlider(
+            value=fraction, min=0.0, max=1.0, step=0.125, description="rotary frac.", continuous_update=False
+        )
         self.pairing = W.Dropdown(options=["interleaved", "half"], value=pairing, description="pairing")
         self.status = W.HTML()
         self.image = W.Image(format="png", layout=W.Layout(width="900px"))
         self.image.add_class("rope-image")
-        self.widget = W.VBox([W.HBox([self.scheme, self.pairing]), W.HBox([self.theta, self.fraction]),
-                              self.status, self.image])
+        self.widget = W.VBox(
+            [W.HBox([self.scheme, self.pairing]), W.HBox([self.theta, self.fraction]), self.status, self.image]
+        )
         self.widget.add_class("rope-explorer")
         self.scheme.observe(self._on_scheme, names="value")
         for w in (self.theta, self.fraction, self.pairing):
@@ -260,7 +289,7 @@ class RopeExplorer:
     def _on_scheme(self, change) -> None:
         kind, theta, fraction, pairing = SCHEMES[change["new"]]
         self.kind = kind
-        self._setting = True            # one redraw for the whole preset, not one per control
+        self._setting = True  # one redraw for the whole preset, not one per control
         try:
             self.theta.value, self.fraction.value, self.pairing.value = theta, fraction, pairing
         finally:
@@ -280,14 +309,29 @@ class RopeExplorer:
             note = "2D RoPE rotates all dims (half by position, half by block position); fraction does not apply"
         else:
             note = ""
-        self.curve = qk_curve(_example_vectors(self.head_dim), kind=kind, theta=theta, fraction=frac,
-                              pairing=pairing, max_dist=self.max_dist)
+        self.curve = qk_curve(
+            _example_vectors(self.head_dim),
+            kind=kind,
+            theta=theta,
+            fraction=frac,
+            pairing=pairing,
+            max_dist=self.max_dist,
+        )
         R = rotary_dim_for(self.head_dim, frac) if kind == "rope" else (self.head_dim if kind == "rope2d" else 0)
-        self.status.value = (f"head dim {self.head_dim}, rotated dims {R}; average q·k at Δ = 16: "
-                             f"{self.curve[min(16, self.max_dist)]:+.2f}, at Δ = {self.max_dist}: "
-                             f"{self.curve[-1]:+.2f}" + (f" <i>({note})</i>" if note else ""))
-        self.image.value = rope_png(kind=kind, theta=theta, fraction=frac, pairing=pairing,
-                                    head_dim=self.head_dim, max_dist=self.max_dist, title=self.scheme.value)
+        self.status.value = (
+            f"head dim {self.head_dim}, rotated dims {R}; average q·k at Δ = 16: "
+            f"{self.curve[min(16, self.max_dist)]:+.2f}, at Δ = {self.max_dist}: "
+            f"{self.curve[-1]:+.2f}" + (f" <i>({note})</i>" if note else "")
+        )
+        self.image.value = rope_png(
+            kind=kind,
+            theta=theta,
+            fraction=frac,
+            pairing=pairing,
+            head_dim=self.head_dim,
+            max_dist=self.max_dist,
+            title=self.scheme.value,
+        )
         self.updates += 1
 
 

@@ -12,8 +12,9 @@ How GLM differs from its predecessors:
   ``[START] s_1..s_l`` and trained to predict ``s_1..s_l [END]``. The loss is on Part B only.
 
   The mask (``glmkit.ops.attention.attention_mask``) makes this one transformer pass. Key j is visible to
-  query i iff ``j < len(Part A)`` or ``j <= i``. Two rows of position ids tell a Part-B token where its blank is (row 0: the Part-A position
-  of the span's mask token) and where it is inside the span (row 1: 1..l+1; 0 on Part A).
+  query i iff ``j < len(Part A)`` or ``j <= i``. Two rows of position ids tell a Part-B token where its
+  blank is (row 0: the Part-A position of the span's mask token) and where it is inside the span (row 1:
+  1..l+1; 0 on Part A).
 
 Three ways to choose spans, each with its own mask token (GLM's ``--task-mask``), picked per example:
 
@@ -38,8 +39,8 @@ from ``(seed, step)`` so a resumed run sees exactly the batches it would have se
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ MODES = ("mask", "smask", "gmask")  # [MASK] spans, [sMASK] sentences, [gMASK] o
 # Configuration
 # ------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class BlankInfillingConfig:
     """How spans are chosen. Defaults are GLM's (``arguments.py`` of THUDM/GLM; its names in brackets).
@@ -62,32 +64,35 @@ class BlankInfillingConfig:
     ``gmask`` with the remainder ``gmask_prob = 1 - span_prob - sentence_prob``.
     """
 
-    mask_ratio: float = 0.15      # [bert_ratio] fraction of tokens covered by [MASK] spans (at least)
-    poisson_lambda: float = 3.0   # [avg_block_length] span lengths ~ Poisson(λ)
-    max_span_len: int = 39        # GLM truncates the Poisson pmf to lengths 1..39
-    span_prob: float = 0.5        # [bert_prob] probability of [MASK] mode
-    sentence_prob: float = 0.0    # [gap_sentence_prob] probability of [sMASK] mode (GLM-10B used 0.3)
+    mask_ratio: float = 0.15  # [bert_ratio] fraction of tokens covered by [MASK] spans (at least)
+    poisson_lambda: float = 3.0  # [avg_block_length] span lengths ~ Poisson(λ)
+    max_span_len: int = 39  # GLM truncates the Poisson pmf to lengths 1..39
+    span_prob: float = 0.5  # [bert_prob] probability of [MASK] mode
+    sentence_prob: float = 0.0  # [gap_sentence_prob] probability of [sMASK] mode (GLM-10B used 0.3)
     gmask_min_ratio: float = 0.5  # [gpt_min_ratio] the [gMASK] suffix covers 50-100% of the text
-    shuffle_spans: bool = True    # Part B in a random order (GLM's default; --no-shuffle-block turns it off)
+    shuffle_spans: bool = True  # Part B in a random order (GLM's default; --no-shuffle-block turns it off)
     sentence_ratio: float = 0.15  # [gap_sentence_ratio] fraction covered by [sMASK] sentences (at least)
 
     def __post_init__(self) -> None:
-        for name in ("mask_ratio", "poisson_lambda", "span_prob", "sentence_prob", "gmask_min_ratio",
-                     "sentence_ratio"):
+        for name in ("mask_ratio", "poisson_lambda", "span_prob", "sentence_prob", "gmask_min_ratio", "sentence_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TypeError(f"BlankInfillingConfig.{name} must be a finite number, got {value!r}")
         for name in ("mask_ratio", "sentence_ratio"):
             if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"BlankInfillingConfig.{name} must be in the open interval (0, 1), "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"BlankInfillingConfig.{name} must be in the open interval (0, 1), got {getattr(self, name)}"
+                )
         for name in ("span_prob", "sentence_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"BlankInfillingConfig.{name} must be a probability in [0, 1], "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(
+                    f"BlankInfillingConfig.{name} must be a probability in [0, 1], got {getattr(self, name)}"
+                )
         if self.span_prob + self.sentence_prob > 1.0 + 1e-9:
-            raise ValueError(f"BlankInfillingConfig.span_prob + sentence_prob must be <= 1 (the rest is "
-                             f"gmask_prob), got {self.span_prob} + {self.sentence_prob}")
+            raise ValueError(
+                f"BlankInfillingConfig.span_prob + sentence_prob must be <= 1 (the rest is "
+                f"gmask_prob), got {self.span_prob} + {self.sentence_prob}"
+            )
         if not 0.0 < self.gmask_min_ratio <= 1.0:
             raise ValueError(f"BlankInfillingConfig.gmask_min_ratio must be in (0, 1], got {self.gmask_min_ratio}")
         if self.poisson_lambda <= 0:
@@ -137,6 +142,7 @@ def source_len_for(seq_len: int, cfg: BlankInfillingConfig) -> int:
 # Span sampling
 # ------------------------------------------------------------------------------------------------------
 
+
 def span_length_distribution(lam: float, max_len: int) -> np.ndarray:
     """P(length = k) for k = 1..max_len: the Poisson(λ) pmf restricted to 1..max_len and renormalised.
 
@@ -174,8 +180,9 @@ def sample_span_lengths(n_tokens: int, cfg: BlankInfillingConfig, rng: np.random
     return [int(x) for x in draws[:count]]
 
 
-def sample_spans(n_tokens: int, cfg: BlankInfillingConfig, rng: np.random.Generator,
-                 max_tries: int = 100) -> list[tuple[int, int]]:
+def sample_spans(
+    n_tokens: int, cfg: BlankInfillingConfig, rng: np.random.Generator, max_tries: int = 100
+) -> list[tuple[int, int]]:
     """Random [MASK] spans over ``n_tokens`` tokens: half-open ``(start, end)``, sorted by start,
     non-overlapping and non-adjacent (at least one kept token between two spans), covering
     >= ``cfg.mask_ratio`` of the tokens.
@@ -203,9 +210,13 @@ def sample_spans(n_tokens: int, cfg: BlankInfillingConfig, rng: np.random.Genera
     return spans
 
 
-def sentence_spans(tokens, cfg: BlankInfillingConfig, rng: np.random.Generator,
-                   end_ids: Sequence[int] = SENTENCE_END_BYTES,
-                   space_ids: Sequence[int] = WHITESPACE_BYTES) -> list[tuple[int, int]]:
+def sentence_spans(
+    tokens,
+    cfg: BlankInfillingConfig,
+    rng: np.random.Generator,
+    end_ids: Sequence[int] = SENTENCE_END_BYTES,
+    space_ids: Sequence[int] = WHITESPACE_BYTES,
+) -> list[tuple[int, int]]:
     """Whole-sentence [sMASK] spans: sentences taken in random order until they cover
     >= ``cfg.sentence_ratio`` of the tokens, returned sorted by start.
 
@@ -248,13 +259,17 @@ def gmask_span(n_tokens: int, cfg: BlankInfillingConfig, rng: np.random.Generato
 # Part A / Part B
 # ------------------------------------------------------------------------------------------------------
 
+
 def _as_token_list(tokens) -> list[int]:
     """Token ids from a list/tuple of ints, a 1-D integer numpy array or a 1-D integer torch tensor."""
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"tokens must be token ids, not {type(tokens).__name__}; encode the text first")
     if isinstance(tokens, (torch.Tensor, np.ndarray)):
-        is_int = (not tokens.dtype.is_floating_point and not tokens.dtype.is_complex and tokens.dtype != torch.bool
-                  if isinstance(tokens, torch.Tensor) else np.issubdtype(tokens.dtype, np.integer))
+        is_int = (
+            not tokens.dtype.is_floating_point and not tokens.dtype.is_complex and tokens.dtype != torch.bool
+            if isinstance(tokens, torch.Tensor)
+            else np.issubdtype(tokens.dtype, np.integer)
+        )
         if not is_int:
             raise TypeError(f"tokens must have an integer dtype, got {tokens.dtype}")
         if tokens.ndim != 1:
@@ -304,27 +319,38 @@ class GLMExample:
 
     @property
     def part_b(self) -> list[int]:
-        return self.input_ids[self.sep:].tolist()
+        return self.input_ids[self.sep :].tolist()
 
     def table(self, tokenizer) -> str:
         """A four-row text table (input, position, block position, target), Part A | Part B."""
         tgt = [("·" if t == IGNORE_INDEX else tokenizer.token_strings([t])[0]) for t in self.targets.tolist()]
-        rows = [("input", tokenizer.token_strings(self.input_ids.tolist())),
-                ("position", [str(p) for p in self.position_ids[0].tolist()]),
-                ("block", [str(p) for p in self.position_ids[1].tolist()]),
-                ("target", tgt)]
+        rows = [
+            ("input", tokenizer.token_strings(self.input_ids.tolist())),
+            ("position", [str(p) for p in self.position_ids[0].tolist()]),
+            ("block", [str(p) for p in self.position_ids[1].tolist()]),
+            ("target", tgt),
+        ]
         width = [max(len(r[1][j]) for r in rows) for j in range(self.length)]
         lines = []
         for name, cells in rows:
             a = " ".join(c.rjust(w) for c, w in zip(cells[: self.sep], width))
-            b = " ".join(c.rjust(w) for c, w in zip(cells[self.sep:], width[self.sep:]))
+            b = " ".join(c.rjust(w) for c, w in zip(cells[self.sep :], width[self.sep :]))
             lines.append(f"{name:>8s}  {a} | {b}")
         return "\n".join(lines)
 
 
-def build_example(tokens, spans: Sequence[tuple[int, int]], order: Sequence[int] | None = None, *,
-                  mask_id: int, sop_id: int, eop_id: int, mask_token_ids: Sequence[int] | None = None,
-                  max_len: int | None = None, mode: str | None = None) -> GLMExample:
+def build_example(
+    tokens,
+    spans: Sequence[tuple[int, int]],
+    order: Sequence[int] | None = None,
+    *,
+    mask_id: int,
+    sop_id: int,
+    eop_id: int,
+    mask_token_ids: Sequence[int] | None = None,
+    max_len: int | None = None,
+    mode: str | None = None,
+) -> GLMExample:
     """Build Part A / Part B, both position rows and the targets from chosen spans.
 
     tokens: [n] ids. spans: half-open (start, end), sorted by start, non-overlapping, non-empty, within
@@ -343,11 +369,14 @@ def build_example(tokens, spans: Sequence[tuple[int, int]], order: Sequence[int]
             raise TypeError(f"span {k} must be a pair of ints (start, end), got {span!r}")
         start, end = int(span[0]), int(span[1])
         if not 0 <= start < end <= n:
-            raise ValueError(f"span {k} = ({start}, {end}) is empty or out of range for {n} tokens "
-                             "(need 0 <= start < end <= n)")
+            raise ValueError(
+                f"span {k} = ({start}, {end}) is empty or out of range for {n} tokens (need 0 <= start < end <= n)"
+            )
         if start < prev_end:
-            raise ValueError(f"span {k} = ({start}, {end}) overlaps or precedes span {k - 1} = {spans[k - 1]}; "
-                             "spans must be sorted by start and non-overlapping")
+            raise ValueError(
+                f"span {k} = ({start}, {end}) overlaps or precedes span {k - 1} = {spans[k - 1]}; "
+                "spans must be sorted by start and non-overlapping"
+            )
         prev_end = end
     spans = [(int(s), int(e)) for s, e in spans]
     m = len(spans)
@@ -378,21 +407,39 @@ def build_example(tokens, spans: Sequence[tuple[int, int]], order: Sequence[int]
         pos += [mask_positions[k]] * (len(span) + 1)
         block += list(range(1, len(span) + 2))
     if max_len is not None and len(inputs) > max_len:
-        raise ValueError(f"example length {len(inputs)} (Part A {sep} + Part B {len(inputs) - sep}) exceeds "
-                         f"max_len={max_len}; use a shorter text or fewer spans")
+        raise ValueError(
+            f"example length {len(inputs)} (Part A {sep} + Part B {len(inputs) - sep}) exceeds "
+            f"max_len={max_len}; use a shorter text or fewer spans"
+        )
     return GLMExample(
         input_ids=torch.tensor(inputs, dtype=torch.int64),
         targets=torch.tensor(targets, dtype=torch.int64),
         position_ids=torch.tensor([pos, block], dtype=torch.int64),
-        sep=sep, tokens=toks, spans=spans, order=order, mask_token_ids=mask_token_ids, mode=mode,
+        sep=sep,
+        tokens=toks,
+        spans=spans,
+        order=order,
+        mask_token_ids=mask_token_ids,
+        mode=mode,
         mask_positions=mask_positions,
     )
 
 
-def corrupt(tokens, cfg: BlankInfillingConfig, rng: np.random.Generator, tokenizer=None, *,
-            mask_id: int | None = None, smask_id: int | None = None, gmask_id: int | None = None,
-            sop_id: int | None = None, eop_id: int | None = None, mode: str | None = None,
-            sentence_end_ids: Sequence[int] | None = None, max_len: int | None = None) -> GLMExample:
+def corrupt(
+    tokens,
+    cfg: BlankInfillingConfig,
+    rng: np.random.Generator,
+    tokenizer=None,
+    *,
+    mask_id: int | None = None,
+    smask_id: int | None = None,
+    gmask_id: int | None = None,
+    sop_id: int | None = None,
+    eop_id: int | None = None,
+    mode: str | None = None,
+    sentence_end_ids: Sequence[int] | None = None,
+    max_len: int | None = None,
+) -> GLMExample:
     """Sample a mode (or use ``mode``), its spans and a Part-B order, and build the example.
 
     Special ids come from ``tokenizer`` (a ``ByteTokenizer``) unless given explicitly. [gMASK] mode gives
@@ -412,8 +459,11 @@ def corrupt(tokens, cfg: BlankInfillingConfig, rng: np.random.Generator, tokeniz
     if not forced:
         mode = "mask" if u < cfg.span_prob else "smask" if u < cfg.span_prob + cfg.sentence_prob else "gmask"
     if mode == "smask":
-        ends = sentence_end_ids if sentence_end_ids is not None else getattr(tokenizer, "sentence_end_ids",
-                                                                             SENTENCE_END_BYTES)
+        ends = (
+            sentence_end_ids
+            if sentence_end_ids is not None
+            else getattr(tokenizer, "sentence_end_ids", SENTENCE_END_BYTES)
+        )
         try:
             spaces = getattr(tokenizer, "whitespace_ids", WHITESPACE_BYTES)
             spans = sentence_spans(toks, cfg, rng, end_ids=ends, space_ids=spaces)
@@ -427,13 +477,23 @@ def corrupt(tokens, cfg: BlankInfillingConfig, rng: np.random.Generator, tokeniz
         spans = [gmask_span(len(toks), cfg, rng)]
     mid = ids[{"mask": "mask_id", "smask": "smask_id", "gmask": "gmask_id"}[mode]]
     order = rng.permutation(len(spans)).tolist() if cfg.shuffle_spans else None
-    return build_example(toks, spans, order, mask_id=ids["mask_id"], sop_id=ids["sop_id"],
-                         eop_id=ids["eop_id"], mask_token_ids=[mid] * len(spans), max_len=max_len, mode=mode)
+    return build_example(
+        toks,
+        spans,
+        order,
+        mask_id=ids["mask_id"],
+        sop_id=ids["sop_id"],
+        eop_id=ids["eop_id"],
+        mask_token_ids=[mid] * len(spans),
+        max_len=max_len,
+        mode=mode,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
 # Batches
 # ------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class GLMBatch:
@@ -455,18 +515,22 @@ class GLMBatch:
         for name in ("input_ids", "targets", "position_ids", "sep"):
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
-                raise TypeError(f"GLMBatch.{name} must be an int64 tensor, got "
-                                f"{getattr(t, 'dtype', type(t).__name__)}")
+                raise TypeError(f"GLMBatch.{name} must be an int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         B, L = self.input_ids.shape if self.input_ids.dim() == 2 else (None, None)
-        if B is None or self.targets.shape != (B, L) or self.position_ids.shape != (B, 2, L) \
-                or self.sep.shape != (B,):
-            raise ValueError(f"GLMBatch shapes must be input_ids/targets [B, L], position_ids [B, 2, L], sep [B]; "
-                             f"got {tuple(self.input_ids.shape)}, {tuple(self.targets.shape)}, "
-                             f"{tuple(self.position_ids.shape)}, {tuple(self.sep.shape)}")
+        if B is None or self.targets.shape != (B, L) or self.position_ids.shape != (B, 2, L) or self.sep.shape != (B,):
+            raise ValueError(
+                f"GLMBatch shapes must be input_ids/targets [B, L], position_ids [B, 2, L], sep [B]; "
+                f"got {tuple(self.input_ids.shape)}, {tuple(self.targets.shape)}, "
+                f"{tuple(self.position_ids.shape)}, {tuple(self.sep.shape)}"
+            )
 
-    def to(self, device, non_blocking: bool = False) -> "GLMBatch":
-        return GLMBatch(*(getattr(self, n).to(device, non_blocking=non_blocking)
-                          for n in ("input_ids", "targets", "position_ids", "sep")))
+    def to(self, device, non_blocking: bool = False) -> GLMBatch:
+        return GLMBatch(
+            *(
+                getattr(self, n).to(device, non_blocking=non_blocking)
+                for n in ("input_ids", "targets", "position_ids", "sep")
+            )
+        )
 
     @property
     def batch_size(self) -> int:
@@ -506,6 +570,7 @@ def collate(examples: Sequence[GLMExample], pad_id: int, pad_to: int | None = No
 # A deterministic data stream
 # ------------------------------------------------------------------------------------------------------
 
+
 class BlankInfillingData:
     """Batches of blank-infilling examples cut from one token stream, a pure function of (seed, step).
 
@@ -521,13 +586,23 @@ class BlankInfillingData:
     tokenizer: None = ``ByteTokenizer()``; it supplies the special ids and [PAD].
     """
 
-    def __init__(self, text_or_token_ids=None, tokenizer=None, seq_len: int = 128, batch_size: int = 16,
-                 cfg: BlankInfillingConfig | None = None, seed: int = 0, pad_to_seq_len: bool = False) -> None:
+    def __init__(
+        self,
+        text_or_token_ids=None,
+        tokenizer=None,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        cfg: BlankInfillingConfig | None = None,
+        seed: int = 0,
+        pad_to_seq_len: bool = False,
+    ) -> None:
         if text_or_token_ids is None:  # the built-in corpus
             from glmkit.data.corpus import load_corpus
+
             text_or_token_ids = load_corpus("default")
         if tokenizer is None:
             from glmkit.data.tokenizer import ByteTokenizer
+
             tokenizer = ByteTokenizer()
         self.cfg = BlankInfillingConfig() if cfg is None else cfg
         if not isinstance(self.cfg, BlankInfillingConfig):
@@ -547,8 +622,10 @@ class BlankInfillingData:
         self.pad_to_seq_len = pad_to_seq_len
 
     def __repr__(self) -> str:
-        return (f"BlankInfillingData({len(self.tokens)} tokens, seq_len={self.seq_len}, "
-                f"source_len={self.source_len}, batch_size={self.batch_size}, seed={self.seed})")
+        return (
+            f"BlankInfillingData({len(self.tokens)} tokens, seq_len={self.seq_len}, "
+            f"source_len={self.source_len}, batch_size={self.batch_size}, seed={self.seed})"
+        )
 
     def examples(self, step: int) -> list[GLMExample]:
         """The examples of batch ``step`` before collation (for display)."""
@@ -556,8 +633,10 @@ class BlankInfillingData:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         rng = np.random.default_rng((self.seed, int(step)))
         starts = rng.integers(0, len(self.tokens) - self.source_len + 1, size=self.batch_size)
-        return [corrupt(self.tokens[s: s + self.source_len], self.cfg, rng, self.tokenizer, max_len=self.seq_len)
-                for s in starts.tolist()]
+        return [
+            corrupt(self.tokens[s : s + self.source_len], self.cfg, rng, self.tokenizer, max_len=self.seq_len)
+            for s in starts.tolist()
+        ]
 
     def batch(self, step: int) -> GLMBatch:
         """Batch number ``step``: the same (seed, step) always gives the same batch."""

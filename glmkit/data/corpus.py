@@ -31,7 +31,7 @@ from pathlib import Path
 # ------------------------------------------------------------------------------------------------------
 
 STORIES_TARGET_CHARS = 400_000  # ~400 KB: enough that a small model does not simply memorise it
-_STORIES_SEED = 20210318        # the GLM paper's arXiv month; any fixed number works
+_STORIES_SEED = 20210318  # the GLM paper's arXiv month; any fixed number works
 
 
 class _SplitMix64:
@@ -59,19 +59,59 @@ class _SplitMix64:
         return [pool.pop(self.below(len(pool))) for _ in range(k)]
 
 
-_NAMES = ("Anna", "Ben", "Mia", "Leo", "Sara", "Tom", "Nora", "Max", "Lily", "Omar", "Eva", "Sam", "Zoe", "Ivan",
-          "Rosa", "Hugo")
+_NAMES = (
+    "Anna",
+    "Ben",
+    "Mia",
+    "Leo",
+    "Sara",
+    "Tom",
+    "Nora",
+    "Max",
+    "Lily",
+    "Omar",
+    "Eva",
+    "Sam",
+    "Zoe",
+    "Ivan",
+    "Rosa",
+    "Hugo",
+)
 _COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown", "orange", "purple")
 _THINGS = ("ball", "kite", "hat", "cup", "book", "box", "bag", "car", "shoe", "coat", "lamp", "pen")
 _PLACES = ("kitchen", "garden", "park", "school", "library", "market", "station", "forest", "beach", "bedroom")
 _ANIMALS = ("cat", "dog", "bird", "horse", "fox", "cow", "duck", "rabbit", "mouse", "goat")
 _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                 "eleven", "twelve")
+_NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
 _FACTS = (  # fixed facts: learnable by memory, the rest of the corpus is learnable from context
-    "The sky is blue.", "Grass is green.", "Snow is white.", "The sun is hot.", "Ice is cold.",
-    "A week has seven days.", "A cat says meow.", "A dog says woof.", "A cow says moo.", "Fish swim in water.",
-    "Birds can fly.", "Bees make honey.", "The moon shines at night.", "Rain falls from clouds.",
+    "The sky is blue.",
+    "Grass is green.",
+    "Snow is white.",
+    "The sun is hot.",
+    "Ice is cold.",
+    "A week has seven days.",
+    "A cat says meow.",
+    "A dog says woof.",
+    "A cow says moo.",
+    "Fish swim in water.",
+    "Birds can fly.",
+    "Bees make honey.",
+    "The moon shines at night.",
+    "Rain falls from clouds.",
 )
 
 
@@ -80,38 +120,46 @@ def _story_paragraph(r: _SplitMix64) -> str:
     if kind == 0:  # possession and a gift: the end repeats facts stated earlier
         a, b = r.sample(_NAMES, 2)
         (c1, c2), (t1, t2) = r.sample(_COLOURS, 2), r.sample(_THINGS, 2)
-        return (f"{a} has a {c1} {t1}. {b} has a {c2} {t2}. {a} gives the {c1} {t1} to {b}. "
-                f"Now {b} has a {c1} {t1} and a {c2} {t2}, and {a} has nothing.")
+        return (
+            f"{a} has a {c1} {t1}. {b} has a {c2} {t2}. {a} gives the {c1} {t1} to {b}. "
+            f"Now {b} has a {c1} {t1} and a {c2} {t2}, and {a} has nothing."
+        )
     if kind == 1:  # where things are, asked back
         a = r.choice(_NAMES)
         an, p1, p2 = r.choice(_ANIMALS), *r.sample(_PLACES, 2)
-        return (f"{a} sees a {an} in the {p1}. Then the {an} runs to the {p2}. "
-                f"Where is the {an}? The {an} is in the {p2}. {a} stays in the {p1}.")
+        return (
+            f"{a} sees a {an} in the {p1}. Then the {an} runs to the {p2}. "
+            f"Where is the {an}? The {an} is in the {p2}. {a} stays in the {p1}."
+        )
     if kind == 2:  # counting in digits and in words
         lo = r.below(20)
         hi = lo + 4 + r.below(6)
         seq = ", ".join(str(i) for i in range(lo, hi + 1))
         k = r.below(9) + 1
-        words = " ".join(_NUMBER_WORDS[1:k + 1])
+        words = " ".join(_NUMBER_WORDS[1 : k + 1])
         return f"Count from {lo} to {hi}: {seq}. In words, up to {_NUMBER_WORDS[k]}: {words}."
     if kind == 3:  # small sums, stated and repeated
         x, y = r.below(10), r.below(10)
         a = r.choice(_NAMES)
-        return (f"{a} has {x} apples and finds {y} more. {x} plus {y} is {x + y}, "
-                f"so {a} has {x + y} apples. {y} plus {x} is also {x + y}.")
+        return (
+            f"{a} has {x} apples and finds {y} more. {x} plus {y} is {x + y}, "
+            f"so {a} has {x + y} apples. {y} plus {x} is also {x + y}."
+        )
     if kind == 4:  # weekdays
         d = r.below(7)
         a = r.choice(_NAMES)
         place = r.choice(_PLACES)
-        return (f"Today is {_DAYS[d]}. Tomorrow is {_DAYS[(d + 1) % 7]}, and yesterday was {_DAYS[(d - 1) % 7]}. "
-                f"On {_DAYS[(d + 1) % 7]} {a} goes to the {place}.")
+        return (
+            f"Today is {_DAYS[d]}. Tomorrow is {_DAYS[(d + 1) % 7]}, and yesterday was {_DAYS[(d - 1) % 7]}. "
+            f"On {_DAYS[(d + 1) % 7]} {a} goes to the {place}."
+        )
     if kind == 5:  # spelling
         w = r.choice(_ANIMALS + _THINGS)
         return f"The word {w} has {len(w)} letters: {'-'.join(w)}. The {w} is {r.choice(_COLOURS)}."
     return " ".join(r.sample(_FACTS, 3))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_stories() -> str:
     r = _SplitMix64(_STORIES_SEED)
     paragraphs, size = [], 0
@@ -128,7 +176,9 @@ def _build_stories() -> str:
 
 # Pure, side-effect-free modules whose docstrings are mostly English prose. Missing ones (a module added or
 # removed in some Python version, or left out of a minimal install) are skipped.
-_STDLIB_MODULES = tuple(sorted("""
+_STDLIB_MODULES = tuple(
+    sorted(
+        """
 abc argparse array ast asyncio.base_events asyncio.events asyncio.futures asyncio.locks asyncio.protocols
 asyncio.queues asyncio.streams asyncio.subprocess asyncio.tasks asyncio.transports base64 bdb bisect bz2 calendar
 cmath cmd code codecs codeop collections collections.abc colorsys compileall concurrent.futures
@@ -147,7 +197,9 @@ tracemalloc types typing unicodedata unittest unittest.case unittest.loader unit
 unittest.runner unittest.suite urllib.error urllib.parse urllib.request urllib.robotparser uuid venv warnings wave
 weakref webbrowser wsgiref.handlers wsgiref.simple_server xml.dom.minidom xml.etree.ElementTree xml.sax xmlrpc.client
 xmlrpc.server zipapp zipfile zipimport zlib zoneinfo
-""".split()))
+""".split()
+    )
+)
 
 _LINE_STARTS_NOT_PROSE = (" ", "\t", ">>>", "...", "..", "-", "*", "+", "|", "=", ":")
 _MARKUP = re.compile(r"[{}\[\]<>=_`\\@#$%^&*|~]|::|\(\)")  # code, reST roles, signatures
@@ -187,7 +239,7 @@ def _docstrings(module) -> list[str]:
     return docs
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_stdlib() -> str:
     docs: list[str] = []
     with warnings.catch_warnings():  # touching deprecated attributes (typing.io, ...) warns
@@ -200,6 +252,7 @@ def _build_stdlib() -> str:
             docs.extend(_docstrings(module))
     try:  # the language reference topics behind help('if') etc.
         from pydoc_data.topics import topics
+
         docs.extend(topics[k] for k in sorted(topics))
     except Exception:
         pass
@@ -211,8 +264,9 @@ def _build_stdlib() -> str:
                 seen.add(p)
                 paragraphs.append(p)
     if not paragraphs:
-        raise RuntimeError("this Python installation carries no usable docstrings (run with -OO?); "
-                           "use load_corpus('stories') instead")
+        raise RuntimeError(
+            "this Python installation carries no usable docstrings (run with -OO?); use load_corpus('stories') instead"
+        )
     return "\n".join(paragraphs) + "\n"
 
 
@@ -222,10 +276,16 @@ def _build_stdlib() -> str:
 
 _CORPORA = {
     "default": ("the 'stories' corpus", _build_stories),
-    "stories": ("generated short stories and facts from templates (~400 KB, identical on every machine; "
-                "very learnable: most blanks follow from the rest of the paragraph)", _build_stories),
-    "stdlib": ("English prose from the docstrings of standard-library modules and pydoc's language "
-               "reference topics (~350 KB, depends on the Python version)", _build_stdlib),
+    "stories": (
+        "generated short stories and facts from templates (~400 KB, identical on every machine; "
+        "very learnable: most blanks follow from the rest of the paragraph)",
+        _build_stories,
+    ),
+    "stdlib": (
+        "English prose from the docstrings of standard-library modules and pydoc's language "
+        "reference topics (~350 KB, depends on the Python version)",
+        _build_stdlib,
+    ),
 }
 
 
@@ -239,16 +299,22 @@ def load_corpus(name: str = "default") -> str:
     if not isinstance(name, str):
         raise TypeError(f"corpus name must be a str, got {type(name).__name__}")
     if name not in _CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; available: {', '.join(_CORPORA)} "
-                         "(for your own text use load_text(path))")
+        raise ValueError(
+            f"unknown corpus {name!r}; available: {', '.join(_CORPORA)} (for your own text use load_text(path))"
+        )
     return _CORPORA[name][1]()
 
 
 def corpus_stats(name: str = "default") -> dict:
     """Size of a built-in corpus: characters, UTF-8 bytes (= ByteTokenizer tokens), lines, words."""
     text = load_corpus(name)
-    return {"name": name, "chars": len(text), "bytes": len(text.encode("utf-8")),
-            "lines": text.count("\n"), "words": len(text.split())}
+    return {
+        "name": name,
+        "chars": len(text),
+        "bytes": len(text.encode("utf-8")),
+        "lines": text.count("\n"),
+        "words": len(text.split()),
+    }
 
 
 def load_text(path, extensions: tuple[str, ...] = (".txt", ".md")) -> str:
@@ -270,8 +336,10 @@ def load_text(path, extensions: tuple[str, ...] = (".txt", ".md")) -> str:
     else:
         exts = tuple(e.lower() for e in extensions)
         files = sorted(
-            f for f in root.rglob("*")
-            if f.is_file() and f.name.lower().endswith(exts)
+            f
+            for f in root.rglob("*")
+            if f.is_file()
+            and f.name.lower().endswith(exts)
             and not any(part.startswith(".") for part in f.relative_to(root).parts)
         )
         if not files:
@@ -284,14 +352,18 @@ def load_text(path, extensions: tuple[str, ...] = (".txt", ".md")) -> str:
         try:
             text = data.decode("utf-8-sig")  # -sig: drop a leading byte-order mark
         except UnicodeDecodeError as e:
-            raise ValueError(f"{str(f)!r} is not valid UTF-8 text (byte {e.start}: {e.reason}); "
-                             "convert it to UTF-8 or leave it out") from None
+            raise ValueError(
+                f"{str(f)!r} is not valid UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 or leave it out"
+            ) from None
         text = text.replace("\r\n", "\n").strip()
         if text:
             texts.append(text)
     if not texts:
-        raise ValueError(f"{str(root)!r}: the text is empty" if root.is_file()
-                         else f"all {len(files)} files under {str(root)!r} are empty")
+        raise ValueError(
+            f"{str(root)!r}: the text is empty"
+            if root.is_file()
+            else f"all {len(files)} files under {str(root)!r} are empty"
+        )
     return "\n\n".join(texts) + "\n"
 
 
@@ -316,5 +388,6 @@ def train_val_split(text, val_fraction: float = 0.05):
 if __name__ == "__main__":
     for corpus_name, description in list_corpora().items():
         s = corpus_stats(corpus_name)
-        print(f"{corpus_name:8s} {s['bytes'] / 1e3:7.1f} KB  {s['lines']:6d} lines  {s['words']:7d} words  "
-              f"{description}")
+        print(
+            f"{corpus_name:8s} {s['bytes'] / 1e3:7.1f} KB  {s['lines']:6d} lines  {s['words']:7d} words  {description}"
+        )

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 GLM4_ROLES = ("system", "user", "assistant", "observation")
 GLM4_PREFIX = "[gMASK]<sop>"
@@ -69,19 +70,23 @@ class HFTokenizer:
             text = _token_text(self.config.get(f"{role}_token"))
             tid = None if text is None else tokenizer.token_to_id(text)
             if text is not None and tid is None:
-                raise ValueError(f"tokenizer_config.json names {role}_token={text!r}, which is not in tokenizer.json's vocabulary")
+                raise ValueError(
+                    f"tokenizer_config.json names {role}_token={text!r}, which is not in tokenizer.json's vocabulary"
+                )
             setattr(self, f"{role}_token", text)
             setattr(self, f"{role}_token_id", tid)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "HFTokenizer":
+    def from_folder(cls, folder: str | os.PathLike) -> HFTokenizer:
         """Read ``tokenizer.json`` (required) and ``tokenizer_config.json`` (optional) from a checkpoint folder."""
         tk = _require_tokenizers()
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {folder} (only fast tokenizers are supported; "
-                                    f"a tokenizer.model SentencePiece file is not read)")
+            raise FileNotFoundError(
+                f"no tokenizer.json in {folder} (only fast tokenizers are supported; "
+                f"a tokenizer.model SentencePiece file is not read)"
+            )
         config = {}
         cfg_path = folder / "tokenizer_config.json"
         if cfg_path.is_file():
@@ -138,8 +143,9 @@ class HFTokenizer:
 
     def chat_ids(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``format_chat(messages)``; raises if the vocabulary lacks GLM-4's role tokens."""
-        needed = [GLM4_PREFIX[:7], GLM4_PREFIX[7:]] + [f"<|{m['role']}|>" for m in messages if isinstance(m, dict)
-                                                       and m.get("role") in GLM4_ROLES]
+        needed = [GLM4_PREFIX[:7], GLM4_PREFIX[7:]] + [
+            f"<|{m['role']}|>" for m in messages if isinstance(m, dict) and m.get("role") in GLM4_ROLES
+        ]
         if add_generation_prompt:
             needed.append("<|assistant|>")
         absent = sorted({t for t in needed if self.token_to_id(t) is None})
@@ -158,8 +164,9 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, pad={self.pad_token!r})"
 
 
-def chat(model, tokenizer: HFTokenizer, messages: Sequence[dict[str, str]], max_new_tokens: int = 256,
-         **generate_kwargs: Any) -> str:
+def chat(
+    model, tokenizer: HFTokenizer, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, **generate_kwargs: Any
+) -> str:
     """One assistant reply: GLM-4 prompt → ``glmkit.generate.generate`` (stopping on ``stop_token_ids``) →
     decoded text. ``generate_kwargs``: temperature, top_k, top_p, use_cache, generator."""
     from glmkit.generate import generate

@@ -50,12 +50,15 @@ class LMBatch:
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
                 raise TypeError(f"LMBatch.{name} must be an int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if self.input_ids.dim() != 2 or self.targets.shape != self.input_ids.shape:
-            raise ValueError(f"LMBatch.input_ids and targets must both be [B, T], got "
-                             f"{tuple(self.input_ids.shape)} and {tuple(self.targets.shape)}")
+            raise ValueError(
+                f"LMBatch.input_ids and targets must both be [B, T], got "
+                f"{tuple(self.input_ids.shape)} and {tuple(self.targets.shape)}"
+            )
 
-    def to(self, device, non_blocking: bool = False) -> "LMBatch":
-        return LMBatch(self.input_ids.to(device, non_blocking=non_blocking),
-                       self.targets.to(device, non_blocking=non_blocking))
+    def to(self, device, non_blocking: bool = False) -> LMBatch:
+        return LMBatch(
+            self.input_ids.to(device, non_blocking=non_blocking), self.targets.to(device, non_blocking=non_blocking)
+        )
 
     @property
     def n_tokens(self) -> int:
@@ -88,8 +91,18 @@ class LMData:
     seed:        with the step, seeds the window starts.
     """
 
-    def __init__(self, text=None, tokenizer=None, batch_size: int = 16, seq_len: int = 128, seed: int = 0,
-                 split: str = "train", *, corpus: str = "stories", val_fraction: float = 0.05) -> None:
+    def __init__(
+        self,
+        text=None,
+        tokenizer=None,
+        batch_size: int = 16,
+        seq_len: int = 128,
+        seed: int = 0,
+        split: str = "train",
+        *,
+        corpus: str = "stories",
+        val_fraction: float = 0.05,
+    ) -> None:
         for name, value, lo in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
@@ -97,9 +110,11 @@ class LMData:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if tokenizer is None:
             from glmkit.data.tokenizer import ByteTokenizer
+
             tokenizer = ByteTokenizer()
         if text is None:
             from glmkit.data.corpus import load_corpus
+
             text = load_corpus(corpus)
         from glmkit.data.corpus import train_val_split
 
@@ -112,18 +127,27 @@ class LMData:
             parts = train_val_split(_token_array(text), val_fraction)
             tokens = parts[SPLITS.index(split)]
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"the {split!r} split holds {len(tokens)} tokens, fewer than one window of "
-                             f"seq_len + 1 = {seq_len + 1}: use more text or a shorter seq_len")
+            raise ValueError(
+                f"the {split!r} split holds {len(tokens)} tokens, fewer than one window of "
+                f"seq_len + 1 = {seq_len + 1}: use more text or a shorter seq_len"
+            )
         vocab = getattr(tokenizer, "vocab_size", None)
         if vocab is not None and (tokens.min() < 0 or tokens.max() >= vocab):
             raise ValueError(f"token ids must lie in [0, vocab_size={vocab}), got [{tokens.min()}, {tokens.max()}]")
         self.tokens = tokens
-        self.tokenizer, self.batch_size, self.seq_len, self.seed, self.split = \
-            tokenizer, batch_size, seq_len, seed, split
+        self.tokenizer, self.batch_size, self.seq_len, self.seed, self.split = (
+            tokenizer,
+            batch_size,
+            seq_len,
+            seed,
+            split,
+        )
 
     def __repr__(self) -> str:
-        return (f"LMData({self.split!r}: {len(self.tokens)} tokens, batch_size={self.batch_size}, "
-                f"seq_len={self.seq_len}, seed={self.seed})")
+        return (
+            f"LMData({self.split!r}: {len(self.tokens)} tokens, batch_size={self.batch_size}, "
+            f"seq_len={self.seq_len}, seed={self.seed})"
+        )
 
     def starts(self, step: int) -> np.ndarray:
         """Where the B windows of batch ``step`` begin in ``self.tokens`` (for display and tests)."""
@@ -134,7 +158,7 @@ class LMData:
 
     def batch(self, step: int) -> LMBatch:
         """Batch number ``step``: the same (seed, step) always gives the same batch."""
-        idx = self.starts(step)[:, None] + np.arange(self.seq_len + 1)[None, :]   # [B, T + 1]
+        idx = self.starts(step)[:, None] + np.arange(self.seq_len + 1)[None, :]  # [B, T + 1]
         windows = torch.from_numpy(self.tokens[idx])
         return LMBatch(input_ids=windows[:, :-1].contiguous(), targets=windows[:, 1:].contiguous())
 

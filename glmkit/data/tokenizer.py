@@ -20,7 +20,7 @@ Special tokens (GLM names in brackets; the code of THUDM/GLM calls [START]/[END]
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -49,14 +49,14 @@ class ByteTokenizer:
     def __init__(self) -> None:
         self.special_tokens: dict[str, int] = {s: N_BYTES + i for i, s in enumerate(SPECIAL_TOKENS)}
         self.id_to_special: dict[int, str] = {i: s for s, i in self.special_tokens.items()}
-        self.pad_id = self.special_tokens["[PAD]"]        # 256
-        self.mask_id = self.special_tokens["[MASK]"]      # 257
-        self.smask_id = self.special_tokens["[sMASK]"]    # 258
-        self.gmask_id = self.special_tokens["[gMASK]"]    # 259
-        self.sop_id = self.special_tokens["[START]"]      # 260
-        self.eop_id = self.special_tokens["[END]"]        # 261
+        self.pad_id = self.special_tokens["[PAD]"]  # 256
+        self.mask_id = self.special_tokens["[MASK]"]  # 257
+        self.smask_id = self.special_tokens["[sMASK]"]  # 258
+        self.gmask_id = self.special_tokens["[gMASK]"]  # 259
+        self.sop_id = self.special_tokens["[START]"]  # 260
+        self.eop_id = self.special_tokens["[END]"]  # 261
         self.dblock_id = self.special_tokens["[dBLOCK]"]  # 262
-        self.eod_id = self.special_tokens["[EOD]"]        # 263
+        self.eod_id = self.special_tokens["[EOD]"]  # 263
         # 256 bytes + 8 specials = 264, already a multiple of 8 (embedding/matmul tiles like multiples of
         # 8). Rounding up keeps that true if a special is added: every id below vocab_size is valid.
         self.vocab_size = -(-(N_BYTES + len(SPECIAL_TOKENS)) // 8) * 8
@@ -149,7 +149,7 @@ class ByteTokenizer:
                 out.append(chr(i))
             else:
                 n = _utf8_len(i)
-                chunk = bytes(ids[k:k + n]) if n and all(b < N_BYTES for b in ids[k:k + n]) else b""
+                chunk = bytes(ids[k : k + n]) if n and all(b < N_BYTES for b in ids[k : k + n]) else b""
                 try:
                     ch = chunk.decode("utf-8") if n and len(chunk) == n else None
                 except UnicodeDecodeError:
@@ -233,14 +233,15 @@ class WordTokenizer:
         self.vocab_size = -(-n // 8) * 8  # rows n..vocab_size-1 are never produced (generate bans them)
         self.mask_ids = (self.mask_id, self.smask_id, self.gmask_id)
         # For [sMASK] sentences and whitespace handling in glmkit.data.blank_infilling.
-        self.sentence_end_ids = tuple(i for p, i in self.piece_to_id.items() if p.strip(" ") and
-                                      p.strip(" ")[-1] in _SENTENCE_END_CHARS)
+        self.sentence_end_ids = tuple(
+            i for p, i in self.piece_to_id.items() if p.strip(" ") and p.strip(" ")[-1] in _SENTENCE_END_CHARS
+        )
         self.whitespace_ids = tuple(i for p, i in self.piece_to_id.items() if not p.strip())
         self._special_re = re.compile("(" + "|".join(re.escape(s) for s in WORD_SPECIAL_TOKENS) + ")")
 
     # ---- fitting and saving ---------------------------------------------------------------------------
     @classmethod
-    def fit(cls, text: str, max_vocab: int | None = None, min_count: int = 1) -> "WordTokenizer":
+    def fit(cls, text: str, max_vocab: int | None = None, min_count: int = 1) -> WordTokenizer:
         """The pieces of ``text`` (``WORD_PATTERN``) seen at least ``min_count`` times, most frequent
         first, at most ``max_vocab`` of them (None: all)."""
         if not isinstance(text, str):
@@ -249,8 +250,7 @@ class WordTokenizer:
             raise ValueError("text is empty: nothing to fit a vocabulary on")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
             raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
-        if max_vocab is not None and (isinstance(max_vocab, bool) or not isinstance(max_vocab, int)
-                                      or max_vocab < 1):
+        if max_vocab is not None and (isinstance(max_vocab, bool) or not isinstance(max_vocab, int) or max_vocab < 1):
             raise ValueError(f"max_vocab must be a positive int or None, got {max_vocab!r}")
         counts: dict[str, int] = {}
         for piece in WORD_PATTERN.findall(text):
@@ -271,14 +271,15 @@ class WordTokenizer:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=0), encoding="utf-8")
 
     @classmethod
-    def load(cls, path) -> "WordTokenizer":
+    def load(cls, path) -> WordTokenizer:
         import json
         from pathlib import Path
 
         d = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(d, dict) or d.get("type") != "WordTokenizer" or not isinstance(d.get("pieces"), list):
-            raise ValueError(f"{str(path)!r} is not a saved WordTokenizer (expected "
-                             "{'type': 'WordTokenizer', 'pieces': [...]})")
+            raise ValueError(
+                f"{str(path)!r} is not a saved WordTokenizer (expected {{'type': 'WordTokenizer', 'pieces': [...]}})"
+            )
         return cls(d["pieces"])
 
     def __repr__(self) -> str:
@@ -317,8 +318,10 @@ class WordTokenizer:
         out = []
         for i in self._check_ids(ids):
             if i >= self.n_special + len(self.pieces):
-                raise ValueError(f"token id {i} is padding of the table (the vocabulary ends at "
-                                 f"{self.n_special + len(self.pieces) - 1})")
+                raise ValueError(
+                    f"token id {i} is padding of the table (the vocabulary ends at "
+                    f"{self.n_special + len(self.pieces) - 1})"
+                )
             if i < self.n_special:
                 if not skip_special:
                     out.append(self.id_to_special[i])

@@ -93,8 +93,13 @@ def _encode(v, torch, depth=0):
         flat = base.reshape(-1)
         if name in ("float16", "bfloat16"):
             flat = flat.to(torch.float32)
-        return {"__t__": "tensor", "dtype": name, "shape": list(base.shape), "data": flat.tolist(),
-                "subclass": type(v).__name__ if type(v) is not torch.Tensor else None}
+        return {
+            "__t__": "tensor",
+            "dtype": name,
+            "shape": list(base.shape),
+            "data": flat.tolist(),
+            "subclass": type(v).__name__ if type(v) is not torch.Tensor else None,
+        }
     if isinstance(v, tuple):
         return {"__t__": "tuple", "items": [_encode(x, torch, depth + 1) for x in tuple.__iter__(v)]}
     if isinstance(v, list):
@@ -104,6 +109,7 @@ def _encode(v, torch, depth=0):
 
 # ---------------------------------------------------------------------------------------------------------
 # sandbox (inside the namespaces sandbox these only add to it; in the weak mode they are all there is)
+
 
 def _landlock(read_roots, rw_roots, rw_files):
     """Kernel-enforced file-system, network and signal restrictions; returns the ABI version used (0 = none)."""
@@ -115,15 +121,15 @@ def _landlock(read_roots, rw_roots, rw_files):
     abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
     if abi < 1:
         return 0
-    fs_all = (1 << 13) - 1                      # EXECUTE .. MAKE_SYM (ABI 1)
+    fs_all = (1 << 13) - 1  # EXECUTE .. MAKE_SYM (ABI 1)
     if abi >= 2:
-        fs_all |= 1 << 13                       # REFER
+        fs_all |= 1 << 13  # REFER
     if abi >= 3:
-        fs_all |= 1 << 14                       # TRUNCATE
+        fs_all |= 1 << 14  # TRUNCATE
     if abi >= 5:
-        fs_all |= 1 << 15                       # IOCTL_DEV
-    file_rights = 1 | 2 | 4 | (1 << 14) | (1 << 15)   # rights that apply to a single file
-    read_rights = 1 | 4 | 8                     # EXECUTE | READ_FILE | READ_DIR
+        fs_all |= 1 << 15  # IOCTL_DEV
+    file_rights = 1 | 2 | 4 | (1 << 14) | (1 << 15)  # rights that apply to a single file
+    read_rights = 1 | 4 | 8  # EXECUTE | READ_FILE | READ_DIR
 
     class Attr(ctypes.Structure):
         _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
@@ -132,15 +138,18 @@ def _landlock(read_roots, rw_roots, rw_files):
         _pack_ = 1
         _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
-    net = 1 | 2 if abi >= 4 else 0              # BIND_TCP | CONNECT_TCP, with no rule: no TCP at all
-    scoped = 1 | 2 if abi >= 6 else 0           # abstract unix sockets and signals stay inside the sandbox
+    net = 1 | 2 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, with no rule: no TCP at all
+    scoped = 1 | 2 if abi >= 6 else 0  # abstract unix sockets and signals stay inside the sandbox
     size = 8 if abi < 4 else (16 if abi < 6 else 24)
     attr = Attr(fs_all, net, scoped)
     fd = libc.syscall(444, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
     if fd < 0:
         return 0
-    rules = [(p, read_rights) for p in read_roots] + [(p, fs_all) for p in rw_roots] + \
-            [(p, (2 | 4) & file_rights & fs_all) for p in rw_files]
+    rules = (
+        [(p, read_rights) for p in read_roots]
+        + [(p, fs_all) for p in rw_roots]
+        + [(p, (2 | 4) & file_rights & fs_all) for p in rw_files]
+    )
     for path, rights in rules:
         try:
             pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -151,7 +160,7 @@ def _landlock(read_roots, rw_roots, rw_files):
         pb = PathBeneath(rights & fs_all, pfd)
         libc.syscall(445, ctypes.c_int(fd), ctypes.c_int(1), ctypes.byref(pb), ctypes.c_uint32(0))
         os.close(pfd)
-    libc.prctl(38, 1, 0, 0, 0)                  # PR_SET_NO_NEW_PRIVS
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
     ok = libc.syscall(446, ctypes.c_int(fd), ctypes.c_uint32(0)) == 0
     os.close(fd)
     return abi if ok else 0
@@ -162,16 +171,15 @@ def _drop_capabilities():
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(38, 1, 0, 0, 0)                  # PR_SET_NO_NEW_PRIVS
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
     for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)            # PR_CAPBSET_DROP (fails harmlessly past the last cap)
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (fails harmlessly past the last cap)
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
     class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
     return libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0
 
@@ -181,16 +189,15 @@ def _drop_capabilities():
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(38, 1, 0, 0, 0)                  # PR_SET_NO_NEW_PRIVS
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
     for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)            # PR_CAPBSET_DROP (fails harmlessly past the last cap)
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (fails harmlessly past the last cap)
 
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
     class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
     return libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0
 
@@ -198,23 +205,44 @@ def _drop_capabilities():
 def _install_audit_hook(events, read_roots, write_roots):
     real = os.path.realpath
     under = lambda p, roots: any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
-    refused = {   # audit event -> (category the grader shows, what it says in the PermissionError)
-        "os.fork": ("process", "start a process"), "os.forkpty": ("process", "start a process"),
-        "os.posix_spawn": ("process", "start a process"), "os.spawn": ("process", "start a process"),
-        "os.exec": ("process", "start a program"), "os.system": ("process", "run a shell command"),
-        "subprocess.Popen": ("process", "start a process"), "pty.spawn": ("process", "start a process"),
-        "os.kill": ("signal", "send a signal"), "os.killpg": ("signal", "send a signal"),
+    refused = {  # audit event -> (category the grader shows, what it says in the PermissionError)
+        "os.fork": ("process", "start a process"),
+        "os.forkpty": ("process", "start a process"),
+        "os.posix_spawn": ("process", "start a process"),
+        "os.spawn": ("process", "start a process"),
+        "os.exec": ("process", "start a program"),
+        "os.system": ("process", "run a shell command"),
+        "subprocess.Popen": ("process", "start a process"),
+        "pty.spawn": ("process", "start a process"),
+        "os.kill": ("signal", "send a signal"),
+        "os.killpg": ("signal", "send a signal"),
         "signal.pthread_kill": ("signal", "send a signal"),
         "resource.setrlimit": ("limits", "change resource limits"),
         "resource.prlimit": ("limits", "change resource limits"),
         "ctypes.dlopen": ("native", "load native code with ctypes"),
         "ctypes.dlsym": ("native", "load native code with ctypes"),
         "ctypes.call_function": ("native", "call native code with ctypes"),
-        "socket.connect": ("network", "open a network connection"), "socket.bind": ("network", "open a socket"),
-        "socket.sendto": ("network", "send network packets"), "sys.addaudithook": ("audit", "install an audit hook"),
+        "socket.connect": ("network", "open a network connection"),
+        "socket.bind": ("network", "open a socket"),
+        "socket.sendto": ("network", "send network packets"),
+        "sys.addaudithook": ("audit", "install an audit hook"),
     }
-    path_events = {"open", "os.listdir", "os.scandir", "os.remove", "os.rename", "os.rmdir", "os.mkdir",
-                   "os.chmod", "os.chown", "os.truncate", "os.utime", "os.symlink", "os.link", "shutil.rmtree"}
+    path_events = {
+        "open",
+        "os.listdir",
+        "os.scandir",
+        "os.remove",
+        "os.rename",
+        "os.rmdir",
+        "os.mkdir",
+        "os.chmod",
+        "os.chown",
+        "os.truncate",
+        "os.utime",
+        "os.symlink",
+        "os.link",
+        "shutil.rmtree",
+    }
     state = {"busy": False}
 
     def record(kind, what):
@@ -245,16 +273,19 @@ def _install_audit_hook(events, read_roots, write_roots):
                 writing = event != "open" and event not in ("os.listdir", "os.scandir")
                 if event == "open" and len(args) > 1:
                     mode, flags = args[1], args[2] if len(args) > 2 else 0
-                    writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                        bool(isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+                    writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool(
+                        isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                    )
                 allowed = under(p, write_roots) if writing else under(p, read_roots + write_roots)
                 if not allowed:
                     record("write" if writing else "read", p)
             finally:
                 state["busy"] = False
             if not allowed:
-                raise PermissionError(f"the grader does not allow submissions to "
-                                      f"{'write' if writing else 'read'} files outside their folder: {p}")
+                raise PermissionError(
+                    f"the grader does not allow submissions to "
+                    f"{'write' if writing else 'read'} files outside their folder: {p}"
+                )
 
     sys.addaudithook(hook)
 
@@ -274,9 +305,11 @@ class _GlmkitGate(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             self.attempts.append(name)
         if name in self.packages or name == "glmkit":
             return importlib.util.spec_from_loader(name, self, is_package=True)
-        raise ModuleNotFoundError(f"No module named {name!r}: glmkit is not available to exercise files when "
-                                  f"they are checked or graded (write the code yourself; torch is available)",
-                                  name=name)
+        raise ModuleNotFoundError(
+            f"No module named {name!r}: glmkit is not available to exercise files when "
+            f"they are checked or graded (write the code yourself; torch is available)",
+            name=name,
+        )
 
     def create_module(self, spec):
         return None
@@ -302,18 +335,24 @@ def _call_fresh(fn, args, kwargs, encode):
     out, errors = [], []
     sys.unraisablehook = lambda u: errors.append(_describe(u.exc_value))
     call = map(encode, itertools.starmap(functools.partial(fn, **kwargs), [tuple(args)]))
-    if hasattr(_thread, "start_joinable_thread"):                   # Python >= 3.13
+    if hasattr(_thread, "start_joinable_thread"):  # Python >= 3.13
         _thread.start_joinable_thread(functools.partial(out.extend, call)).join()
-    else:   # the thread's sentinel lock is released when its state is deleted; we hold it before it may end
+    else:  # the thread's sentinel lock is released when its state is deleted; we hold it before it may end
         gate = _thread.allocate_lock()
         gate.acquire()
-        _thread.start_new_thread(out.extend, (itertools.chain(itertools.starmap(_thread._set_sentinel, [()]),
-                                                              itertools.starmap(gate.acquire, [()]), call),))
+        _thread.start_new_thread(
+            out.extend,
+            (
+                itertools.chain(
+                    itertools.starmap(_thread._set_sentinel, [()]), itertools.starmap(gate.acquire, [()]), call
+                ),
+            ),
+        )
         while not out:
             time.sleep(0.0002)
         out[0].acquire()
         gate.release()
-        out.pop(0).acquire()                                        # returns once that thread has ended
+        out.pop(0).acquire()  # returns once that thread has ended
         out.pop(0)
     if out:
         return {"ok": True, "value": out[0]}
@@ -322,12 +361,13 @@ def _call_fresh(fn, args, kwargs, encode):
 
 # ---------------------------------------------------------------------------------------------------------
 
+
 def main():
     proto_in = os.fdopen(os.dup(0), "r", encoding="utf-8")
     proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.dup2(2, 1)                                   # student prints go to the (capped) output pipe
+    os.dup2(2, 1)  # student prints go to the (capped) output pipe
     sys.stdin = open(os.devnull)
     _send(proto_out, {"hello": True})
     setup = json.loads(proto_in.readline())
@@ -337,12 +377,25 @@ def main():
 
     torch.set_num_threads(1)
     attempts = []
-    sys.meta_path.insert(0, _GlmkitGate(attempts, [r for r in setup.get("reference_modules", [])
-                                                   if isinstance(r, str)]))
+    sys.meta_path.insert(
+        0, _GlmkitGate(attempts, [r for r in setup.get("reference_modules", []) if isinstance(r, str)])
+    )
 
     # what the student process may read: the interpreter and its libraries
-    read_roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                  "/usr", "/lib", "/lib64", "/bin", "/etc", "/proc", "/sys", "/dev"}
+    read_roots = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        "/usr",
+        "/lib",
+        "/lib64",
+        "/bin",
+        "/etc",
+        "/proc",
+        "/sys",
+        "/dev",
+    }
     read_roots |= {p for p in sys.path if p and os.path.isdir(p)}
     read_roots = sorted({os.path.realpath(p) for p in read_roots if os.path.exists(p)})
     write_roots = [os.path.realpath(workdir), "/dev/null"]
@@ -366,15 +419,17 @@ def main():
     spec = importlib.util.spec_from_file_location(module_name, os.path.join(workdir, filename))
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    imported = _call_fresh(spec.loader.exec_module, [module], {}, lambda _: None)   # no frame of ours either
-    if not imported["ok"]:   # SystemExit/KeyboardInterrupt at import are the student's too
+    imported = _call_fresh(spec.loader.exec_module, [module], {}, lambda _: None)  # no frame of ours either
+    if not imported["ok"]:  # SystemExit/KeyboardInterrupt at import are the student's too
         del imported["ok"]
         _send(proto_out, {"import_error": imported, "sandbox": sandbox, "events": events, "glmkit_imports": attempts})
         os._exit(0)
 
     functions = {f: type(vars(module).get(f)) is types.FunctionType for f in setup.get("functions", [])}
-    _send(proto_out, {"ready": True, "functions": functions, "sandbox": sandbox, "events": events,
-                      "glmkit_imports": attempts})
+    _send(
+        proto_out,
+        {"ready": True, "functions": functions, "sandbox": sandbox, "events": events, "glmkit_imports": attempts},
+    )
     while True:
         line = proto_in.readline()
         if not line:
@@ -396,8 +451,9 @@ def main():
         try:
             _send(proto_out, reply)
         except BaseException as e:  # noqa: BLE001 - e.g. an unencodable value
-            _send(proto_out, {"ok": False, "type": "GraderEncodingError", "message": _safe_str(e),
-                              "events": list(events)})
+            _send(
+                proto_out, {"ok": False, "type": "GraderEncodingError", "message": _safe_str(e), "events": list(events)}
+            )
     os._exit(0)
 
 

@@ -68,9 +68,11 @@ def _short(t: Any, n: int = 24, at: int = 0) -> str:
     if isinstance(t, torch.Tensor):
         flat = t.reshape(-1).tolist()
         lo = max(0, min(at - n // 2, len(flat) - n))
-        s = ", ".join(str(int(x) if t.dtype == torch.bool else x) for x in flat[lo:lo + n])
-        return (f"[{'..., ' if lo > 0 else ''}{s}{', ...' if lo + n < len(flat) else ''}] "
-                f"(flat {lo}..{min(lo + n, len(flat)) - 1} of shape {list(t.shape)}, {str(t.dtype)[6:]})")
+        s = ", ".join(str(int(x) if t.dtype == torch.bool else x) for x in flat[lo : lo + n])
+        return (
+            f"[{'..., ' if lo > 0 else ''}{s}{', ...' if lo + n < len(flat) else ''}] "
+            f"(flat {lo}..{min(lo + n, len(flat)) - 1} of shape {list(t.shape)}, {str(t.dtype)[6:]})"
+        )
     return repr(t)[:200]
 
 
@@ -106,8 +108,9 @@ class Ctx:
 
     def expect_int(self, what: str, got, expected: int) -> None:
         if type(got) is not int:
-            raise CheckFailed(f"{what} should be a Python int",
-                              f"got {type(got).__name__} (use int(...) on a 0-d tensor)")
+            raise CheckFailed(
+                f"{what} should be a Python int", f"got {type(got).__name__} (use int(...) on a 0-d tensor)"
+            )
         if got != int(expected):
             raise CheckFailed(f"{what} has the wrong value", f"expected {int(expected)}, got {got}")
 
@@ -116,11 +119,11 @@ class Ctx:
         if not isinstance(got, torch.Tensor):
             raise CheckFailed(f"{what} should be a torch tensor", f"got {got!r}"[:200])
         if got.dtype != expected.dtype:
-            raise CheckFailed(f"{what} has the wrong dtype",
-                              f"expected {str(expected.dtype)[6:]}, got {str(got.dtype)[6:]}")
+            raise CheckFailed(
+                f"{what} has the wrong dtype", f"expected {str(expected.dtype)[6:]}, got {str(got.dtype)[6:]}"
+            )
         if tuple(got.shape) != tuple(expected.shape):
-            raise CheckFailed(f"{what} has the wrong shape",
-                              f"expected {list(expected.shape)}, got {list(got.shape)}")
+            raise CheckFailed(f"{what} has the wrong shape", f"expected {list(expected.shape)}, got {list(got.shape)}")
         if expected.dtype.is_floating_point:
             from glmkit.testing import rel_err
 
@@ -132,7 +135,9 @@ class Ctx:
             bad = (got != expected).nonzero()
             first = tuple(int(i) for i in bad[0])
             at = int((got != expected).reshape(-1).nonzero()[0])
-            raise CheckFailed(f"{what} has wrong values",
-                              f"{len(bad)} of {expected.numel()} entries differ; first at index {list(first)}: "
-                              f"expected {expected[first].item()}, got {got[first].item()}\n"
-                              f"      expected {_short(expected, at=at)}\n      got      {_short(got, at=at)}")
+            raise CheckFailed(
+                f"{what} has wrong values",
+                f"{len(bad)} of {expected.numel()} entries differ; first at index {list(first)}: "
+                f"expected {expected[first].item()}, got {got[first].item()}\n"
+                f"      expected {_short(expected, at=at)}\n      got      {_short(got, at=at)}",
+            )

@@ -62,7 +62,7 @@ class Exercise:
     path: Path
     id: str
     title: str
-    student_file: str                       # e.g. "ex01.py"
+    student_file: str  # e.g. "ex01.py"
     notebook: str | None
     functions: list[str]
     reference_modules: list[str]
@@ -130,10 +130,17 @@ def load_exercise(path: Path, *, with_hidden: bool = True) -> Exercise:
     except tomllib.TOMLDecodeError as e:
         raise ExerciseError(f"{settings_path}: {e}") from e
     try:
-        ex = Exercise(path=path, id=str(cfg["id"]), title=cfg["title"], student_file=cfg["student_file"],
-                      notebook=cfg.get("notebook"), functions=list(cfg["functions"]),
-                      reference_modules=list(cfg.get("reference_modules", [])), points=float(cfg["points"]),
-                      limits=Limits.from_dict(cfg.get("limits", {})))
+        ex = Exercise(
+            path=path,
+            id=str(cfg["id"]),
+            title=cfg["title"],
+            student_file=cfg["student_file"],
+            notebook=cfg.get("notebook"),
+            functions=list(cfg["functions"]),
+            reference_modules=list(cfg.get("reference_modules", [])),
+            points=float(cfg["points"]),
+            limits=Limits.from_dict(cfg.get("limits", {})),
+        )
     except KeyError as e:
         raise ExerciseError(f"{settings_path}: missing key {e}") from e
     if (path / PUBLIC_FILE).is_file():
@@ -150,16 +157,14 @@ def find_exercises(root: Path, ids: list[str] | None = None, *, with_hidden: boo
     """Every ``NN_name/`` folder with an exercise.toml under ``root``, or only those whose id or folder
     name is in ``ids`` (an unknown id is an error)."""
     root = Path(root)
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / SETTINGS_FILE).is_file()) \
-        if root.is_dir() else []
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / SETTINGS_FILE).is_file()) if root.is_dir() else []
     exercises = [load_exercise(d, with_hidden=with_hidden) for d in dirs]
     if ids:
         wanted = {str(i) for i in ids}
         chosen = [e for e in exercises if e.id in wanted or e.path.name in wanted]
         missing = wanted - {e.id for e in chosen} - {e.path.name for e in chosen}
         if missing:
-            raise ExerciseError(f"no exercise {sorted(missing)} under {root} "
-                                f"(have: {[e.id for e in exercises]})")
+            raise ExerciseError(f"no exercise {sorted(missing)} under {root} (have: {[e.id for e in exercises]})")
         exercises = chosen
     return exercises
 
@@ -167,11 +172,12 @@ def find_exercises(root: Path, ids: list[str] | None = None, *, with_hidden: boo
 # ---------------------------------------------------------------------------------------------------------
 # solution markers
 
+
 @dataclass
 class Region:
-    start: int          # line index of BEGIN
-    end: int            # line index of END
-    function: str       # the enclosing function
+    start: int  # line index of BEGIN
+    end: int  # line index of END
+    function: str  # the enclosing function
 
 
 def solution_regions(source: str, filename: str = "<master>") -> list[Region]:
@@ -204,11 +210,13 @@ def stub_source(source: str, module: str, filename: str = "<master>") -> str:
     lines = source.splitlines()
     out, last = [], 0
     for r in solution_regions(source, filename):
-        out += lines[last:r.start]
+        out += lines[last : r.start]
         indent = lines[r.start][: len(lines[r.start]) - len(lines[r.start].lstrip())]
         out.append(f"{indent}# YOUR CODE HERE (replace the line below)")
-        out.append(f'{indent}raise NotImplementedError("{module}.{r.function}: not implemented yet — '
-                   f'write this function, then run the checks")')
+        out.append(
+            f'{indent}raise NotImplementedError("{module}.{r.function}: not implemented yet — '
+            f'write this function, then run the checks")'
+        )
         last = r.end + 1
     out += lines[last:]
     text = "\n".join(out) + "\n"
@@ -221,7 +229,7 @@ def solution_lines(source: str) -> list[str]:
     lines = source.splitlines()
     found = []
     for r in solution_regions(source):
-        for line in lines[r.start + 1:r.end]:
+        for line in lines[r.start + 1 : r.end]:
             s = line.strip()
             if len(s) >= 16 and not s.startswith("#"):
                 found.append(s)
@@ -230,6 +238,7 @@ def solution_lines(source: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------
 # finding a student's file
+
 
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
@@ -257,8 +266,18 @@ def notebook_to_source(text: str, references: list[str] = ()) -> str:
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 if any(m == "glmkit" or m.startswith("glmkit.") for m in mods):
                     continue
-            if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign,
-                                 ast.AnnAssign, ast.AsyncFunctionDef)):
+            if isinstance(
+                node,
+                (
+                    ast.Import,
+                    ast.ImportFrom,
+                    ast.FunctionDef,
+                    ast.ClassDef,
+                    ast.Assign,
+                    ast.AnnAssign,
+                    ast.AsyncFunctionDef,
+                ),
+            ):
                 keep.append(ast.get_source_segment(src, node) or "")
     return "\n\n".join(keep) + "\n"
 
@@ -271,9 +290,9 @@ def defined_functions(source: str) -> set[str]:
     return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
-MAX_SOURCE_BYTES = 2_000_000      # a student's .py larger than this is refused without being read
-MAX_NOTEBOOK_BYTES = 20_000_000   # the same for a notebook (outputs make them bigger)
-MAX_ENTRIES = 10_000              # entries looked at in one student's folder (an archive bomb has millions)
+MAX_SOURCE_BYTES = 2_000_000  # a student's .py larger than this is refused without being read
+MAX_NOTEBOOK_BYTES = 20_000_000  # the same for a notebook (outputs make them bigger)
+MAX_ENTRIES = 10_000  # entries looked at in one student's folder (an archive bomb has millions)
 MAX_DEPTH = 12
 
 
@@ -287,8 +306,7 @@ def read_regular(path: Path, limit: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise Refused("is a symbolic link" if e.errno == errno.ELOOP else f"could not be read ({e.strerror})") \
-            from None
+        raise Refused("is a symbolic link" if e.errno == errno.ELOOP else f"could not be read ({e.strerror})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -352,9 +370,9 @@ def scan_folder(folder: Path) -> Scan:
 
 @dataclass
 class Located:
-    status: str                 # found | renamed | notebook | missing | empty | refused
+    status: str  # found | renamed | notebook | missing | empty | refused
     source: str = ""
-    path: Path | None = None    # relative to the student's folder
+    path: Path | None = None  # relative to the student's folder
     note: str = ""
     flags: list = field(default_factory=list)
 
@@ -373,8 +391,10 @@ def locate_submission(folder: Path, ex: Exercise) -> Located:
         shown = ", ".join(str(p) for p in scan.links[:5]) + (", ..." if len(scan.links) > 5 else "")
         loc.note = _join(loc.note, f"symbolic links are never followed; ignored {len(scan.links)}: {shown}")
     if scan.truncated:
-        loc.note = _join(loc.note, f"the folder is too big or too deep: only {MAX_ENTRIES} entries, "
-                                   f"{MAX_DEPTH} levels deep, were looked at")
+        loc.note = _join(
+            loc.note,
+            f"the folder is too big or too deep: only {MAX_ENTRIES} entries, {MAX_DEPTH} levels deep, were looked at",
+        )
     return loc
 
 
@@ -392,8 +412,12 @@ def _locate(folder: Path, ex: Exercise, scan: Scan) -> Located:
     fake = [p for p in scan.links + scan.special if p.name == expected]
     if fake:
         what = "a symbolic link" if fake[0] in scan.links else "not a regular file"
-        return Located("refused", path=fake[0], note=f"{fake[0]} is {what}: the grader reads only regular files, "
-                                                     f"so it was not graded; submit the file itself")
+        return Located(
+            "refused",
+            path=fake[0],
+            note=f"{fake[0]} is {what}: the grader reads only regular files, "
+            f"so it was not graded; submit the file itself",
+        )
     if not scan.files:
         return Located("missing", note=f"no files in the submission folder (expected {expected})")
     stem = _norm(Path(expected).stem)
@@ -413,14 +437,14 @@ def _locate(folder: Path, ex: Exercise, scan: Scan) -> Located:
     scored = [x for x in scored if x[0] > 0]
     if scored:
         n, _, p = max(scored, key=lambda x: (x[0], x[1], str(x[2])))
-        return _read(folder, p, "renamed", f"no {expected}; graded {p}, which defines {n} of the {len(want)} "
-                                           f"functions")
+        return _read(folder, p, "renamed", f"no {expected}; graded {p}, which defines {n} of the {len(want)} functions")
     cands = []
     for p, mtime in scan.files:
         if p.suffix == ".ipynb":
             try:
-                src = notebook_to_source(read_regular(folder / p, MAX_NOTEBOOK_BYTES).decode("utf-8", "replace"),
-                                         ex.reference_modules)
+                src = notebook_to_source(
+                    read_regular(folder / p, MAX_NOTEBOOK_BYTES).decode("utf-8", "replace"), ex.reference_modules
+                )
             except (Refused, ValueError, TypeError, AttributeError, RecursionError):
                 continue
             if n := len(defined_functions(src) & want):
@@ -448,12 +472,13 @@ def _has_code(src: str) -> bool:
     try:
         tree = _parse(src)
     except SyntaxError:
-        return True     # a syntax error is code (graded: it fails to import, and says why)
+        return True  # a syntax error is code (graded: it fails to import, and says why)
     return bool(tree.body)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # static scan for the reference implementation
+
 
 def reference_imports(source: str, reference_modules: list[str]) -> list[str]:
     """Lines of ``source`` that import (or name, as a string) a module the learner must not use."""
@@ -466,18 +491,22 @@ def reference_imports(source: str, reference_modules: list[str]) -> list[str]:
         line = getattr(node, "lineno", 0)
         for mod in reference_modules:
             parent, _, leaf = mod.rpartition(".")
-            if isinstance(node, ast.Import) and any(a.name == mod or a.name.startswith(mod + ".")
-                                                    for a in node.names):
+            if isinstance(node, ast.Import) and any(a.name == mod or a.name.startswith(mod + ".") for a in node.names):
                 hits.append(f"line {line}: import {mod}")
             elif isinstance(node, ast.ImportFrom) and node.module:
                 if node.module == mod or node.module.startswith(mod + "."):
                     hits.append(f"line {line}: from {node.module} import ...")
                 elif node.module == parent and any(a.name == leaf for a in node.names):
                     hits.append(f"line {line}: from {parent} import {leaf}")
-            elif isinstance(node, ast.Call) and any(isinstance(a, ast.Constant) and isinstance(a.value, str)
-                                                    and mod in a.value for a in node.args):
+            elif isinstance(node, ast.Call) and any(
+                isinstance(a, ast.Constant) and isinstance(a.value, str) and mod in a.value for a in node.args
+            ):
                 hits.append(f"line {line}: a call with the string {mod!r}")
-            elif isinstance(node, ast.Attribute) and node.attr == leaf and \
-                    isinstance(node.value, ast.Name) and node.value.id == parent.rpartition(".")[2]:
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr == leaf
+                and isinstance(node.value, ast.Name)
+                and node.value.id == parent.rpartition(".")[2]
+            ):
                 hits.append(f"line {line}: {parent}.{leaf}")
     return sorted(set(hits))

@@ -42,10 +42,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-WORKDIR = "/tmp/work"                         # the worker's folder inside the sandbox (cwd, HOME, TMPDIR)
-SANDBOX_UID = 1000                            # its uid as seen inside
-UID_RANGE = (1_900_000_000, 2_100_000_000)    # fresh uids outside, one per worker (as root)
-JOB_ENV = "GLMKIT_GRADE_JOB"                  # weak mode: marker in every worker's environment, for the sweep
+WORKDIR = "/tmp/work"  # the worker's folder inside the sandbox (cwd, HOME, TMPDIR)
+SANDBOX_UID = 1000  # its uid as seen inside
+UID_RANGE = (1_900_000_000, 2_100_000_000)  # fresh uids outside, one per worker (as root)
+JOB_ENV = "GLMKIT_GRADE_JOB"  # weak mode: marker in every worker's environment, for the sweep
 
 
 class SandboxUnavailable(RuntimeError):
@@ -58,8 +58,8 @@ class Isolation:
 
     mode: str
     bwrap: str = ""
-    cgroup: str = ""            # the cgroup v2 under which every worker gets its own; "" = none
-    note: str = ""              # what is missing, and why
+    cgroup: str = ""  # the cgroup v2 under which every worker gets its own; "" = none
+    note: str = ""  # what is missing, and why
     seccomp: bool = True
     landlock: bool = True
     audit_hook: bool = True
@@ -101,10 +101,12 @@ def require(allow_weak: bool = False) -> Isolation:
     iso = detect()
     if iso.mode == "namespaces" or allow_weak:
         return iso
-    raise SandboxUnavailable(f"autograde refused: workers cannot run in their own namespaces here ({iso.note}). "
-                             f"Install bubblewrap (`bash .ci/sandbox-setup.sh`, or `apt-get install bubblewrap`), "
-                             f"or pass --allow-weak-isolation to grade with process-level isolation only (the "
-                             f"gradebook's isolation column then says 'weak').")
+    raise SandboxUnavailable(
+        f"autograde refused: workers cannot run in their own namespaces here ({iso.note}). "
+        f"Install bubblewrap (`bash .ci/sandbox-setup.sh`, or `apt-get install bubblewrap`), "
+        f"or pass --allow-weak-isolation to grade with process-level isolation only (the "
+        f"gradebook's isolation column then says 'weak')."
+    )
 
 
 def _probe() -> Isolation:
@@ -138,7 +140,7 @@ def _probe_limits():
 # ---------------------------------------------------------------------------------------------------------
 # the sandbox's file-system view
 
-_stage: dict[str, str] = {}           # source -> its empty stand-in in the staging folder (root only)
+_stage: dict[str, str] = {}  # source -> its empty stand-in in the staging folder (root only)
 _stage_lock = threading.Lock()
 
 
@@ -199,16 +201,34 @@ os.execv(c["argv"][0], c["argv"])
 # seccomp
 
 _NR = {  # name: (x86_64, aarch64) syscall numbers (asm/unistd_64.h, asm-generic/unistd.h)
-    "fork": (57, None), "vfork": (58, None), "clone": (56, 220), "clone3": (435, 435),
-    "ptrace": (101, 117), "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
-    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39),
-    "pivot_root": (155, 41), "chroot": (161, 51), "bpf": (321, 280), "perf_event_open": (298, 241),
-    "userfaultfd": (323, 282), "io_uring_setup": (425, 425), "memfd_create": (319, 279), "shmget": (29, 194),
-    "msgget": (68, 186), "kexec_load": (246, 104), "init_module": (175, 105), "finit_module": (313, 273),
+    "fork": (57, None),
+    "vfork": (58, None),
+    "clone": (56, 220),
+    "clone3": (435, 435),
+    "ptrace": (101, 117),
+    "keyctl": (250, 219),
+    "add_key": (248, 217),
+    "request_key": (249, 218),
+    "unshare": (272, 97),
+    "setns": (308, 268),
+    "mount": (165, 40),
+    "umount2": (166, 39),
+    "pivot_root": (155, 41),
+    "chroot": (161, 51),
+    "bpf": (321, 280),
+    "perf_event_open": (298, 241),
+    "userfaultfd": (323, 282),
+    "io_uring_setup": (425, 425),
+    "memfd_create": (319, 279),
+    "shmget": (29, 194),
+    "msgget": (68, 186),
+    "kexec_load": (246, 104),
+    "init_module": (175, 105),
+    "finit_module": (313, 273),
     "delete_module": (176, 106),
 }
-_EPERM = ["memfd_create", "shmget", "msgget"]     # memory outside the address-space limit: refused
-_KILLED = [n for n in _NR if n not in _EPERM + ["clone", "clone3"]]   # never made by numeric code: fatal
+_EPERM = ["memfd_create", "shmget", "msgget"]  # memory outside the address-space limit: refused
+_KILLED = [n for n in _NR if n not in _EPERM + ["clone", "clone3"]]  # never made by numeric code: fatal
 _ARCH = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}
 _KILL, _ERRNO, _ALLOW, CLONE_THREAD = 0x80000000, 0x00050000, 0x7FFF0000, 0x10000
 
@@ -226,13 +246,24 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
     nr = {k: v[col] for k, v in _NR.items()}
     prog = [("ld", 4), ("jeq", audit, 0, "kill"), ("ld", 0)]
     if col == 0:
-        prog.append(("jge", 0x40000000, "kill", 0))                   # x32 system calls
+        prog.append(("jge", 0x40000000, "kill", 0))  # x32 system calls
     prog.append(("jeq", nr["clone"], "clone", 0))
     prog += [("jeq", nr[n], "kill", 0) for n in _KILLED if nr[n] is not None]
     prog += [("jeq", nr[n], "eperm", 0) for n in _EPERM] + [("jeq", nr["clone3"], "enosys", 0)]
-    prog += [("ret", _ALLOW), "clone", ("ld", 16), ("jset", CLONE_THREAD, "allow", "kill"),
-             "kill", ("ret", _KILL), "eperm", ("ret", _ERRNO | 1), "enosys", ("ret", _ERRNO | 38),
-             "allow", ("ret", _ALLOW)]
+    prog += [
+        ("ret", _ALLOW),
+        "clone",
+        ("ld", 16),
+        ("jset", CLONE_THREAD, "allow", "kill"),
+        "kill",
+        ("ret", _KILL),
+        "eperm",
+        ("ret", _ERRNO | 1),
+        "enosys",
+        ("ret", _ERRNO | 38),
+        "allow",
+        ("ret", _ALLOW),
+    ]
     labels, at = {}, 0
     for ins in prog:
         if isinstance(ins, str):
@@ -254,6 +285,7 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
 # ---------------------------------------------------------------------------------------------------------
 # cgroup v2
 
+
 def _cgroup_parent() -> tuple[str, str]:
     """The cgroup v2 under which each worker gets its own, or ("", why there is none). As root, a
     ``glmkit-grade`` child of the hierarchy's root; else $GLMKIT_GRADE_CGROUP (an empty, delegated cgroup)."""
@@ -273,8 +305,10 @@ def _cgroup_parent() -> tuple[str, str]:
     try:
         have = set(_read(os.path.join(up, "cgroup.controllers")).split())
         if not {"memory", "pids"} <= have:
-            return "", (f"the cgroup v2 at {up} offers no memory and pids controllers (it has: "
-                        f"{' '.join(sorted(have)) or 'none'}; on this host they are probably bound to cgroup v1)")
+            return "", (
+                f"the cgroup v2 at {up} offers no memory and pids controllers (it has: "
+                f"{' '.join(sorted(have)) or 'none'}; on this host they are probably bound to cgroup v1)"
+            )
         if not {"memory", "pids"} <= set(_read(os.path.join(up, "cgroup.subtree_control")).split()):
             _write(os.path.join(up, "cgroup.subtree_control"), "+memory +pids")
         os.makedirs(base, exist_ok=True)
@@ -311,8 +345,11 @@ class Cgroup:
 
     def oom_kills(self) -> int:
         try:
-            return int(dict(ln.split() for ln in _read(os.path.join(self.path, "memory.events")).splitlines())
-                       .get("oom_kill", 0))
+            return int(
+                dict(ln.split() for ln in _read(os.path.join(self.path, "memory.events")).splitlines()).get(
+                    "oom_kill", 0
+                )
+            )
         except (OSError, ValueError):
             return 0
 
@@ -341,6 +378,7 @@ class Cgroup:
 # ---------------------------------------------------------------------------------------------------------
 # one worker's processes
 
+
 def _signal(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -366,7 +404,7 @@ def processes_of_uid(uid: int) -> list[int]:
 def _session_strays(token: str, sid: int) -> list[int]:
     """Weak mode: PIDs in this worker's session or process group, or carrying its job marker."""
     me, found, marker = os.getpid(), [], f"{JOB_ENV}={token}".encode()
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:      # no /proc: the process group only
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:  # no /proc: the process group only
         if not d.isdigit() or int(d) == me:
             continue
         try:
@@ -400,16 +438,24 @@ class Box:
     @property
     def facts(self) -> dict:
         """What the grader itself knows about this worker's isolation (recorded in results/)."""
-        return {"isolation": self.iso.label, "uid": self.uid, "cgroup": bool(self.cgroup),
-                "seccomp": self.iso.mode == "namespaces" and self.iso.seccomp and seccomp_program() is not None,
-                "note": self.iso.note}
+        return {
+            "isolation": self.iso.label,
+            "uid": self.uid,
+            "cgroup": bool(self.cgroup),
+            "seccomp": self.iso.mode == "namespaces" and self.iso.seccomp and seccomp_program() is not None,
+            "note": self.iso.note,
+        }
 
     def _rlimits(self) -> dict:
         lim = self.limits
-        out = {"RLIMIT_CPU": (int(lim.cpu_seconds), int(lim.cpu_seconds) + 2),
-               "RLIMIT_AS": ((int(lim.memory_mb) << 20,) * 2), "RLIMIT_FSIZE": ((int(lim.file_size_mb) << 20,) * 2),
-               "RLIMIT_CORE": (0, 0), "RLIMIT_NOFILE": (256, 256)}
-        if self.uid is not None:    # a fresh uid: the count is this worker's alone (root is not limited)
+        out = {
+            "RLIMIT_CPU": (int(lim.cpu_seconds), int(lim.cpu_seconds) + 2),
+            "RLIMIT_AS": ((int(lim.memory_mb) << 20,) * 2),
+            "RLIMIT_FSIZE": ((int(lim.file_size_mb) << 20,) * 2),
+            "RLIMIT_CORE": (0, 0),
+            "RLIMIT_NOFILE": (256, 256),
+        }
+        if self.uid is not None:  # a fresh uid: the count is this worker's alone (root is not limited)
             out["RLIMIT_NPROC"] = (int(lim.tasks), int(lim.tasks))
         return out
 
@@ -421,29 +467,36 @@ class Box:
                 self.workdir = tempfile.mkdtemp(prefix="glmkit-grade-")
                 os.chmod(self.workdir, 0o700)
                 for name, data in self.files.items():
-                    fd = os.open(os.path.join(self.workdir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                 0o600)
+                    fd = os.open(
+                        os.path.join(self.workdir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+                    )
                     with os.fdopen(fd, "wb") as f:
                         f.write(data)
                 env = {**env, JOB_ENV: self.token, "HOME": self.workdir, "TMPDIR": self.workdir}
                 cwd = self.workdir
             else:
                 if os.geteuid() == 0:
-                    while self.uid is None or processes_of_uid(self.uid):     # one no process has now
+                    while self.uid is None or processes_of_uid(self.uid):  # one no process has now
                         self.uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0])
                     cfg["uid"] = self.uid
                     cfg["stage"] = [(src, _staged(src)) for src, _ in _view()]
                 if self.iso.cgroup:
-                    self.cgroup = Cgroup(self.iso.cgroup, f"w-{self.token}", self.limits.memory_mb,
-                                         self.limits.tasks)
+                    self.cgroup = Cgroup(self.iso.cgroup, f"w-{self.token}", self.limits.memory_mb, self.limits.tasks)
                     cfg["cgroup"] = self.cgroup.procs
                 argv = self._bwrap(argv, fds)
                 env = {**env, "HOME": WORKDIR, "TMPDIR": WORKDIR}
                 cwd = "/"
             cfg["rlimits"], cfg["argv"] = self._rlimits(), argv
-            self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)], cwd=cwd,
-                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, pass_fds=fds, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=fds,
+                start_new_session=True,
+            )
             return self.proc
         finally:
             for fd in fds:
@@ -454,22 +507,47 @@ class Box:
             fd = os.memfd_create("glmkit-grade")
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.lseek(fd, 0, os.SEEK_SET)
             fds.append(fd)
             return str(fd)
 
         lim = self.limits
-        args = [self.iso.bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
-                "--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session",
-                "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox"]
+        args = [
+            self.iso.bwrap,
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-net",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--uid",
+            str(SANDBOX_UID),
+            "--gid",
+            str(SANDBOX_UID),
+            "--hostname",
+            "sandbox",
+        ]
         for src, dest in _view():
             args += ["--ro-bind", _staged(src) if self.uid is not None else src, dest]
         for top in ("/lib", "/lib64", "/lib32", "/bin", "/sbin"):
             if os.path.islink(top):
                 args += ["--symlink", os.readlink(top), top]
-        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(int(lim.tmp_mb) << 20), "--tmpfs", "/tmp",
-                 "--dir", WORKDIR]
+        args += [
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--size",
+            str(int(lim.tmp_mb) << 20),
+            "--tmpfs",
+            "/tmp",
+            "--dir",
+            WORKDIR,
+        ]
         for name, data in self.files.items():
             args += ["--perms", "0644", "--file", memfd(data), f"{WORKDIR}/{name}"]
         args += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR]
@@ -519,10 +597,15 @@ class Box:
                     pass
                 with selectors.DefaultSelector() as sel:
                     sel.register(self.pidfd, selectors.EVENT_READ)
-                    sel.select(timeout=5)           # readable once pid 1, so its namespace, is gone
+                    sel.select(timeout=5)  # readable once pid 1, so its namespace, is gone
             for _ in range(250):
-                pids = (processes_of_uid(self.uid) if self.uid is not None else
-                        _session_strays(self.token, sid) if self.iso.mode == "weak" else [])
+                pids = (
+                    processes_of_uid(self.uid)
+                    if self.uid is not None
+                    else _session_strays(self.token, sid)
+                    if self.iso.mode == "weak"
+                    else []
+                )
                 pids = [p for p in pids if p != sid]
                 if not pids:
                     break

@@ -22,10 +22,17 @@ from glmkit.grading.isolation import Isolation
 from glmkit.grading.sandbox import Limits, Unsupported, Worker, WorkerError
 
 # what a blocked action is called in feedback: the worker reports a category; anything else is "other"
-BLOCKED = {"process": "start a process", "signal": "send a signal", "native": "load native code",
-           "limits": "change its resource limits", "network": "use the network", "audit": "install an audit hook",
-           "read": "read a file outside its folder", "write": "write a file outside its folder",
-           "syscall": "make a system call the sandbox forbids (the process was stopped)"}
+BLOCKED = {
+    "process": "start a process",
+    "signal": "send a signal",
+    "native": "load native code",
+    "limits": "change its resource limits",
+    "network": "use the network",
+    "audit": "install an audit hook",
+    "read": "read a file outside its folder",
+    "write": "write a file outside its folder",
+    "syscall": "make a system call the sandbox forbids (the process was stopped)",
+}
 
 # statuses of one check
 PASSED, FAILED, NOT_IMPLEMENTED, ERROR, MISSING_FN = "passed", "failed", "not implemented", "error", "missing function"
@@ -40,11 +47,11 @@ class CheckResult:
     max_points: float
     points: float = 0.0
     status: str = NOT_RUN
-    summary: str = ""           # what is wrong, without data (safe for hidden checks)
-    detail: str = ""            # data: values, indices, inputs, tracebacks (public checks / instructor only)
-    message: str = ""           # the check's teaching message
+    summary: str = ""  # what is wrong, without data (safe for hidden checks)
+    detail: str = ""  # data: values, indices, inputs, tracebacks (public checks / instructor only)
+    message: str = ""  # the check's teaching message
     seconds: float = 0.0
-    grader_note: str = ""       # instructor only: e.g. a check that itself raised
+    grader_note: str = ""  # instructor only: e.g. a check that itself raised
 
 
 @dataclass
@@ -57,10 +64,10 @@ class ExerciseResult:
     notes: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     checks: list[CheckResult] = field(default_factory=list)
-    sandbox: dict = field(default_factory=dict)       # instructor only: how it was isolated
+    sandbox: dict = field(default_factory=dict)  # instructor only: how it was isolated
     isolation: str = ""
-    output_excerpt: str = ""    # instructor only: what the student's code printed (never in feedback)
-    blocked: list[str] = field(default_factory=list)   # instructor only: blocked actions, with paths
+    output_excerpt: str = ""  # instructor only: what the student's code printed (never in feedback)
+    blocked: list[str] = field(default_factory=list)  # instructor only: blocked actions, with paths
     file: str = ""
 
     def to_dict(self) -> dict:
@@ -72,8 +79,16 @@ def check_seed(seed: str | int, exercise: str, check: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{exercise}:{check}".encode()).digest()[:8], "little")
 
 
-def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | int,
-               limits: Limits | None = None, isolation: Isolation | None = None, on_check=None) -> ExerciseResult:
+def run_checks(
+    ex: Exercise,
+    source: str,
+    checks: list[Check],
+    *,
+    seed: str | int,
+    limits: Limits | None = None,
+    isolation: Isolation | None = None,
+    on_check=None,
+) -> ExerciseResult:
     limits = limits or ex.limits
     checks = [c for c in checks if not c.hidden] + [c for c in checks if c.hidden]
     res = ExerciseResult(ex.id, ex.title, sum(c.points for c in checks))
@@ -92,8 +107,9 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
 
     def note_imports(names):
         for n in names if isinstance(names, list) else []:
-            runtime_ref.update(m for m in ex.reference_modules if isinstance(n, str) and
-                               (n == m or n.startswith(m + ".")))
+            runtime_ref.update(
+                m for m in ex.reference_modules if isinstance(n, str) and (n == m or n.startswith(m + "."))
+            )
 
     def stop_worker():
         w = state["worker"]
@@ -159,16 +175,21 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
             if reply.get("ok") is True:
                 value = reply["value"]
                 if isinstance(value, Unsupported):
-                    raise CheckFailed(f"{function}() returned an object the grader cannot read",
-                                      f"it returned {value!r}; return tensors, ints, tuples or lists")
+                    raise CheckFailed(
+                        f"{function}() returned an object the grader cannot read",
+                        f"it returned {value!r}; return tensors, ints, tuples or lists",
+                    )
                 return value
             etype, emsg = str(reply.get("type")), str(reply.get("message"))
             if etype == "NotImplementedError" and "not implemented" in emsg:
                 raise StudentError(NOT_IMPLEMENTED, emsg)
             if not re.fullmatch(r"\w{1,60}", etype):
                 etype = "an exception"
-            raise StudentError(ERROR, f"{function}() raised {etype}",
-                               f"{etype}: {emsg}\n{_clean_tb(str(reply.get('traceback', '')), ex)}")
+            raise StudentError(
+                ERROR,
+                f"{function}() raised {etype}",
+                f"{etype}: {emsg}\n{_clean_tb(str(reply.get('traceback', '')), ex)}",
+            )
 
         ctx = Ctx(caller, check_seed(seed, ex.id, check.name), notes.append)
         try:
@@ -179,8 +200,9 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
         except StudentError as e:
             cr.status, cr.summary, cr.detail = e.status, e.summary, e.detail
         except WorkerError as e:
-            cr.status = {"timeout": TIMEOUT, "crashed": CRASHED, "output-limit": OUTPUT_LIMIT,
-                         "sandbox": NOT_RUN}.get(e.kind, PROTOCOL)
+            cr.status = {"timeout": TIMEOUT, "crashed": CRASHED, "output-limit": OUTPUT_LIMIT, "sandbox": NOT_RUN}.get(
+                e.kind, PROTOCOL
+            )
             cr.summary = e.message
             stop_worker()
         except Exception as e:  # noqa: BLE001 - the check could not digest the student's value
@@ -200,7 +222,7 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
         res.notes.append(f"the grader's sandbox failed: {state['start_failure'][1][:300]}")
     elif state["start_failure"] is not None and state["start_failure"][0] == "import-error" and res.points == 0:
         res.status = "import-error"
-    elif first:     # the first abnormal ending names the status (later ones are often its consequences)
+    elif first:  # the first abnormal ending names the status (later ones are often its consequences)
         res.status = first.replace(" ", "-")
     if static or runtime_ref:
         res.flags.append("reference-import")
@@ -208,7 +230,7 @@ def run_checks(ex: Exercise, source: str, checks: list[Check], *, seed: str | in
         res.notes.append(f"FLAGGED: uses glmkit's reference implementation ({what})")
     if blocked:
         res.flags.append("blocked-actions")
-        res.blocked = list(dict.fromkeys(blocked))          # with paths: instructor only
+        res.blocked = list(dict.fromkeys(blocked))  # with paths: instructor only
         kinds = dict.fromkeys(BLOCKED.get(b.split(":")[0], "do something the grader forbids") for b in res.blocked)
         res.notes.append("the grader blocked what your code tried to do: " + "; ".join(kinds))
     return res

@@ -31,25 +31,34 @@ from glmkit.grading.isolation import Box, Isolation, detect
 
 WORKER_SOURCE = (Path(__file__).with_name("_worker.py")).read_text()
 
-_DTYPES = {"bool": torch.bool, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
-           "int32": torch.int32, "int64": torch.int64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-MAX_ELEMENTS = 20_000_000              # no answer of an exercise is bigger; refuse to build anything larger
+_DTYPES = {
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+MAX_ELEMENTS = 20_000_000  # no answer of an exercise is bigger; refuse to build anything larger
 
 
 @dataclass
 class Limits:
     """Per-submission limits. ``exercise.toml``'s [limits] table fills these (see the instructor guide)."""
 
-    startup_timeout: float = 60.0      # s: start Python + torch, import the student's file
-    total_timeout: float = 120.0       # s: everything for one submission of one exercise
-    cpu_seconds: int = 120             # RLIMIT_CPU of the student process (then SIGXCPU/SIGKILL)
-    memory_mb: int = 3072              # RLIMIT_AS of the worker, and its cgroup's memory.max where there is one
-    file_size_mb: int = 16             # RLIMIT_FSIZE: the largest file it may write (in its own tmpfs)
-    tmp_mb: int = 64                   # size of the sandbox's private /tmp (its working folder is in it)
-    tasks: int = 64                    # threads + processes: RLIMIT_NPROC of its fresh uid, its cgroup's pids.max
-    output_kb: int = 256               # stdout+stderr beyond this: the process is killed
-    max_message_mb: int = 64           # replies waiting on the protocol pipe beyond this: killed
+    startup_timeout: float = 60.0  # s: start Python + torch, import the student's file
+    total_timeout: float = 120.0  # s: everything for one submission of one exercise
+    cpu_seconds: int = 120  # RLIMIT_CPU of the student process (then SIGXCPU/SIGKILL)
+    memory_mb: int = 3072  # RLIMIT_AS of the worker, and its cgroup's memory.max where there is one
+    file_size_mb: int = 16  # RLIMIT_FSIZE: the largest file it may write (in its own tmpfs)
+    tmp_mb: int = 64  # size of the sandbox's private /tmp (its working folder is in it)
+    tasks: int = 64  # threads + processes: RLIMIT_NPROC of its fresh uid, its cgroup's pids.max
+    output_kb: int = 256  # stdout+stderr beyond this: the process is killed
+    max_message_mb: int = 64  # replies waiting on the protocol pipe beyond this: killed
 
     @classmethod
     def from_dict(cls, d: dict) -> Limits:
@@ -75,6 +84,7 @@ class BadValue(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------
 # the wire format
+
 
 def encode_value(v, depth: int = 0):
     """Grader -> worker: inputs for a student function (trusted data built by a check)."""
@@ -136,8 +146,7 @@ def _decode_tensor(v: dict) -> torch.Tensor:
     shape, data = v.get("shape"), v.get("data")
     if dtype is None:
         raise BadValue("tensor with an unknown dtype")
-    if type(shape) is not list or not all(type(s) is int and 0 <= s <= MAX_ELEMENTS for s in shape) \
-            or len(shape) > 8:
+    if type(shape) is not list or not all(type(s) is int and 0 <= s <= MAX_ELEMENTS for s in shape) or len(shape) > 8:
         raise BadValue("tensor with a malformed shape")
     n = math.prod(shape)
     if n > MAX_ELEMENTS or type(data) is not list or len(data) != n:
@@ -157,6 +166,7 @@ def _decode_tensor(v: dict) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # the worker
 
+
 @dataclass
 class StartInfo:
     ok: bool
@@ -167,25 +177,36 @@ class StartInfo:
     import_error: dict | None = None
 
 
-_SIGNAL_HINTS = {"SIGXCPU": " (CPU time limit)", "SIGKILL": " (killed: CPU or memory limit?)",
-                 "SIGXFSZ": " (file size limit)", "SIGSEGV": " (crashed in native code)",
-                 "SIGSYS": " (the sandbox stopped a forbidden system call, such as starting a process)"}
+_SIGNAL_HINTS = {
+    "SIGXCPU": " (CPU time limit)",
+    "SIGKILL": " (killed: CPU or memory limit?)",
+    "SIGXFSZ": " (file size limit)",
+    "SIGSEGV": " (crashed in native code)",
+    "SIGSYS": " (the sandbox stopped a forbidden system call, such as starting a process)",
+}
 
 
 class Worker:
     """One student process for one submission of one exercise. Use as a context manager."""
 
-    def __init__(self, source: str, module: str, functions: list[str], limits: Limits,
-                 reference_modules: list[str] = (), isolation: Isolation | None = None):
+    def __init__(
+        self,
+        source: str,
+        module: str,
+        functions: list[str],
+        limits: Limits,
+        reference_modules: list[str] = (),
+        isolation: Isolation | None = None,
+    ):
         self.source, self.module, self.functions = source, module, list(functions)
         self.limits, self.reference_modules = limits, list(reference_modules)
         self.iso = isolation or detect()
         self.box: Box | None = None
         self.proc: subprocess.Popen | None = None
-        self.output = bytearray()       # the first output_kb of what the student printed
+        self.output = bytearray()  # the first output_kb of what the student printed
         self.output_total = 0
         self._buf = bytearray()
-        self.exit_signal: str | None = None     # the signal that ended it, if one did
+        self.exit_signal: str | None = None  # the signal that ended it, if one did
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self, deadline: float) -> StartInfo:
@@ -194,7 +215,7 @@ class Worker:
         self.proc = self.box.spawn([sys.executable, "-I", "-B", "-c", WORKER_SOURCE], env)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             os.set_blocking(f.fileno(), False)
-        try:                            # the worker says hello before any student code can run
+        try:  # the worker says hello before any student code can run
             hello = self._exchange(b"", deadline, "while starting the sandbox")
         except WorkerError as e:
             said = self.output.decode(errors="replace").strip()[-600:]
@@ -202,28 +223,45 @@ class Worker:
         if hello.get("hello") is not True:
             raise WorkerError("sandbox", "the worker's first message was not its hello")
         self.box.attach()
-        setup = {"module": self.module, "file": f"{self.module}.py", "functions": self.functions,
-                 "reference_modules": self.reference_modules, "landlock": self.iso.landlock,
-                 "audit_hook": self.iso.audit_hook}
+        setup = {
+            "module": self.module,
+            "file": f"{self.module}.py",
+            "functions": self.functions,
+            "reference_modules": self.reference_modules,
+            "landlock": self.iso.landlock,
+            "audit_hook": self.iso.audit_hook,
+        }
         msg = self._exchange(_line(setup), deadline, "while starting Python and importing your file")
         if "import_error" in msg:
-            return StartInfo(False, sandbox=msg.get("sandbox", {}), events=msg.get("events", []),
-                             glmkit_imports=msg.get("glmkit_imports", []), import_error=msg["import_error"])
+            return StartInfo(
+                False,
+                sandbox=msg.get("sandbox", {}),
+                events=msg.get("events", []),
+                glmkit_imports=msg.get("glmkit_imports", []),
+                import_error=msg["import_error"],
+            )
         if not msg.get("ready"):
             raise WorkerError("protocol", "the worker's first reply was not understood")
-        return StartInfo(True, functions=dict(msg.get("functions", {})), sandbox=msg.get("sandbox", {}),
-                         events=msg.get("events", []), glmkit_imports=msg.get("glmkit_imports", []))
+        return StartInfo(
+            True,
+            functions=dict(msg.get("functions", {})),
+            sandbox=msg.get("sandbox", {}),
+            events=msg.get("events", []),
+            glmkit_imports=msg.get("glmkit_imports", []),
+        )
 
     def call(self, function: str, args: list, kwargs: dict, deadline: float) -> dict:
-        request = _line({"op": "call", "function": function, "args": encode_value(list(args)),
-                         "kwargs": encode_value(dict(kwargs))})
+        request = _line(
+            {"op": "call", "function": function, "args": encode_value(list(args)), "kwargs": encode_value(dict(kwargs))}
+        )
         msg = self._exchange(request, deadline, f"while running {function}()")
         if msg.get("ok") is True:
             try:
                 msg["value"] = decode_value(msg.get("value"))
             except BadValue as e:
-                raise WorkerError("protocol", f"the value returned by {function}() could not be read back "
-                                              f"({e})") from None
+                raise WorkerError(
+                    "protocol", f"the value returned by {function}() could not be read back ({e})"
+                ) from None
         return msg
 
     def close(self) -> None:
@@ -252,8 +290,13 @@ class Worker:
         except subprocess.TimeoutExpired:
             rc = None
         # bwrap reports a command killed by signal N as exit status 128 + N
-        signum = -rc if rc is not None and rc < 0 else \
-            rc - 128 if rc is not None and rc > 128 and self.iso.mode == "namespaces" else None
+        signum = (
+            -rc
+            if rc is not None and rc < 0
+            else rc - 128
+            if rc is not None and rc > 128 and self.iso.mode == "namespaces"
+            else None
+        )
         if rc is None:
             why = "closed its connection to the grader"
         elif signum:
@@ -290,7 +333,7 @@ class Worker:
                 if remaining <= 0:
                     raise WorkerError("timeout", f"time limit reached {during}")
                 events = sel.select(timeout=min(remaining, 0.5))
-                if not events and not self.alive:       # gone: keep what it wrote last, then report how
+                if not events and not self.alive:  # gone: keep what it wrote last, then report how
                     try:
                         last = os.read(out_fd, 1 << 16)
                     except OSError:
@@ -301,12 +344,13 @@ class Worker:
                 for key, _ in events:
                     if key.fd == in_fd:
                         try:
-                            todo = todo[os.write(in_fd, todo[:1 << 16]):]
+                            todo = todo[os.write(in_fd, todo[: 1 << 16]) :]
                         except BlockingIOError:
                             continue
                         except OSError:
-                            raise WorkerError("protocol", f"your code's process stopped reading from the grader "
-                                                          f"{during}") from None
+                            raise WorkerError(
+                                "protocol", f"your code's process stopped reading from the grader {during}"
+                            ) from None
                         if not todo:
                             sel.unregister(in_fd)
                         continue
@@ -319,25 +363,29 @@ class Worker:
                             sel.unregister(err_fd)
                             continue
                         self.output_total += len(chunk)
-                        self.output += chunk[:max(0, cap - len(self.output))]
+                        self.output += chunk[: max(0, cap - len(self.output))]
                         if self.output_total > cap:
-                            raise WorkerError("output-limit", f"your code printed more than "
-                                              f"{self.limits.output_kb} KiB {during}; it was stopped")
+                            raise WorkerError(
+                                "output-limit",
+                                f"your code printed more than {self.limits.output_kb} KiB {during}; it was stopped",
+                            )
                     elif not chunk:
                         sel.unregister(out_fd)
                         open_out = False
                     else:
                         self._buf += chunk
                         if len(self._buf) > max_msg:
-                            raise WorkerError("output-limit", f"more than {self.limits.max_message_mb} MiB of "
-                                                              f"replies came back {during}")
+                            raise WorkerError(
+                                "output-limit",
+                                f"more than {self.limits.max_message_mb} MiB of replies came back {during}",
+                            )
 
     def _next_line(self, during: str) -> dict | None:
         nl = self._buf.find(b"\n")
         if nl < 0:
             return None
         line = bytes(self._buf[:nl])
-        del self._buf[:nl + 1]
+        del self._buf[: nl + 1]
         try:
             msg = json.loads(line)
         except (ValueError, RecursionError):

@@ -55,13 +55,15 @@ class Step:
     position_ids [B, T]: absolute positions of the new tokens (RoPE angles); sep [B]: GLM's bidirectional prefix
     length per row, in cache coordinates (0 = causal); offset: positions already in the cache (where this chunk is
     written); visible [B, T, L] bool or None: the explicit mask (L = offset + T) when there is a cache to attend
-    to or left padding; None means a plain prefill, where softmax mixers use the fast kernels with ``sep``.
+    to or left padding; None means a plain prefill, where softmax mixers use the fast kernels with ``sep``;
+    max_rollback: the cache's (0 without one), for mixers whose state does not grow with T.
     """
 
     position_ids: torch.Tensor
     sep: torch.Tensor
     offset: int = 0
     visible: torch.Tensor | None = None
+    max_rollback: int = 0  # keep snapshots for ``Cache.rollback(n <= max_rollback)`` (see glmkit.cache)
     _rope: dict = field(default_factory=dict, repr=False)
 
     def rope(self, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,7 @@ class Attention(nn.Module):
             cos, sin = step.rope(self.rotary_dim, self.theta)
             q, k = rope(q, k, cos, sin, self.rotary_dim, self.pairing)
         if state is not None:
-            k, v = state.append(k, v, step.offset)                       # [B, H_kv, L, D]
+            k, v = state.append(k, v, step.offset)  # [B, H_kv, L, D]
         if step.visible is None:
             out = attention(q, k.contiguous(), v.contiguous(), step.sep, self.scale)
         else:

@@ -110,29 +110,61 @@ class DecoderConfig:
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         if self.head_dim is None and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts_per_tok", "n_group",
-                     "topk_group"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                bad(name, "must be a positive int" + (" (set head_dim: heads do not divide hidden_size)"
-                                                      if name == "head_dim" else ""))
-        for name in ("n_routed_experts", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace",
-                     "num_nextn_predict_layers"):
+                bad(
+                    name,
+                    "must be a positive int"
+                    + (" (set head_dim: heads do not divide hidden_size)" if name == "head_dim" else ""),
+                )
+        for name in (
+            "n_routed_experts",
+            "moe_intermediate_size",
+            "n_shared_experts",
+            "first_k_dense_replace",
+            "num_nextn_predict_layers",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(name, "must be an int >= 0")
-        for name, zero_ok in (("partial_rotary_factor", True), ("rope_theta", False), ("rms_norm_eps", False),
-                              ("initializer_range", False), ("routed_scaling_factor", False), ("aux_loss_alpha", True)):
+        for name, zero_ok in (
+            ("partial_rotary_factor", True),
+            ("rope_theta", False),
+            ("rms_norm_eps", False),
+            ("initializer_range", False),
+            ("routed_scaling_factor", False),
+            ("aux_loss_alpha", True),
+        ):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0
-                                                                                                        and not zero_ok):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or (v == 0 and not zero_ok)
+            ):
                 bad(name, f"must be a finite number {'>= 0' if zero_ok else '> 0'}")
         if self.partial_rotary_factor > 1:
             bad("partial_rotary_factor", "must be in [0, 1] (0: no rotation)")
         if self.num_attention_heads % self.num_key_value_heads:
-            bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads} (grouped-query "
-                                       f"attention shares each k/v head among H / H_kv query heads)")
+            bad(
+                "num_key_value_heads",
+                f"must divide num_attention_heads={self.num_attention_heads} (grouped-query "
+                f"attention shares each k/v head among H / H_kv query heads)",
+            )
         L = self.num_hidden_layers
         self.layer_types = list(self.layer_types or ["attention"] * L)
         if self.mlp_layer_types is None:
@@ -150,10 +182,16 @@ class DecoderConfig:
                 bad("n_routed_experts", "sparse layers need n_routed_experts > 0 and moe_intermediate_size > 0")
             if self.num_experts_per_tok > self.n_routed_experts:
                 bad("num_experts_per_tok", f"is more than n_routed_experts={self.n_routed_experts}")
-            if self.n_routed_experts % self.n_group or self.topk_group > self.n_group or \
-                    self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
-                bad("n_group", "must divide n_routed_experts, with topk_group <= n_group groups holding at least "
-                               "num_experts_per_tok experts")
+            if (
+                self.n_routed_experts % self.n_group
+                or self.topk_group > self.n_group
+                or self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok
+            ):
+                bad(
+                    "n_group",
+                    "must divide n_routed_experts, with topk_group <= n_group groups holding at least "
+                    "num_experts_per_tok experts",
+                )
         if self.router not in ROUTERS:
             bad("router", f"must be one of {ROUTERS}")
         if self.moe_impl not in MOE_IMPLS:
@@ -165,12 +203,18 @@ class DecoderConfig:
                 bad(name, f"is outside the vocabulary [0, {self.vocab_size})")
         if any(not 0 <= t < self.vocab_size for t in self.eos_token_id):
             bad("eos_token_id", f"has ids outside the vocabulary [0, {self.vocab_size})")
-        owned = {k: cls for t in set(self.layer_types) | {self.mtp_layer_type} for cls in [MIXERS[t]]
-                 for k in getattr(cls, "options", {})}
+        owned = {
+            k: cls
+            for t in set(self.layer_types) | {self.mtp_layer_type}
+            for cls in [MIXERS[t]]
+            for k in getattr(cls, "options", {})
+        }
         unknown = sorted(set(self.extra) - set(owned))
         if unknown:
-            raise ValueError(f"DecoderConfig.extra has fields {unknown} that no mixer of this model declares "
-                             f"(declared: {sorted(owned) or 'none'})")
+            raise ValueError(
+                f"DecoderConfig.extra has fields {unknown} that no mixer of this model declares "
+                f"(declared: {sorted(owned) or 'none'})"
+            )
 
     def opt(self, name: str) -> Any:
         """A mixer option: ``extra[name]``, else the default the mixer declares."""
@@ -194,8 +238,10 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DecoderConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in names},
-                   extra={k: v for k, v in d.items() if k not in names and k != "model_type"})
+        return cls(
+            **{k: v for k, v in d.items() if k in names},
+            extra={k: v for k, v in d.items() if k not in names and k != "model_type"},
+        )
 
 
 def count_distinct(params, skip: set[int] = frozenset()) -> int:
@@ -224,9 +270,21 @@ class Block(nn.Module):
         if ffn_type == "dense":
             self.mlp = MLP(d, cfg.intermediate_size)
         else:
-            self.mlp = MoE(d, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
-                           cfg.n_shared_experts, cfg.router, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
-                           cfg.routed_scaling_factor, cfg.aux_loss_alpha, cfg.moe_impl, cfg.initializer_range)
+            self.mlp = MoE(
+                d,
+                cfg.n_routed_experts,
+                cfg.num_experts_per_tok,
+                cfg.moe_intermediate_size,
+                cfg.n_shared_experts,
+                cfg.router,
+                cfg.n_group,
+                cfg.topk_group,
+                cfg.norm_topk_prob,
+                cfg.routed_scaling_factor,
+                cfg.aux_loss_alpha,
+                cfg.moe_impl,
+                cfg.initializer_range,
+            )
         if cfg.sandwich_norms:
             self.post_mixer_norm, self.post_mlp_norm = RMSNorm(d, eps), RMSNorm(d, eps)
 
@@ -270,12 +328,14 @@ class Decoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         if not isinstance(config, DecoderConfig):
-            raise TypeError(f"Decoder needs a DecoderConfig (glmkit.models.presets.get_config), got "
-                            f"{type(config).__name__}")
+            raise TypeError(
+                f"Decoder needs a DecoderConfig (glmkit.models.presets.get_config), got {type(config).__name__}"
+            )
         self.config = cfg = config
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i, cfg.layer_types[i], cfg.mlp_layer_types[i])
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, i, cfg.layer_types[i], cfg.mlp_layer_types[i]) for i in range(cfg.num_hidden_layers)
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + j) for j in range(cfg.num_nextn_predict_layers))
@@ -298,8 +358,9 @@ class Decoder(nn.Module):
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if p.dim() >= 2:
-                    p.normal_(0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj"))
-                              else std)
+                    p.normal_(
+                        0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else std
+                    )
                 else:
                     p.zero_() if name.endswith("bias") else p.fill_(1.0)
             for name, b in self.named_buffers():
@@ -321,8 +382,11 @@ class Decoder(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False, include_mtp: bool = False) -> int:
         """Distinct parameters (tied ones once), without the MTP layer unless ``include_mtp``. Routing biases are
         buffers and not counted."""
-        skip = set() if include_mtp else {id(p) for p in self.mtp.parameters()} - {
-            id(self.embed_tokens.weight), id(self.lm_head.weight)}
+        skip = (
+            set()
+            if include_mtp
+            else {id(p) for p in self.mtp.parameters()} - {id(self.embed_tokens.weight), id(self.lm_head.weight)}
+        )
         if exclude_embeddings:
             skip.add(id(self.embed_tokens.weight))
         return count_distinct(self.parameters(), skip)
@@ -340,11 +404,14 @@ class Decoder(nn.Module):
             total += self.embed_tokens.weight.numel() + (0 if cfg.tie_word_embeddings else self.lm_head.weight.numel())
         return total
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> Cache:
-        """An empty ``Cache`` for this model: each layer's state from its mixer (default max_len: max positions)."""
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None, max_rollback: int = 0
+    ) -> Cache:
+        """An empty ``Cache`` for this model: each layer's state from its mixer (default max_len: max positions;
+        ``max_rollback``: how many positions ``cache.rollback`` must be able to undo, for speculative decoding)."""
         max_len = max_len or self.config.max_position_embeddings
         states = [layer.mixer.new_state(batch_size, max_len, dtype or self.dtype, self.device) for layer in self.layers]
-        return Cache(states, batch_size, max_len, self.device)
+        return Cache(states, batch_size, max_len, self.device, max_rollback)
 
     # -- MoE -----------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
@@ -381,31 +448,43 @@ class Decoder(nn.Module):
         """Value checks that need the data (a host sync): call at the edges, never inside the forward."""
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi}, outside [0, vocab_size="
-                             f"{self.config.vocab_size})")
+            raise ValueError(
+                f"input_ids contains token id {lo if lo < 0 else hi}, outside [0, vocab_size={self.config.vocab_size})"
+            )
 
     def _step(self, input_ids, position_ids, sep, attention_mask, cache) -> Step:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0 or \
-                input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be an integer tensor [B, T] with T >= 1, got "
-                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
-                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.shape[1] == 0
+            or input_ids.is_floating_point()
+        ):
+            raise ValueError(
+                f"input_ids must be an integer tensor [B, T] with T >= 1, got "
+                f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                f"{tuple(getattr(input_ids, 'shape', ()))}"
+            )
         B, T = input_ids.shape
         dev = input_ids.device
-        if cache is not None and (not isinstance(cache, Cache) or cache.batch_size != B or
-                                  len(cache.layers) != len(self.layers)):
-            raise ValueError(f"cache {cache!r} does not fit this model and batch (B={B}, layers={len(self.layers)}): "
-                             f"make one with model.new_cache(batch_size, max_len)")
+        if cache is not None and (
+            not isinstance(cache, Cache) or cache.batch_size != B or len(cache.layers) != len(self.layers)
+        ):
+            raise ValueError(
+                f"cache {cache!r} does not fit this model and batch (B={B}, layers={len(self.layers)}): "
+                f"make one with model.new_cache(batch_size, max_len)"
+            )
         offset = 0 if cache is None else cache.begin(T, attention_mask)
         if position_ids is None:
             position_ids = torch.arange(offset, offset + T, device=dev)
         if position_ids.dim() == 3 and self.two_d_positions:
-            position_ids = position_ids[:, 0]            # GLM-2021: row 0 is the position (row 1 the block's)
+            position_ids = position_ids[:, 0]  # GLM-2021: row 0 is the position (row 1 the block's)
         if position_ids.dim() == 1:
             position_ids = position_ids[None].expand(B, T)
         if tuple(position_ids.shape) != (B, T):
-            raise ValueError(f"position_ids must be [B, T] = {(B, T)} or [T]{' or [B, 2, T]' * self.two_d_positions},"
-                             f" got {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"position_ids must be [B, T] = {(B, T)} or [T]{' or [B, 2, T]' * self.two_d_positions},"
+                f" got {tuple(position_ids.shape)}"
+            )
         if sep is None or isinstance(sep, int):
             sep = torch.full((B,), sep or 0, dtype=torch.int64, device=dev)
         if tuple(sep.shape) != (B,):
@@ -418,7 +497,8 @@ class Decoder(nn.Module):
             j = torch.arange(offset + T, device=dev)[None, :]
             keys = cache.valid[:, : offset + T] if cache is not None else attention_mask.to(torch.bool)
             visible = (((j <= i)[None] | (j[None] < sep[:, None, None])) & keys[:, None, :]) | (j == i)[None]
-        return Step(position_ids=position_ids, sep=sep, offset=offset, visible=visible)
+        max_rollback = 0 if cache is None else cache.max_rollback
+        return Step(position_ids=position_ids, sep=sep, offset=offset, visible=visible, max_rollback=max_rollback)
 
     two_d_positions = False  # GLM-2021 (a subclass) takes [B, 2, T] positions: position and block position
 
@@ -456,8 +536,10 @@ class Decoder(nn.Module):
             raise ValueError("loss(batch): batch needs input_ids and targets of the same [B, T] shape")
         pos = get("position_ids")
         if pos is not None and pos.dim() == 3 and not self.two_d_positions:
-            raise ValueError("this batch has 2D (GLM-2021) positions; the decoder uses 1D RoPE positions: train it "
-                             "on next-token batches (glmkit.data.lm_data.LMData) or use glmkit.models.glm2021")
+            raise ValueError(
+                "this batch has 2D (GLM-2021) positions; the decoder uses 1D RoPE positions: train it "
+                "on next-token batches (glmkit.data.lm_data.LMData) or use glmkit.models.glm2021"
+            )
         logits = self.forward(input_ids, pos, get("sep")).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=IGNORE_INDEX)
 
@@ -478,5 +560,7 @@ class Decoder(nn.Module):
         c = self.config
         kinds = ", ".join(f"{t}×{c.layer_types.count(t)}" for t in dict.fromkeys(c.layer_types))
         ffn = ", ".join(f"{t}×{c.mlp_layer_types.count(t)}" for t in dict.fromkeys(c.mlp_layer_types))
-        return (f"layers={c.num_hidden_layers} ({kinds}; ffn {ffn}), d={c.hidden_size}, "
-                f"heads={c.num_attention_heads}/{c.num_key_value_heads}, vocab={c.vocab_size}, mtp={len(self.mtp)}")
+        return (
+            f"layers={c.num_hidden_layers} ({kinds}; ffn {ffn}), d={c.hidden_size}, "
+            f"heads={c.num_attention_heads}/{c.num_key_value_heads}, vocab={c.vocab_size}, mtp={len(self.mtp)}"
+        )

@@ -59,14 +59,21 @@ class GLMConfig:
     num_experts_per_tok = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "hidden_size",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"GLMConfig.{name} must be a positive int, got {v!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"GLMConfig.num_attention_heads={self.num_attention_heads} must divide hidden_size="
-                             f"{self.hidden_size}")
+            raise ValueError(
+                f"GLMConfig.num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size}"
+            )
         if not 0.0 <= float(self.dropout) < 1.0 or not self.layer_norm_eps > 0 or not self.initializer_range > 0:
             raise ValueError("GLMConfig: dropout must be in [0, 1), layer_norm_eps and initializer_range > 0")
 
@@ -137,8 +144,9 @@ class GLMModel(Decoder):
     def __init__(self, config: GLMConfig):
         nn.Module.__init__(self)
         if not isinstance(config, GLMConfig):
-            raise TypeError(f"GLMModel needs a GLMConfig (glmkit.models.glm2021.get_config), got "
-                            f"{type(config).__name__}")
+            raise TypeError(
+                f"GLMModel needs a GLMConfig (glmkit.models.glm2021.get_config), got {type(config).__name__}"
+            )
         self.config = cfg = config
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings + 1, cfg.hidden_size)
@@ -169,5 +177,7 @@ class GLMModel(Decoder):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"layers={c.num_hidden_layers}, d={c.hidden_size}, heads={c.num_attention_heads}, "
-                f"ffn={c.intermediate_size}, vocab={c.vocab_size}, max_positions={c.max_position_embeddings}")
+        return (
+            f"layers={c.num_hidden_layers}, d={c.hidden_size}, heads={c.num_attention_heads}, "
+            f"ffn={c.intermediate_size}, vocab={c.vocab_size}, max_positions={c.max_position_embeddings}"
+        )

@@ -23,16 +23,44 @@ from glmkit.models.decoder import DecoderConfig
 BYTE_VOCAB = 264  # glmkit.data.tokenizer.ByteTokenizer().vocab_size: 256 bytes + GLM's special tokens
 B = 1_000_000_000
 
-PUBLISHED = {"chatglm2-6b": (6_243_584_032, None), "glm-4-9b": (9.4e9, None), "glm-4-9b-0414": (9.4e9, None),
-             "glm-4.5": (355 * B, 32 * B), "glm-4.5-air": (106 * B, 12 * B)}
+PUBLISHED = {
+    "chatglm2-6b": (6_243_584_032, None),
+    "glm-4-9b": (9.4e9, None),
+    "glm-4-9b-0414": (9.4e9, None),
+    "glm-4.5": (355 * B, 32 * B),
+    "glm-4.5-air": (106 * B, 12 * B),
+}
 
-_GLM4 = dict(vocab_size=151552, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
-             head_dim=128, intermediate_size=13696, attention_bias=True, partial_rotary_factor=0.5,
-             rope_interleave=True, pad_token_id=151329, eos_token_id=(151329, 151336, 151338))
-_GLM45 = dict(vocab_size=151552, num_attention_heads=96, num_key_value_heads=8, head_dim=128, attention_bias=True,
-              partial_rotary_factor=0.5, rope_interleave=False, rope_theta=1e6, max_position_embeddings=131072,
-              n_shared_experts=1, num_experts_per_tok=8, num_nextn_predict_layers=1, pad_token_id=151329,
-              eos_token_id=(151329, 151336, 151338))
+_GLM4 = dict(
+    vocab_size=151552,
+    hidden_size=4096,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    intermediate_size=13696,
+    attention_bias=True,
+    partial_rotary_factor=0.5,
+    rope_interleave=True,
+    pad_token_id=151329,
+    eos_token_id=(151329, 151336, 151338),
+)
+_GLM45 = dict(
+    vocab_size=151552,
+    num_attention_heads=96,
+    num_key_value_heads=8,
+    head_dim=128,
+    attention_bias=True,
+    partial_rotary_factor=0.5,
+    rope_interleave=False,
+    rope_theta=1e6,
+    max_position_embeddings=131072,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    num_nextn_predict_layers=1,
+    pad_token_id=151329,
+    eos_token_id=(151329, 151336, 151338),
+)
 # the course presets: GLM-4-0414-style (dense) and GLM-4.5-style (MoE) blocks on the byte tokenizer
 _SMALL = dict(vocab_size=BYTE_VOCAB, tie_word_embeddings=True)
 _MOE_STYLE = dict(use_qk_norm=True, rope_interleave=False, rope_theta=1e6, n_shared_experts=1, first_k_dense_replace=1)
@@ -40,35 +68,99 @@ _MOE_STYLE = dict(use_qk_norm=True, rope_interleave=False, rope_theta=1e6, n_sha
 PRESETS: dict[str, DecoderConfig] = {
     # ChatGLM2-6B (remote-code config: 28 layers, 4096, 32 heads, multi_query_group_num=2, kv_channels=128, ffn
     # 13696, padded_vocab_size 65024, add_qkv_bias, untied output_layer, seq_length 32768).
-    "chatglm2-6b": DecoderConfig(**{**_GLM4, "vocab_size": 65024, "num_hidden_layers": 28,
-                                    "max_position_embeddings": 32768, "pad_token_id": 0, "eos_token_id": (2,)}),
+    "chatglm2-6b": DecoderConfig(
+        **{
+            **_GLM4,
+            "vocab_size": 65024,
+            "num_hidden_layers": 28,
+            "max_position_embeddings": 32768,
+            "pad_token_id": 0,
+            "eos_token_id": (2,),
+        }
+    ),
     # GLM-4-9B (HF `glm`, GlmConfig defaults = THUDM/glm-4-9b-chat-hf).
     "glm-4-9b": DecoderConfig(**_GLM4, max_position_embeddings=131072, rms_norm_eps=1.5625e-07),
     # GLM-4-9B-0414 (HF `glm4`): the same shapes with sandwich norms, eps 1e-5, 32K positions.
     "glm-4-9b-0414": DecoderConfig(**_GLM4, max_position_embeddings=32768, sandwich_norms=True),
     # GLM-4.5 (355B-A32B) and GLM-4.5-Air (106B-A12B), HF `glm4_moe`.
-    "glm-4.5": DecoderConfig(**_GLM45, hidden_size=5120, num_hidden_layers=92, intermediate_size=12288,
-                             moe_intermediate_size=1536, n_routed_experts=160, first_k_dense_replace=3,
-                             routed_scaling_factor=2.5, use_qk_norm=True),
-    "glm-4.5-air": DecoderConfig(**_GLM45, hidden_size=4096, num_hidden_layers=46, intermediate_size=10944,
-                                 moe_intermediate_size=1408, n_routed_experts=128, first_k_dense_replace=1),
+    "glm-4.5": DecoderConfig(
+        **_GLM45,
+        hidden_size=5120,
+        num_hidden_layers=92,
+        intermediate_size=12288,
+        moe_intermediate_size=1536,
+        n_routed_experts=160,
+        first_k_dense_replace=3,
+        routed_scaling_factor=2.5,
+        use_qk_norm=True,
+    ),
+    "glm-4.5-air": DecoderConfig(
+        **_GLM45,
+        hidden_size=4096,
+        num_hidden_layers=46,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        n_routed_experts=128,
+        first_k_dense_replace=1,
+    ),
     # Trains in minutes on a 2-core CPU (~0.8M parameters).
-    "cpu-small": DecoderConfig(**_SMALL, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=32, intermediate_size=352, max_position_embeddings=256,
-                               attention_bias=True, sandwich_norms=True),
+    "cpu-small": DecoderConfig(
+        **_SMALL,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=352,
+        max_position_embeddings=256,
+        attention_bias=True,
+        sandwich_norms=True,
+    ),
     # One GPU (~23M parameters), D = 64 for the kernels.
-    "gpu-small": DecoderConfig(**_SMALL, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                               num_key_value_heads=2, head_dim=64, intermediate_size=1408,
-                               max_position_embeddings=1024, attention_bias=True, sandwich_norms=True),
+    "gpu-small": DecoderConfig(
+        **_SMALL,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1408,
+        max_position_embeddings=1024,
+        attention_bias=True,
+        sandwich_norms=True,
+    ),
     # CPU MoE: 4 layers (1 dense + 3 MoE), 8 experts of 128 (top-2 + 1 shared); ~1.4M parameters, ~0.7M active.
-    "cpu-moe": DecoderConfig(**_SMALL, **_MOE_STYLE, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=32, intermediate_size=384, max_position_embeddings=256,
-                             attention_bias=True, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128),
+    "cpu-moe": DecoderConfig(
+        **_SMALL,
+        **_MOE_STYLE,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=384,
+        max_position_embeddings=256,
+        attention_bias=True,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+    ),
     # GPU MoE: 8 layers (1 dense + 7 MoE), 32 experts of 256 (top-4 + 1 shared), D = 64 for the kernels.
-    "gpu-moe": DecoderConfig(**_SMALL, **_MOE_STYLE, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                             num_key_value_heads=2, head_dim=64, intermediate_size=1280, max_position_embeddings=1024,
-                             attention_bias=True, n_routed_experts=32, num_experts_per_tok=4,
-                             moe_intermediate_size=256),
+    "gpu-moe": DecoderConfig(
+        **_SMALL,
+        **_MOE_STYLE,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1280,
+        max_position_embeddings=1024,
+        attention_bias=True,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        moe_intermediate_size=256,
+    ),
 }
 
 
@@ -84,23 +176,39 @@ def preset(cls: type, presets: dict, name, overrides: dict[str, Any]):
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"get_config: unknown fields {unknown}; {cls.__name__} fields are {sorted(known)}")
-    if {"num_hidden_layers", "first_k_dense_replace", "n_routed_experts"} & set(overrides) and \
-            "mlp_layer_types" not in overrides and hasattr(base, "mlp_layer_types"):
-        overrides = {**overrides, "mlp_layer_types": None}     # re-derived from the new sizes
-    if "num_hidden_layers" in overrides and "layer_types" not in overrides and hasattr(base, "layer_types") and \
-            len(set(base.layer_types)) == 1:
+    if (
+        {"num_hidden_layers", "first_k_dense_replace", "n_routed_experts"} & set(overrides)
+        and "mlp_layer_types" not in overrides
+        and hasattr(base, "mlp_layer_types")
+    ):
+        overrides = {**overrides, "mlp_layer_types": None}  # re-derived from the new sizes
+    if (
+        "num_hidden_layers" in overrides
+        and "layer_types" not in overrides
+        and hasattr(base, "layer_types")
+        and len(set(base.layer_types)) == 1
+    ):
         overrides = {**overrides, "layer_types": None}
     return dataclasses.replace(base, **overrides)
 
 
 def get_config(name: str | DecoderConfig, **overrides: Any) -> DecoderConfig:
-    """A preset by name (or a config to copy) with fields overridden: ``get_config("cpu-small", num_hidden_layers=2)``."""
+    """A preset by name (or a config to copy) with fields overridden:
+    ``get_config("cpu-small", num_hidden_layers=2)``."""
     return preset(DecoderConfig, PRESETS, name, overrides)
 
 
 def dense_twin(cfg: DecoderConfig, **overrides: Any) -> DecoderConfig:
     """The dense model with the same attention, norms and vocabulary whose FFN width equals an MoE layer's active
     width ((k + shared)·I), so both spend the same compute per token."""
-    return get_config(cfg, intermediate_size=cfg.active_ffn_width, n_routed_experts=0, moe_intermediate_size=0,
-                      n_shared_experts=0, first_k_dense_replace=0, mlp_layer_types=None, num_nextn_predict_layers=0,
-                      **overrides)
+    return get_config(
+        cfg,
+        intermediate_size=cfg.active_ffn_width,
+        n_routed_experts=0,
+        moe_intermediate_size=0,
+        n_shared_experts=0,
+        first_k_dense_replace=0,
+        mlp_layer_types=None,
+        num_nextn_predict_layers=0,
+        **overrides,
+    )

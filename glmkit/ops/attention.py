@@ -56,22 +56,32 @@ def _check(q, k, v, sep, scale) -> None:
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise TypeError(f"q, k, v must share one dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
-                        f"{q.device}/{k.device}/{v.device}")
+        raise TypeError(
+            f"q, k, v must share one dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+            f"{q.device}/{k.device}/{v.device}"
+        )
     B, H, T, D = q.shape
     if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
-        raise ValueError(f"k and v must be [B, H_kv, T, D] = [{B}, H_kv, {T}, {D}] to match q, "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must be [B, H_kv, T, D] = [{B}, H_kv, {T}, {D}] to match q, "
+            f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
     if k.shape[1] == 0 or H % k.shape[1]:
         raise ValueError(f"the query heads (H={H}) must be a multiple of the k/v heads (H_kv={k.shape[1]})")
     if T == 0 or D == 0:
         raise ValueError(f"q must have T >= 1 and D >= 1, got {tuple(q.shape)}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None (= 1/sqrt(D)), got {scale!r}")
-    if sep is not None and (not isinstance(sep, torch.Tensor) or sep.dtype not in (torch.int32, torch.int64)
-                            or tuple(sep.shape) != (B,) or sep.device != q.device):
-        raise ValueError(f"sep must be a [B] = [{B}] integer tensor of Part-A lengths on {q.device}, got "
-                         f"{getattr(sep, 'dtype', type(sep).__name__)} {tuple(getattr(sep, 'shape', ()))}")
+    if sep is not None and (
+        not isinstance(sep, torch.Tensor)
+        or sep.dtype not in (torch.int32, torch.int64)
+        or tuple(sep.shape) != (B,)
+        or sep.device != q.device
+    ):
+        raise ValueError(
+            f"sep must be a [B] = [{B}] integer tensor of Part-A lengths on {q.device}, got "
+            f"{getattr(sep, 'dtype', type(sep).__name__)} {tuple(getattr(sep, 'shape', ()))}"
+        )
 
 
 def _expand_kv(k: torch.Tensor, H: int) -> torch.Tensor:

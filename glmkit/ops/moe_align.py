@@ -42,9 +42,9 @@ def moe_align_reference(topk_idx: torch.Tensor, num_experts: int, block_m: int):
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
     total = int(ends[-1])
-    order = torch.argsort(flat, stable=True)              # slots grouped by expert, increasing slot id
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert, increasing slot id
     e_sorted = flat[order]
-    first = torch.cumsum(counts, 0) - counts              # first index of each expert in ``order``
+    first = torch.cumsum(counts, 0) - counts  # first index of each expert in ``order``
     rank = torch.arange(S, device=dev) - first[e_sorted]
     sorted_ids = torch.full((S_pad,), S, dtype=torch.int32, device=dev)
     sorted_ids[starts[e_sorted] + rank] = order.to(torch.int32)

@@ -54,7 +54,7 @@ def _grouped_mm_ok(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     if not hasattr(torch, "_grouped_mm") or x.dtype != w_gate_up.dtype or x.device != w_gate_up.device:
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return False                       # inside torch.compile grouped_mm takes bf16 only
+        return False  # inside torch.compile grouped_mm takes bf16 only
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
@@ -63,8 +63,9 @@ def _grouped_mm_ok(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     es = x.element_size()
     strides_ok = all(n * es % _GMM_ALIGN_BYTES == 0 for n in (x.shape[1], *w_gate_up.shape[1:2], w_down.shape[2]))
     # pointers cannot be read while torch.compile traces (fresh and parameter tensors are aligned anyway)
-    return strides_ok and (torch.compiler.is_compiling() or all(
-        t.data_ptr() % _GMM_ALIGN_BYTES == 0 for t in (x, w_gate_up, w_down)))
+    return strides_ok and (
+        torch.compiler.is_compiling() or all(t.data_ptr() % _GMM_ALIGN_BYTES == 0 for t in (x, w_gate_up, w_down))
+    )
 
 
 def _grouped_mm(a, b, offs):
@@ -80,10 +81,10 @@ def moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down) -> torch.Ten
     if N == 0:
         return torch.zeros_like(x)
     E = w_gate_up.shape[0]
-    sorted_e, perm = torch.sort(topk_idx.reshape(-1).long(), stable=True)     # [S]
-    x_g = x[perm // k]                                                         # [S, H], rows grouped by expert
+    sorted_e, perm = torch.sort(topk_idx.reshape(-1).long(), stable=True)  # [S]
+    x_g = x[perm // k]  # [S, H], rows grouped by expert
     counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, sorted_e, torch.ones_like(sorted_e))
-    w_gu, w_d = w_gate_up.transpose(-2, -1), w_down.transpose(-2, -1)          # [E, H, 2I], [E, I, H] views
+    w_gu, w_d = w_gate_up.transpose(-2, -1), w_down.transpose(-2, -1)  # [E, H, 2I], [E, I, H] views
     if not _grouped_mm_ok(x_g, w_gate_up, w_down) and torch.compiler.is_compiling():
         # no grouped GEMM and no host sync allowed: every expert on every token, weighted by a dense [N, E] map
         w = torch.zeros(N, E, device=x.device).scatter_(1, topk_idx.long(), topk_weight.float())
@@ -93,7 +94,7 @@ def moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down) -> torch.Ten
         offs = counts.cumsum(0).to(torch.int32)
         y_g = _grouped_mm(_swiglu(_grouped_mm(x_g, w_gu, offs)), w_d, offs)
     else:
-        c = counts.tolist()                                                    # one host sync
+        c = counts.tolist()  # one host sync
         seg = lambda a, b: torch.cat([a_e @ b[e] for e, a_e in enumerate(a.split(c)) if c[e]])  # noqa: E731
         y_g = seg(_swiglu(seg(x_g, w_gu)), w_d)
     y_g = y_g.float() * topk_weight.reshape(-1)[perm].float().unsqueeze(-1)

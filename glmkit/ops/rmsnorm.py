@@ -21,12 +21,17 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check(x: torch.Tensor, weight: torch.Tensor | None) -> None:
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1 or x.shape[-1] == 0:
-        raise TypeError(f"x must be a float32/float16/bfloat16 tensor [..., N] with N > 0, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-    if weight is not None and (not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[-1],)
-                               or weight.device != x.device):
-        raise ValueError(f"weight must be a [{x.shape[-1]}] tensor on {x.device} (x's last dim), got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+        raise TypeError(
+            f"x must be a float32/float16/bfloat16 tensor [..., N] with N > 0, got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+        )
+    if weight is not None and (
+        not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.shape[-1],) or weight.device != x.device
+    ):
+        raise ValueError(
+            f"weight must be a [{x.shape[-1]}] tensor on {x.device} (x's last dim), got "
+            f"{tuple(getattr(weight, 'shape', ()))}"
+        )
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:

@@ -41,10 +41,17 @@ def _check(x, cos, sin, rotary_dim: int, pairing: str, name: str = "x") -> None:
     if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > D:
         raise ValueError(f"rotary_dim must be a positive even int <= head dim D={D}, got {rotary_dim!r}")
     want = [(T, rotary_dim // 2), (B, T, rotary_dim // 2)]
-    if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.shape == sin.shape
-            and tuple(cos.shape) in want and cos.device == x.device):
-        raise ValueError(f"cos/sin must be [T, R/2] = {want[0]} or [B, T, R/2] = {want[1]} on {x.device} (one entry "
-                         f"per frequency, not HF's doubled layout), got {tuple(getattr(cos, 'shape', ()))}")
+    if not (
+        isinstance(cos, torch.Tensor)
+        and isinstance(sin, torch.Tensor)
+        and cos.shape == sin.shape
+        and tuple(cos.shape) in want
+        and cos.device == x.device
+    ):
+        raise ValueError(
+            f"cos/sin must be [T, R/2] = {want[0]} or [B, T, R/2] = {want[1]} on {x.device} (one entry "
+            f"per frequency, not HF's doubled layout), got {tuple(getattr(cos, 'shape', ()))}"
+        )
 
 
 def rope_reference(x: torch.Tensor, cos, sin, rotary_dim: int, pairing: str = "interleaved") -> torch.Tensor:
@@ -84,7 +91,7 @@ class RopeFunction(torch.autograd.Function):
         from glmkit.kernels.rope import rope_fwd
 
         cos, sin = ctx.saved_tensors
-        first, second = (dq, dk) if dq is not None else (dk, None)   # rotate both back in one launch
+        first, second = (dq, dk) if dq is not None else (dk, None)  # rotate both back in one launch
         r1, r2 = rope_fwd(first, second, cos, sin, *ctx.rope, inverse=True)
         dq_in, dk_in = (r1, r2) if dq is not None else (None, r1)
         return dq_in, dk_in, None, None, None, None, None

@@ -40,9 +40,7 @@ SETUP_HINT = "run .ci/browser-setup.sh (apt chromium + pip playwright into the v
 
 def pytest_configure(config):
     # Also belongs in pyproject.toml's markers; registering here keeps --strict-markers happy meanwhile.
-    config.addinivalue_line(
-        "markers", "browser: drives JupyterLab in headless Chromium (needs .ci/browser-setup.sh)"
-    )
+    config.addinivalue_line("markers", "browser: drives JupyterLab in headless Chromium (needs .ci/browser-setup.sh)")
 
 
 def _missing(reason: str):
@@ -263,7 +261,9 @@ def lab_server():
 
     port, token = free_port(), secrets.token_hex(24)
     cmd = [
-        sys.executable, "-m", "jupyterlab",
+        sys.executable,
+        "-m",
+        "jupyterlab",
         "--no-browser",
         "--ServerApp.ip=127.0.0.1",
         f"--ServerApp.port={port}",
@@ -283,7 +283,12 @@ def lab_server():
     log_path = home / "server.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        cmd,
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
     server = LabServer(root=root, port=port, token=token, proc=proc, home=home, log_path=log_path)
@@ -332,8 +337,13 @@ def chromium():
             executable_path=exe,
             headless=True,
             args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
                 "--disable-dev-shm-usage",
             ],
         )

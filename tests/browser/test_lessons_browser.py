@@ -72,7 +72,8 @@ JS_RUN_ALL = """async (path) => {
   return true;
 }"""
 
-JS_STATE = """(path) => {
+JS_STATE = (
+    """(path) => {
   const panel = window.__glmkitPanel(path);
   const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
   const cells = panel.content.model.cells;
@@ -92,11 +93,14 @@ JS_STATE = """(path) => {
         const e = o.toJSON();
         st.errors.push({cell: i, ename: e.ename, evalue: e.evalue, traceback: (e.traceback || []).join('\\n')});
       }
-      if (o.data && o.data['""" + WIDGET_MIME + """']) st.widgetOutputs++;
+      if (o.data && o.data['"""
+    + WIDGET_MIME
+    + """']) st.widgetOutputs++;
     }
   }
   return st;
 }"""
+)
 
 JS_DOM = """(path) => {
   const node = window.__glmkitPanel(path).node;
@@ -106,7 +110,8 @@ JS_DOM = """(path) => {
   const isWidget = o => o.classList.contains('jupyter-widgets') || o.querySelector('.jupyter-widgets');
   const text = node.innerText;
   return {
-    renderedWidgetViews: outs.filter(o => isWidget(o) && !/^(Loading widget|Error displaying widget)/.test(o.textContent)).length,
+    renderedWidgetViews: outs.filter(
+      o => isWidget(o) && !/^(Loading widget|Error displaying widget)/.test(o.textContent)).length,
     widgetNodes: node.querySelectorAll('.jupyter-widgets').length,
     explorers: node.querySelectorAll('.glm-explorer').length,
     loading: /Loading widget/.test(text),
@@ -280,8 +285,10 @@ def _explorer_reacts(page, explorer, shots: Path, stem: str, path: str) -> dict:
     finally:
         explorer.screenshot(path=str(shots / f"{stem}.explorer-after.png"))
     expect(box).to_have_value(new_value)
-    _check(explorer.locator('[data-mime-type="application/vnd.jupyter.error"]').count() == 0,
-           f"the explorer shows an error after spans {new_value!r}")
+    _check(
+        explorer.locator('[data-mime-type="application/vnd.jupyter.error"]').count() == 0,
+        f"the explorer shows an error after spans {new_value!r}",
+    )
     warning = re.search(r"⚠[^\n]*", explorer.inner_text())
     _check(warning is None, f"the explorer reports a problem after spans {new_value!r}: {warning and warning.group(0)}")
     return {"spans_before": old_value, "spans_after": new_value, "images_before": before, "images_after": fingerprint()}
@@ -318,11 +325,15 @@ def test_lesson_runs_in_jupyterlab(lesson: Path, chromium, lab_server):
         def finished():
             nonlocal idle_polls, last
             st = last = page.evaluate(JS_STATE, rel)
-            _check(st["kernel"] not in ("dead", "autorestarting", "restarting"),
-                   f"{rel}: the kernel died ({st['kernel']}) after {st['executed']}/{st['code']} code cells"
-                   f"{' (out of memory?)' if st['kernel'] != 'dead' else ''}\n{lab_server.log_tail(20)}")
-            done = st["kernel"] == "idle" and st["running"] == 0 and (
-                st["executed"] == st["code"] or st["errors"] or st["iopubErrors"]
+            _check(
+                st["kernel"] not in ("dead", "autorestarting", "restarting"),
+                f"{rel}: the kernel died ({st['kernel']}) after {st['executed']}/{st['code']} code cells"
+                f"{' (out of memory?)' if st['kernel'] != 'dead' else ''}\n{lab_server.log_tail(20)}",
+            )
+            done = (
+                st["kernel"] == "idle"
+                and st["running"] == 0
+                and (st["executed"] == st["code"] or st["errors"] or st["iopubErrors"])
             )
             idle_polls = idle_polls + 1 if done else 0
             return st if idle_polls >= 3 else None
@@ -330,16 +341,22 @@ def test_lesson_runs_in_jupyterlab(lesson: Path, chromium, lab_server):
         try:
             state = _wait(finished, LESSON_TIMEOUT_S, f"{rel} to finish running", interval=1.0)
         except AssertionError as e:
-            pytest.fail(f"{e} (GLMKIT_BROWSER_TIMEOUT); kernel {last.get('kernel')}, "
-                        f"{last.get('executed')}/{last.get('code')} code cells done, "
-                        f"not run: cells {last.get('unexecuted')}", pytrace=False)
+            pytest.fail(
+                f"{e} (GLMKIT_BROWSER_TIMEOUT); kernel {last.get('kernel')}, "
+                f"{last.get('executed')}/{last.get('code')} code cells done, "
+                f"not run: cells {last.get('unexecuted')}",
+                pytrace=False,
+            )
         report["run_s"] = round(time.monotonic() - t_open, 1)
         _check(not state["errors"], f"{rel}: error output:\n" + _fmt_errors(state["errors"]))
         _check(not state["iopubErrors"], f"{rel}: the kernel reported errors:\n" + _fmt_errors(state["iopubErrors"]))
-        _check(state["executed"] == state["code"], (
-            f"{rel}: {state['code'] - state['executed']} code cells have no execution count "
-            f"(cells {state['unexecuted']})"
-        ))
+        _check(
+            state["executed"] == state["code"],
+            (
+                f"{rel}: {state['code'] - state['executed']} code cells have no execution count "
+                f"(cells {state['unexecuted']})"
+            ),
+        )
 
         # A viewport as tall as the notebook: every output on screen at once (element screenshots of
         # the explorer and the final full-page screenshot are then not clipped by Lab's scroller).
@@ -358,9 +375,13 @@ def test_lesson_runs_in_jupyterlab(lesson: Path, chromium, lab_server):
             pytest.fail(f"{rel}: {e}; DOM: {dom}", pytrace=False)
         _check(not dom["widgetErrors"], f"{rel}: {dom['widgetErrors']}")
         _check(dom["errorOutputs"] == 0, f"{rel}: {dom['errorOutputs']} error outputs on the page")
-        report.update(code_cells=state["code"], widget_outputs=state["widgetOutputs"],
-                      rendered_widget_views=dom["renderedWidgetViews"], widget_nodes=dom["widgetNodes"],
-                      explorers=dom["explorers"])
+        report.update(
+            code_cells=state["code"],
+            widget_outputs=state["widgetOutputs"],
+            rendered_widget_views=dom["renderedWidgetViews"],
+            widget_nodes=dom["widgetNodes"],
+            explorers=dom["explorers"],
+        )
 
         # Lesson 01's explorer (and any later lesson's) must react to its input.
         if stem.startswith("01_"):

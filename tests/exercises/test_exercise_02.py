@@ -28,21 +28,27 @@ def test_release_of_exercise_02_ships_only_stubs(tmp_path):
     assert "repeat_interleave" not in stub and "BEGIN SOLUTION" not in stub
 
 
-@pytest.mark.parametrize("old, new, failing", [
-    # swapped pairings: the classic porting bug
-    ('if pairing == "interleaved":\n        x1, x2 = xr[..., 0::2], xr[..., 1::2]',
-     'if pairing == "half":\n        x1, x2 = xr[..., 0::2], xr[..., 1::2]', "Interleaved pairs"),
-    # k/v head h % H_kv instead of h // (H / H_kv)
-    ("kf = k.float().repeat_interleave(g, dim=1)", "kf = k.float().repeat(1, g, 1, 1)", "consecutive query heads"),
-    # the causal mask ignores q_offset
-    ("pos_q = torch.arange(Tq)[:, None] + q_offset", "pos_q = torch.arange(Tq)[:, None]", "absolute position"),
-])
+@pytest.mark.parametrize(
+    "old, new, failing",
+    [
+        # swapped pairings: the classic porting bug
+        (
+            'if pairing == "interleaved":\n        x1, x2 = xr[..., 0::2], xr[..., 1::2]',
+            'if pairing == "half":\n        x1, x2 = xr[..., 0::2], xr[..., 1::2]',
+            "Interleaved pairs",
+        ),
+        # k/v head h % H_kv instead of h // (H / H_kv)
+        ("kf = k.float().repeat_interleave(g, dim=1)", "kf = k.float().repeat(1, g, 1, 1)", "consecutive query heads"),
+        # the causal mask ignores q_offset
+        ("pos_q = torch.arange(Tq)[:, None] + q_offset", "pos_q = torch.arange(Tq)[:, None]", "absolute position"),
+    ],
+)
 def test_typical_mistakes_fail_with_a_teaching_message(tmp_path, old, new, failing):
     d = tmp_path / EX02.name
     shutil.copytree(EX02, d, ignore=shutil.ignore_patterns("hidden_checks.py", "__pycache__"))
     src = (d / "ex02.py").read_text()
     assert old in src
-    if "pairing" in old:       # swap both branches
+    if "pairing" in old:  # swap both branches
         src = src.replace('elif pairing == "half":', 'elif pairing == "interleaved":')
     (d / "ex02.py").write_text(src.replace(old, new))
     log = io.StringIO()

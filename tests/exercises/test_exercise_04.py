@@ -20,7 +20,7 @@ from glmkit.grading.runner import run_checks
 
 EX04 = Path(__file__).resolve().parents[2] / "exercises" / "04_moe_routing"
 FAST = {"total_timeout": 90, "startup_timeout": 60}
-KERNELS = ("count_kernel", "align_kernel")           # written by the learner, reached through moe_align
+KERNELS = ("count_kernel", "align_kernel")  # written by the learner, reached through moe_align
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_points_and_messages_are_consistent(exercise):
 
 
 def test_master_passes_all_checks_and_stub_fails_all_with_not_implemented(released):
-    _, log = released                                   # release validates first: master and stub
+    _, log = released  # release validates first: master and stub
     assert "master ex04.py: 34/34 points" in log
     assert "stub: 0/34 points, 16/16 checks say 'not implemented yet'" in log
     assert "verified: no solution code, no hidden check" in log
@@ -56,7 +56,7 @@ def test_release_ships_only_stubs(released):
     for fn in [*load_exercise(EX04).functions, *KERNELS]:
         assert f'NotImplementedError("ex04.{fn}: not implemented yet' in stub, fn
     assert "BEGIN SOLUTION" not in stub and "tl.atomic_add(" not in stub and "tl.cumsum(" not in stub
-    assert "def padded_size" in stub and "@triton.jit" in stub          # the given skeleton stays
+    assert "def padded_size" in stub and "@triton.jit" in stub  # the given skeleton stays
 
 
 def test_released_stub_self_check_says_not_implemented(released):
@@ -72,25 +72,42 @@ def test_released_stub_self_check_says_not_implemented(released):
 # (what the master's line is replaced by, in ex04.py) -> the checks that must catch it, and only those
 MISTAKES = {
     "weights by s + b": (
-        "w = scores.gather(1, topk_idx)", "w = choice.gather(1, topk_idx)",
-        {"bias_selects_only", "groups_with_bias", "route_edges", "real_router_sizes"}),
+        "w = scores.gather(1, topk_idx)",
+        "w = choice.gather(1, topk_idx)",
+        {"bias_selects_only", "groups_with_bias", "route_edges", "real_router_sizes"},
+    ),
     "weights not aligned with the experts": (
-        "return topk_idx, topk_weight\n", "return topk_idx, topk_weight.flip(-1)\n",
-        {"route_top_k", "bias_selects_only", "group_limited", "groups_with_bias", "route_edges",
-         "real_router_sizes"}),
+        "return topk_idx, topk_weight\n",
+        "return topk_idx, topk_weight.flip(-1)\n",
+        {"route_top_k", "bias_selects_only", "group_limited", "groups_with_bias", "route_edges", "real_router_sizes"},
+    ),
     "group score = the group's max": (
-        "topk(GROUP_TOPK, dim=-1).values.sum(dim=-1)", "max(dim=-1).values",
-        {"group_limited", "groups_with_bias", "route_edges", "real_router_sizes"}),
+        "topk(GROUP_TOPK, dim=-1).values.sum(dim=-1)",
+        "max(dim=-1).values",
+        {"group_limited", "groups_with_bias", "route_edges", "real_router_sizes"},
+    ),
     "experts at the mean get -gamma": (
-        "bias += gamma * torch.sign(load.mean() - load)", "bias += torch.where(load < load.mean(), gamma, -gamma)",
-        {"balanced_experts_unchanged", "bias_load_kinds"}),
+        "bias += gamma * torch.sign(load.mean() - load)",
+        "bias += torch.where(load < load.mean(), gamma, -gamma)",
+        {"balanced_experts_unchanged", "bias_load_kinds"},
+    ),
     "forgot to pad": (
-        "padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M", "padded = counts",
-        {"align_uniform_ragged", "align_empty_and_collapsed", "align_padding_and_tail", "align_block_sizes",
-         "align_many_slots_and_experts", "align_int32_and_single_token"}),
+        "padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M",
+        "padded = counts",
+        {
+            "align_uniform_ragged",
+            "align_empty_and_collapsed",
+            "align_padding_and_tail",
+            "align_block_sizes",
+            "align_many_slots_and_experts",
+            "align_int32_and_single_token",
+        },
+    ),
     "no carry between scan steps": (
-        "row += tl.sum(mine, axis=0)", "pass",
-        {"align_uniform_ragged", "align_many_slots_and_experts"}),
+        "row += tl.sum(mine, axis=0)",
+        "pass",
+        {"align_uniform_ragged", "align_many_slots_and_experts"},
+    ),
 }
 
 
@@ -102,7 +119,7 @@ def test_a_typical_mistake_loses_exactly_the_points_of_the_checks_that_catch_it(
     res = run_checks(exercise, master.replace(old, new), exercise.checks, seed="test-04")
     failed = {c.name for c in res.checks if c.status != "passed"}
     assert failed == catching, [(c.name, c.status, c.summary) for c in res.checks if c.status != "passed"]
-    assert all(c.status == "failed" for c in res.checks if c.name in failed)   # wrong answers, not crashes
+    assert all(c.status == "failed" for c in res.checks if c.name in failed)  # wrong answers, not crashes
     assert res.points == exercise.points - sum(c.points for c in exercise.checks if c.name in catching)
 
 
@@ -110,14 +127,19 @@ def test_other_correct_answers_keep_full_marks(exercise):
     """Only what the contracts fix is compared: the experts of a row in another order (weights moving with
     them), and the slots inside each expert's run in decreasing instead of increasing order."""
     master = (EX04 / "ex04.py").read_text()
-    for old, new in (("return topk_idx, topk_weight\n", "return topk_idx.flip(-1), topk_weight.flip(-1)\n"),
-                     ("place = row + tl.cumsum(mine, axis=0) - mine",
-                      "place = 2 * start + my_count - 1 - (row + tl.cumsum(mine, axis=0) - mine)")):
+    for old, new in (
+        ("return topk_idx, topk_weight\n", "return topk_idx.flip(-1), topk_weight.flip(-1)\n"),
+        (
+            "place = row + tl.cumsum(mine, axis=0) - mine",
+            "place = 2 * start + my_count - 1 - (row + tl.cumsum(mine, axis=0) - mine)",
+        ),
+    ):
         assert master.count(old) == 1
         master = master.replace(old, new)
     res = run_checks(exercise, master, exercise.checks, seed="test-04-alt")
-    assert res.points == exercise.points, [(c.name, c.status, c.summary, c.detail) for c in res.checks
-                                           if c.status != "passed"]
+    assert res.points == exercise.points, [
+        (c.name, c.status, c.summary, c.detail) for c in res.checks if c.status != "passed"
+    ]
 
 
 def test_self_check_teaches_and_shows_public_inputs(tmp_path):
@@ -144,7 +166,7 @@ def test_the_notebook_runs_top_to_bottom(released, tmp_path, solved):
     d = tmp_path / "ex"
     shutil.copytree(released[0], d)
     if solved:
-        shutil.copy(EX04 / "ex04.py", d / "ex04.py")                      # a learner who finished
+        shutil.copy(EX04 / "ex04.py", d / "ex04.py")  # a learner who finished
     nb = nbformat.read(d / "ex04.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=180, resources={"metadata": {"path": str(d)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -99,7 +99,7 @@ def test_release_contains_no_hidden_check(released):
             assert c.name not in text, (f.name, c.name)
         assert "hidden=True" not in text
     assert not list(out.rglob("hidden_checks*"))
-    assert len(hidden_src) > 500                        # the instructor side does have them
+    assert len(hidden_src) > 500  # the instructor side does have them
 
 
 def test_released_stub_fails_with_not_implemented_yet(released):
@@ -160,7 +160,7 @@ def test_release_with_an_unmarked_function_is_refused(tmp_path):
     src = (root / EX01.name / "ex01.py").read_text()
     # drop the now-unmatched END marker of glm_mask
     idx = src.rindex("    # END SOLUTION\n")
-    (root / EX01.name / "ex01.py").write_text(src[:idx] + src[idx + len("    # END SOLUTION\n"):])
+    (root / EX01.name / "ex01.py").write_text(src[:idx] + src[idx + len("    # END SOLUTION\n") :])
     problems = release(root, tmp_path / "out", out=io.StringIO())
     assert any("no # BEGIN SOLUTION region in glm_mask" in p for p in problems), problems
 
@@ -177,25 +177,28 @@ def test_markers_are_checked():
 # ---------------------------------------------------------------------------------------------------------
 # autograde
 
+
 def _submissions(root: Path) -> Path:
     master = (EX01 / "ex01.py").read_text()
     stub = stub_source(master, "ex01")
-    partial = master.replace("    i = torch.arange(T)\n",
-                             "    raise NotImplementedError('ex01.glm_mask: not implemented yet')\n")
+    partial = master.replace(
+        "    i = torch.arange(T)\n", "    raise NotImplementedError('ex01.glm_mask: not implemented yet')\n"
+    )
     for name in ("alice", "bob", "carol", "dave", "erin", "frank", "gina"):
         (root / name).mkdir(parents=True)
     (root / "alice" / "ex01.py").write_text(master)
     (root / "bob" / "ex01.py").write_text(partial)
     defs = master.split("IGNORE = -100")[1].join(["IGNORE = -100", ""])
-    cells = [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": src}
-             for src in ["%load_ext autoreload\nimport torch", defs,
-                         "from glmkit.grading import self_check\nself_check()"]]
+    cells = [
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": src}
+        for src in ["%load_ext autoreload\nimport torch", defs, "from glmkit.grading import self_check\nself_check()"]
+    ]
     nb = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    (root / "carol" / "ex01.ipynb").write_text(json.dumps(nb))          # functions in the notebook
-    (root / "dave" / "ex01.py").write_text("# I did not finish\n")       # empty
-    (root / "erin" / "notes.txt").write_text("sorry")                    # missing
-    (root / "frank" / "Ex01 (1).py").write_text(stub)                    # renamed, unfinished
-    (root / "gina" / "solution_v2.py").write_text(master)                # renamed, complete
+    (root / "carol" / "ex01.ipynb").write_text(json.dumps(nb))  # functions in the notebook
+    (root / "dave" / "ex01.py").write_text("# I did not finish\n")  # empty
+    (root / "erin" / "notes.txt").write_text("sorry")  # missing
+    (root / "frank" / "Ex01 (1).py").write_text(stub)  # renamed, unfinished
+    (root / "gina" / "solution_v2.py").write_text(master)  # renamed, complete
     return root
 
 
@@ -211,9 +214,15 @@ def test_autograde_handles_missing_empty_partial_renamed(tmp_path):
     assert text.splitlines()[0] == "student,exercise,points,max_points,status,flags,notes,isolation,feedback"
     book = _book(out)
     got = {n: (r["points"], r["status"]) for n, r in book.items()}
-    assert got == {"alice": ("21", "graded"), "bob": ("15", "graded"), "carol": ("21", "graded"),
-                   "dave": ("0", "empty"), "erin": ("0", "missing"), "frank": ("0", "graded"),
-                   "gina": ("21", "graded")}
+    assert got == {
+        "alice": ("21", "graded"),
+        "bob": ("15", "graded"),
+        "carol": ("21", "graded"),
+        "dave": ("0", "empty"),
+        "erin": ("0", "missing"),
+        "frank": ("0", "graded"),
+        "gina": ("21", "graded"),
+    }
     assert "renamed" in book["frank"]["notes"] and "solution_v2.py" in book["gina"]["notes"]
     assert "ex01.ipynb" in book["carol"]["notes"]
     assert all(r["max_points"] == "21" for r in book.values())
@@ -228,8 +237,12 @@ def test_autograde_handles_missing_empty_partial_renamed(tmp_path):
 
     # re-grading one student leaves everyone else's rows and files alone
     (subs / "bob" / "ex01.py").write_text((EX01 / "ex01.py").read_text())
-    others = {p: (p.read_bytes(), p.stat().st_mtime_ns) for d in ("feedback", "results")
-              for p in (out / d).iterdir() if not p.name.startswith("bob")}
+    others = {
+        p: (p.read_bytes(), p.stat().st_mtime_ns)
+        for d in ("feedback", "results")
+        for p in (out / d).iterdir()
+        if not p.name.startswith("bob")
+    }
     autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], student="bob", limits=FAST, out=io.StringIO())
     after = _book(out)
     assert after["bob"]["points"] == "21"
@@ -240,15 +253,45 @@ def test_autograde_handles_missing_empty_partial_renamed(tmp_path):
 def test_feedback_for_hidden_checks_shows_no_student_data():
     res = ExerciseResult("01", "t", 3).to_dict()
     res["checks"] = [
-        {"name": "secret_edge_case", "title": "secret edge case", "hidden": True, "max_points": 1, "points": 0,
-         "status": "not implemented", "summary": "not implemented [1, 2, 3] leaked", "detail": "inputs: [1, 2, 3]",
-         "message": "Spans can touch.", "seconds": 0, "grader_note": ""},
-        {"name": "secret_two", "title": "secret two", "hidden": True, "max_points": 2, "points": 0,
-         "status": "error", "summary": "part_a_b() raised Tokens_1_2_3", "detail": "tokens=[1, 2, 3]",
-         "message": "Use the ids.", "seconds": 0, "grader_note": ""},
-        {"name": "secret_three", "title": "secret three", "hidden": True, "max_points": 2, "points": 0,
-         "status": "crashed", "summary": "your code's process exited with code 123", "detail": "",
-         "message": "Long texts.", "seconds": 0, "grader_note": ""},
+        {
+            "name": "secret_edge_case",
+            "title": "secret edge case",
+            "hidden": True,
+            "max_points": 1,
+            "points": 0,
+            "status": "not implemented",
+            "summary": "not implemented [1, 2, 3] leaked",
+            "detail": "inputs: [1, 2, 3]",
+            "message": "Spans can touch.",
+            "seconds": 0,
+            "grader_note": "",
+        },
+        {
+            "name": "secret_two",
+            "title": "secret two",
+            "hidden": True,
+            "max_points": 2,
+            "points": 0,
+            "status": "error",
+            "summary": "part_a_b() raised Tokens_1_2_3",
+            "detail": "tokens=[1, 2, 3]",
+            "message": "Use the ids.",
+            "seconds": 0,
+            "grader_note": "",
+        },
+        {
+            "name": "secret_three",
+            "title": "secret three",
+            "hidden": True,
+            "max_points": 2,
+            "points": 0,
+            "status": "crashed",
+            "summary": "your code's process exited with code 123",
+            "detail": "",
+            "message": "Long texts.",
+            "seconds": 0,
+            "grader_note": "",
+        },
     ]
     text = render_feedback("x", [res])
     assert "secret" not in text and "[1, 2, 3]" not in text and "Tokens_1_2_3" not in text and "123" not in text
@@ -257,8 +300,19 @@ def test_feedback_for_hidden_checks_shows_no_student_data():
 
 
 def test_feedback_file_names_are_unique_and_stable():
-    names = ["alice", "Ann Lee", feedback_stem("Ann Lee"), os.fsdecode(b"caf\xe9"), "caf\\xe9", "x" * 300,
-             ".hidden", "...", "..", "=1+1", "a/b"]
+    names = [
+        "alice",
+        "Ann Lee",
+        feedback_stem("Ann Lee"),
+        os.fsdecode(b"caf\xe9"),
+        "caf\\xe9",
+        "x" * 300,
+        ".hidden",
+        "...",
+        "..",
+        "=1+1",
+        "a/b",
+    ]
     stems = [feedback_stem(n) for n in names]
     assert len(set(stems)) == len(names) and stems == [feedback_stem(n) for n in names]
     assert stems[0] == "alice" and all(len(s) <= 64 and s[0] != "." and "/" not in s for s in stems)
@@ -268,8 +322,16 @@ def test_text_from_students_is_made_safe_for_files_terminals_and_spreadsheets():
     assert printable(os.fsdecode(b"caf\xe9")) == "caf\\xe9"
     assert printable("a\x1b[31mb\u202ec\nd") == "a\\x1b[31mb\\u202ec\\nd"
     assert printable("line 1\nline 2", multiline=True) == "line 1\nline 2"
-    assert [_cell(v) for v in ("=1+1", "+1", "-2", "@SUM(1)", "\tx", "\rx", "ok", "1-2")] == \
-        ["'=1+1", "'+1", "'-2", "'@SUM(1)", "'\\tx", "'\\rx", "ok", "1-2"]
+    assert [_cell(v) for v in ("=1+1", "+1", "-2", "@SUM(1)", "\tx", "\rx", "ok", "1-2")] == [
+        "'=1+1",
+        "'+1",
+        "'-2",
+        "'@SUM(1)",
+        "'\\tx",
+        "'\\rx",
+        "ok",
+        "1-2",
+    ]
 
 
 def test_locating_a_submission(tmp_path):
@@ -293,14 +355,17 @@ def test_links_fifos_and_huge_files_are_refused_without_being_read(tmp_path):
     ex = load_exercise(EX01, with_hidden=False)
     secret = tmp_path / "secret.py"
     secret.write_text("def part_a_b(): return 'secret'\n")
-    for name, make in {"link": lambda p: os.symlink(secret, p), "fifo": os.mkfifo,
-                       "huge": lambda p: open(p, "wb").truncate(3 << 30)}.items():
+    for name, make in {
+        "link": lambda p: os.symlink(secret, p),
+        "fifo": os.mkfifo,
+        "huge": lambda p: open(p, "wb").truncate(3 << 30),
+    }.items():
         (tmp_path / name).mkdir()
         make(tmp_path / name / "ex01.py")
         loc = locate_submission(tmp_path / name, ex)
         assert loc.status == "refused" and loc.source == "" and "secret" not in loc.note, (name, loc)
     assert "symbolic link" in locate_submission(tmp_path / "link", ex).note
-    (tmp_path / "mixed").mkdir()                         # a regular file is graded; the link beside it is not read
+    (tmp_path / "mixed").mkdir()  # a regular file is graded; the link beside it is not read
     (tmp_path / "mixed" / "ex01.py").write_text("def part_a_b(): pass\n")
     os.symlink(secret, tmp_path / "mixed" / "solution.py")
     loc = locate_submission(tmp_path / "mixed", ex)
@@ -310,8 +375,15 @@ def test_links_fifos_and_huge_files_are_refused_without_being_read(tmp_path):
 
 
 def test_notebook_extraction_keeps_definitions_only():
-    nb = {"cells": [{"cell_type": "code", "source": "import torch\n!pip install x\nprint('run me')\n"
-                                                     "def glm_mask(sep, T):\n    return 1\nglm_mask(1, 2)"}]}
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "source": "import torch\n!pip install x\nprint('run me')\n"
+                "def glm_mask(sep, T):\n    return 1\nglm_mask(1, 2)",
+            }
+        ]
+    }
     src = notebook_to_source(json.dumps(nb))
     assert "import torch" in src and "def glm_mask" in src
     assert "print" not in src and "pip" not in src and "glm_mask(1, 2)" not in src
@@ -360,7 +432,7 @@ def test_the_exercise_notebook_runs_top_to_bottom(released, tmp_path):
     out, _ = released
     d = tmp_path / "ex"
     shutil.copytree(out / "01_blank_infilling", d)
-    shutil.copy(EX01 / "ex01.py", d / "ex01.py")                          # a learner who finished
+    shutil.copy(EX01 / "ex01.py", d / "ex01.py")  # a learner who finished
     nb = nbformat.read(d / "ex01.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(d)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -42,7 +42,7 @@ LIMITS = {"total_timeout": 12, "startup_timeout": 12}
 RUN = uuid.uuid4().hex[:12]
 MARK, TOKEN = f"glmkit-hostile-{RUN}", f"glmkit-token-{RUN}"
 FULL = 21
-pytestmark = pytest.mark.slow        # about a minute: one class of ~45 submissions, then three small runs
+pytestmark = pytest.mark.slow  # about a minute: one class of ~45 submissions, then three small runs
 
 # student -> (allowed statuses, points, flags that must be present)
 EXPECTED = {
@@ -53,7 +53,7 @@ EXPECTED = {
     "raise_exits": ({"graded"}, 0, set()),
     "keyboard_interrupt_import": ({"import-error"}, 0, set()),
     "print_1gb": ({"output-limit"}, 0, set()),
-    "memory_hog": ({"graded", "crashed", "timeout"}, 0, set()),   # MemoryError, or the budget spent zeroing
+    "memory_hog": ({"graded", "crashed", "timeout"}, 0, set()),  # MemoryError, or the budget spent zeroing
     "spawn_children": ({"graded"}, 0, {"blocked-actions"}),
     "read_instructor_files": ({"graded"}, 0, {"blocked-actions"}),
     # patching builtins.isinstance breaks its own worker's reply encoder: "crashed" is its own doing
@@ -70,7 +70,7 @@ EXPECTED = {
     "hidden_feedback_leak": ({"crashed"}, 0, set()),
     "pipe_flood": ({"timeout", "output-limit", "bad-reply", "graded"}, 0, set()),
     "surrogate_message": ({"graded"}, 0, set()),
-    "fork_memory": ({"crashed"}, 0, {"blocked-actions"}),           # SIGSYS at the first fork
+    "fork_memory": ({"crashed"}, 0, {"blocked-actions"}),  # SIGSYS at the first fork
     "setsid_double_fork": ({"crashed"}, 0, {"blocked-actions"}),
     # built here
     "symlink_master": ({"refused"}, 0, {"symlink"}),
@@ -84,9 +84,22 @@ EXPECTED = {
 }
 # correct submissions, some under names that broke the gradebook (Latin-1 bytes, 240 characters, formulas (the
 # DDE payload with "\" for "/", which no folder name can hold), hidden-looking, another's file name)
-GOOD = ["good_a", "good_b", "good_c", os.fsdecode(b"caf\xe9"), "L" * 240, "=cmd|' \\C calc'!A0", "=1+1",
-        "@SUM(1+1)", "+1", "-2", ".hidden", "...", "Ann Lee"]
-COLLIDER = feedback_stem("Ann Lee")            # a folder named like "Ann Lee"'s feedback file: a wrong answer
+GOOD = [
+    "good_a",
+    "good_b",
+    "good_c",
+    os.fsdecode(b"caf\xe9"),
+    "L" * 240,
+    "=cmd|' \\C calc'!A0",
+    "=1+1",
+    "@SUM(1+1)",
+    "+1",
+    "-2",
+    ".hidden",
+    "...",
+    "Ann Lee",
+]
+COLLIDER = feedback_stem("Ann Lee")  # a folder named like "Ann Lee"'s feedback file: a wrong answer
 
 
 def _placeholders(src: str, **extra) -> str:
@@ -114,8 +127,11 @@ def _tree(*roots: Path) -> dict:
             for name in dirnames + filenames:
                 p = Path(dirpath, name)
                 st = p.lstat()
-                digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() \
-                    and st.st_size < 1 << 24 else (os.readlink(p) if p.is_symlink() else st.st_size)
+                digest = (
+                    hashlib.sha256(p.read_bytes()).hexdigest()
+                    if p.is_file() and not p.is_symlink() and st.st_size < 1 << 24
+                    else (os.readlink(p) if p.is_symlink() else st.st_size)
+                )
                 out[str(p)] = (st.st_mode, digest)
     return out
 
@@ -133,8 +149,12 @@ def _marked() -> list[int]:
 
 
 def _uids(out: Path) -> set[int]:
-    return {u for p in (out / "results").glob("*.json") for r in json.loads(p.read_text())["exercises"]
-            for u in r.get("sandbox", {}).get("uids", [])}
+    return {
+        u
+        for p in (out / "results").glob("*.json")
+        for r in json.loads(p.read_text())["exercises"]
+        for u in r.get("sandbox", {}).get("uids", [])
+    }
 
 
 def _rows(out: Path) -> dict[str, dict]:
@@ -157,9 +177,13 @@ def graded(sandbox, tmp_path_factory):
             src = f.read_text()
             src = master + "\n\n" + src if f.stem == "frame_leak" else src
             (subs / f.stem / "ex01.py").write_text(_placeholders(src, __REFERENCE__=reference))
-    links = {"symlink_master": f"/proc/self/root{EX01 / 'ex01.py'}", "symlink_other_student": "../good_a/ex01.py",
-             "symlink_shadow": "/etc/shadow", "symlink_hidden_checks": str(EX01 / "hidden_checks.py"),
-             "symlink_kmsg": "/proc/kmsg"}
+    links = {
+        "symlink_master": f"/proc/self/root{EX01 / 'ex01.py'}",
+        "symlink_other_student": "../good_a/ex01.py",
+        "symlink_shadow": "/etc/shadow",
+        "symlink_hidden_checks": str(EX01 / "hidden_checks.py"),
+        "symlink_kmsg": "/proc/kmsg",
+    }
     for name, target in links.items():
         (subs / name).mkdir()
         os.symlink(target, subs / name / "ex01.py")
@@ -167,16 +191,17 @@ def graded(sandbox, tmp_path_factory):
     (subs / "sparse_3gib").mkdir()
     with open(subs / "sparse_3gib" / "ex01.py", "wb") as f:
         f.write(master.encode())
-        f.truncate(3 << 30)                                     # what a zip bomb unpacks to
+        f.truncate(3 << 30)  # what a zip bomb unpacks to
     (subs / "fifo").mkdir()
     os.mkfifo(subs / "fifo" / "ex01.py")
     for name in GOOD:
         (subs / name).mkdir()
         (subs / name / "ex01.py").write_text(master)
-    shutil.move(subs / "good_b" / "ex01.py", subs / "good_b" / "ex01 (2).py")      # renamed
+    shutil.move(subs / "good_b" / "ex01.py", subs / "good_b" / "ex01 (2).py")  # renamed
     (subs / COLLIDER).mkdir()
-    (subs / COLLIDER / "ex01.py").write_text(master.replace("return causal[None] | part_a",
-                                                            "return causal[None] & part_a"))
+    (subs / COLLIDER / "ex01.py").write_text(
+        master.replace("return causal[None] | part_a", "return causal[None] & part_a")
+    )
     before = _tree(subs, EXERCISES)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     log = io.StringIO()
@@ -184,8 +209,15 @@ def graded(sandbox, tmp_path_factory):
     rows = autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], jobs=4, limits=LIMITS, out=log)
     seconds = time.monotonic() - t0
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
-    return {"subs": subs, "out": out, "rows": rows, "log": log.getvalue(), "before": before, "seconds": seconds,
-            "grown_mb": grown_mb}
+    return {
+        "subs": subs,
+        "out": out,
+        "rows": rows,
+        "log": log.getvalue(),
+        "before": before,
+        "seconds": seconds,
+        "grown_mb": grown_mb,
+    }
 
 
 def test_gradebook_has_one_row_per_folder_and_good_students_are_unaffected(graded):
@@ -224,7 +256,7 @@ def test_symlinks_are_refused_and_never_read(graded):
 def test_files_are_checked_before_they_are_read(graded):
     book = _rows(graded["out"])
     assert "too large" in book["sparse_3gib"]["notes"] and "not a regular file" in book["fifo"]["notes"]
-    assert graded["grown_mb"] < 1024, graded["grown_mb"]        # the 3 GiB file was never read
+    assert graded["grown_mb"] < 1024, graded["grown_mb"]  # the 3 GiB file was never read
 
 
 def test_odd_names_get_their_own_row_and_feedback_file(graded):
@@ -234,8 +266,9 @@ def test_odd_names_get_their_own_row_and_feedback_file(graded):
     assert all(len(Path(f).name) < 100 for f in files)
     assert book["caf\\xe9"]["points"] == str(FULL)
     assert (out / book["caf\\xe9"]["feedback"]).read_text().startswith("# Feedback for caf\\xe9")
-    assert sorted(p.name for p in (out / "feedback").iterdir()) == sorted(Path(r["feedback"]).name
-                                                                           for r in book.values())
+    assert sorted(p.name for p in (out / "feedback").iterdir()) == sorted(
+        Path(r["feedback"]).name for r in book.values()
+    )
 
 
 def test_csv_cells_cannot_start_a_formula(graded):
@@ -253,9 +286,14 @@ def test_hidden_checks_feedback_carries_nothing_from_the_worker(graded):
         assert "exit" not in hidden and "\\udce9" not in hidden and "caf" not in hidden, name
         for line in hidden.splitlines():
             assert not line.startswith("* FAIL") or line.split(": ", 1)[1] in {
-                "wrong answer", "your code raised an exception", "your code's process stopped", "not run",
-                "time limit reached", "your code's answer could not be read back"}, line
-    assert _rows(out)["frame_leak"]["points"] == str(FULL)      # so its functions saw no caller frame
+                "wrong answer",
+                "your code raised an exception",
+                "your code's process stopped",
+                "not run",
+                "time limit reached",
+                "your code's answer could not be read back",
+            }, line
+    assert _rows(out)["frame_leak"]["points"] == str(FULL)  # so its functions saw no caller frame
 
 
 def test_a_switched_off_audit_hook_does_not_hide_a_process_start(graded):
@@ -264,7 +302,7 @@ def test_a_switched_off_audit_hook_does_not_hide_a_process_start(graded):
     for name in ("fork_memory", "setsid_double_fork"):
         rec = json.loads((graded["out"] / "results" / f"{name}.json").read_text())["exercises"][0]
         assert any(b.startswith("syscall:") for b in rec["blocked"]), rec["blocked"]
-        assert not any(b.startswith("process:") for b in rec["blocked"]), rec["blocked"]   # the hook saw nothing
+        assert not any(b.startswith("process:") for b in rec["blocked"]), rec["blocked"]  # the hook saw nothing
         assert "forbids" in (graded["out"] / "feedback" / f"{name}.md").read_text()
 
 
@@ -275,7 +313,7 @@ def test_the_run_finishes_and_nothing_outside_the_students_folders_changes(grade
 
 def test_no_process_survives(graded):
     uids = _uids(graded["out"])
-    assert len(uids) > len(EXPECTED) or os.geteuid() != 0      # as root: a fresh uid per worker
+    assert len(uids) > len(EXPECTED) or os.geteuid() != 0  # as root: a fresh uid per worker
     assert [u for u in uids if isolation.processes_of_uid(u)] == [] and _marked() == []
 
 
@@ -297,8 +335,16 @@ def test_children_are_killed_with_the_pid_namespace(sandbox, tmp_path):
     watcher.start()
     try:
         weak_inside = dataclasses.replace(sandbox, seccomp=False, audit_hook=False)
-        autograde(subs, tmp_path / "out", exercises_dir=EXERCISES, ids=["01"], jobs=2, limits=LIMITS,
-                  isolation=weak_inside, out=io.StringIO())
+        autograde(
+            subs,
+            tmp_path / "out",
+            exercises_dir=EXERCISES,
+            ids=["01"],
+            jobs=2,
+            limits=LIMITS,
+            isolation=weak_inside,
+            out=io.StringIO(),
+        )
     finally:
         stop.set()
         watcher.join()
@@ -319,7 +365,7 @@ def test_neighbours_and_the_host_are_out_of_reach(sandbox, tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    host_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)          # the same port on the host
+    host_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the same port on the host
     host_udp.bind(("127.0.0.1", port))
     host_udp.settimeout(0.1)
     unix_path = str(tmp_path / "host.sock")
@@ -334,13 +380,13 @@ def test_neighbours_and_the_host_are_out_of_reach(sandbox, tmp_path):
     subs = tmp_path / "subs"
     for name in ("udp_receiver", "udp_sender", "host_secrets"):
         (subs / name).mkdir(parents=True)
-        (subs / name / "ex01.py").write_text(_placeholders((HOSTILE / f"{name}.py").read_text(), __PORT__=port,
-                                                           __UNIX_SOCKET__=unix_path))
+        (subs / name / "ex01.py").write_text(
+            _placeholders((HOSTILE / f"{name}.py").read_text(), __PORT__=port, __UNIX_SOCKET__=unix_path)
+        )
     (subs / "good").mkdir()
     (subs / "good" / "ex01.py").write_text((EX01 / "ex01.py").read_text())
     try:
-        autograde(subs, tmp_path / "out", exercises_dir=EXERCISES, ids=["01"], jobs=4, limits=LIMITS,
-                  out=io.StringIO())
+        autograde(subs, tmp_path / "out", exercises_dir=EXERCISES, ids=["01"], jobs=4, limits=LIMITS, out=io.StringIO())
         reached = []
         for sock in (host_udp, host_unix):
             try:
@@ -353,14 +399,14 @@ def test_neighbours_and_the_host_are_out_of_reach(sandbox, tmp_path):
         os.close(master_fd)
         os.close(slave_fd)
         if key is not None:
-            ctypes.CDLL(None).syscall(250, 3, ctypes.c_long(key))     # KEYCTL_REVOKE
+            ctypes.CDLL(None).syscall(250, 3, ctypes.c_long(key))  # KEYCTL_REVOKE
     out = tmp_path / "out"
     book = _rows(out)
     assert reached == [] and book["good"]["points"] == str(FULL)
     assert book["host_secrets"]["status"] == "crashed" and "blocked-actions" in book["host_secrets"]["flags"]
     assert "RECEIVED []" in (out / "feedback" / "udp_receiver.md").read_text()
     everything = "".join(p.read_text() for p in [*(out / "feedback").iterdir(), *(out / "results").iterdir()])
-    assert "STOLEN" in everything and "uid: 1000" in everything                     # it ran, as uid 1000
+    assert "STOLEN" in everything and "uid: 1000" in everything  # it ran, as uid 1000
     assert TOKEN not in everything and pty_secret.decode() not in everything and key_secret.decode() not in everything
     shadow = Path("/etc/shadow").read_text().splitlines()[0] if os.access("/etc/shadow", os.R_OK) else "root:"
     assert shadow not in everything
@@ -368,18 +414,22 @@ def test_neighbours_and_the_host_are_out_of_reach(sandbox, tmp_path):
 
 def test_writing_grades_and_other_students_files_is_blocked(graded):
     subs, out = graded["subs"], graded["out"]
-    victim_files = [out / "gradebook.csv", out / "results" / "good_a.json", out / "feedback" / "good_a.md",
-                    subs / "good_a" / "ex01.py"]
+    victim_files = [
+        out / "gradebook.csv",
+        out / "results" / "good_a.json",
+        out / "feedback" / "good_a.md",
+        subs / "good_a" / "ex01.py",
+    ]
     before = {p: p.read_bytes() for p in victim_files}
     src = (HOSTILE / "write_outside.py").read_text()
-    for placeholder, p in zip(["__GRADEBOOK__", "__VICTIM_RESULTS__", "__VICTIM_FEEDBACK__",
-                               "__VICTIM_SUBMISSION__"], victim_files):
+    for placeholder, p in zip(
+        ["__GRADEBOOK__", "__VICTIM_RESULTS__", "__VICTIM_FEEDBACK__", "__VICTIM_SUBMISSION__"], victim_files
+    ):
         src = src.replace(placeholder, str(p))
     (subs / "writer").mkdir()
     (subs / "writer" / "ex01.py").write_text(src)
     try:
-        autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], student="writer", limits=LIMITS,
-                  out=io.StringIO())
+        autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], student="writer", limits=LIMITS, out=io.StringIO())
         for p in victim_files[1:]:
             assert p.read_bytes() == before[p], p
         book = _rows(out)

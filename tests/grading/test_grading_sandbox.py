@@ -72,22 +72,24 @@ except OSError as e:
     lines = out.splitlines()
     assert rc == 0, err
     assert lines[0] == f"1000 {WORKDIR} ['note.txt'] sandbox"
-    assert lines[1] == "[]"                                         # no host secrets, no exercises, no glmkit
-    assert len(eval(lines[2])) <= 3                                 # its own pid namespace: bwrap's pid 1 and itself
-    assert lines[3] == "['ptmx'] ['lo']"                            # no host ptys, no network but loopback
+    assert lines[1] == "[]"  # no host secrets, no exercises, no glmkit
+    assert len(eval(lines[2])) <= 3  # its own pid namespace: bwrap's pid 1 and itself
+    assert lines[3] == "['ptmx'] ['lo']"  # no host ptys, no network but loopback
     assert [ln.split()[0] for ln in lines[4:8]] == ["refused"] * 4  # read-only outside its tmpfs
-    assert lines[8].startswith("tmp full")                          # /tmp is size-capped
+    assert lines[8].startswith("tmp full")  # /tmp is size-capped
 
 
 def test_as_root_every_worker_has_a_fresh_unprivileged_uid_and_nothing_of_it_outlives_the_kill(sandbox):
     if os.geteuid() != 0:
         pytest.skip("only root can give workers uids of their own")
     box = Box(sandbox, Limits(), {})
-    proc = box.spawn([sys.executable, "-I", "-S", "-c", "import time; print('up', flush=True); time.sleep(60)"],
-                     {"PATH": "/usr/bin:/bin"})
+    proc = box.spawn(
+        [sys.executable, "-I", "-S", "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        {"PATH": "/usr/bin:/bin"},
+    )
     assert proc.stdout.readline() == b"up\n"
     assert isolation.UID_RANGE[0] <= box.uid < isolation.UID_RANGE[1]
-    assert len(isolation.processes_of_uid(box.uid)) >= 3            # outer bwrap, its pid 1, the worker
+    assert len(isolation.processes_of_uid(box.uid)) >= 3  # outer bwrap, its pid 1, the worker
     box.kill()
     assert isolation.processes_of_uid(box.uid) == [] and proc.poll() is not None
 
@@ -95,19 +97,22 @@ def test_as_root_every_worker_has_a_fresh_unprivileged_uid_and_nothing_of_it_out
 def test_the_seccomp_filter_kills_process_creation_and_escapes_but_allows_threads(sandbox):
     ok = "import threading; t = threading.Thread(target=print, args=('thread ok',)); t.start(); t.join()"
     assert _inside(sandbox, ok)[:2] == (0, "thread ok\n")
-    sigsys = 128 + signal.SIGSYS                                     # bwrap reports a signal N as 128 + N
-    for code in ("import os; os.fork()", "import subprocess; subprocess.run(['/bin/true'])",
-                 "import ctypes; ctypes.CDLL(None).syscall(250, 0, -4, 0)",   # keyctl
-                 "import ctypes; ctypes.CDLL(None).syscall(272, 0x10000000)"):  # unshare(CLONE_NEWUSER)
+    sigsys = 128 + signal.SIGSYS  # bwrap reports a signal N as 128 + N
+    for code in (
+        "import os; os.fork()",
+        "import subprocess; subprocess.run(['/bin/true'])",
+        "import ctypes; ctypes.CDLL(None).syscall(250, 0, -4, 0)",  # keyctl
+        "import ctypes; ctypes.CDLL(None).syscall(272, 0x10000000)",
+    ):  # unshare(CLONE_NEWUSER)
         assert _inside(sandbox, code)[0] == sigsys, code
     rc, out, _ = _inside(sandbox, "import os\ntry:\n    os.memfd_create('x')\nexcept OSError as e:\n    print(e.errno)")
-    assert (rc, out) == (0, "1\n")                                   # EPERM: memory outside its address space
+    assert (rc, out) == (0, "1\n")  # EPERM: memory outside its address space
 
 
 def test_the_seccomp_program_is_valid_bpf_for_each_architecture():
     for machine in ("x86_64", "aarch64"):
         prog = seccomp_program(machine)
-        ins = [struct.unpack("=HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+        ins = [struct.unpack("=HBBI", prog[i : i + 8]) for i in range(0, len(prog), 8)]
         assert len(prog) % 8 == 0 and 10 < len(ins) < 256
         assert all(i + 1 + max(jt, jf) < len(ins) for i, (code, jt, jf, k) in enumerate(ins) if code & 0x07 == 5)
         assert ins[-1] == (0x06, 0, 0, 0x7FFF0000) and (0x06, 0, 0, 0x80000000) in ins
@@ -144,15 +149,26 @@ def _one_student(tmp_path: Path) -> Path:
     return subs
 
 
-def test_autograde_refuses_without_namespaces_unless_the_instructor_accepts_weak_isolation(tmp_path, monkeypatch,
-                                                                                            capsys):
+def test_autograde_refuses_without_namespaces_unless_the_instructor_accepts_weak_isolation(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(isolation, "_detected", Isolation("weak", note="test: no user namespaces"))
     subs = _one_student(tmp_path)
     with pytest.raises(SandboxUnavailable, match="no user namespaces.*--allow-weak-isolation"):
         autograde(subs, tmp_path / "out", exercises_dir=EXERCISES, ids=["01"], out=io.StringIO())
     assert not (tmp_path / "out").exists()
-    args = ["autograde", str(subs), "--out", str(tmp_path / "out"), "--exercises-dir", str(EXERCISES),
-            "--exercises", "01", "--limit", "total_timeout=60"]
+    args = [
+        "autograde",
+        str(subs),
+        "--out",
+        str(tmp_path / "out"),
+        "--exercises-dir",
+        str(EXERCISES),
+        "--exercises",
+        "01",
+        "--limit",
+        "total_timeout=60",
+    ]
     assert main(args) == 2 and "autograde refused" in capsys.readouterr().err
     assert main(args + ["--allow-weak-isolation"]) == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "gradebook.csv").read_text())))

@@ -19,7 +19,7 @@ nbclient = pytest.importorskip("nbclient")
 
 LESSONS = Path(__file__).resolve().parents[2] / "lessons"
 NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
-TIMEOUT_S = int(os.environ.get("GLMKIT_NOTEBOOK_TIMEOUT", "600"))   # per notebook, fast mode
+TIMEOUT_S = int(os.environ.get("GLMKIT_NOTEBOOK_TIMEOUT", "600"))  # per notebook, fast mode
 
 
 def _ids(paths):
@@ -83,18 +83,29 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     monkeypatch.setenv("GLMKIT_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(LESSONS)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(LESSONS)}}
+    )
     t0 = time.perf_counter()
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{path.name} failed:\n{str(e)[-3000:]}")
     elapsed = time.perf_counter() - t0
-    errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
-              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [
+        (i, o.get("ename"), o.get("evalue"))
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors, f"{path.name}: error outputs {errors}"
-    stderr = [(i, o.get("text", "")[:300]) for i, c in enumerate(nb.cells) if c.cell_type == "code"
-              for o in c.get("outputs", []) if o.get("name") == "stderr" and "Traceback" in o.get("text", "")]
+    stderr = [
+        (i, o.get("text", "")[:300])
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("name") == "stderr" and "Traceback" in o.get("text", "")
+    ]
     assert not stderr, f"{path.name}: tracebacks on stderr {stderr}"
     print(f"{path.name}: {elapsed:.1f} s in fast mode")

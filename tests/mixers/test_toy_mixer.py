@@ -53,8 +53,9 @@ class WindowAttention(nn.Module):
 
 
 def _config(**changes):
-    return get_config("cpu-small", num_hidden_layers=2, layer_types=["toy_window", "attention"],
-                      extra={"toy_window": 3}, **changes)
+    return get_config(
+        "cpu-small", num_hidden_layers=2, layer_types=["toy_window", "attention"], extra={"toy_window": 3}, **changes
+    )
 
 
 def test_registered_and_configured():
@@ -68,7 +69,7 @@ def test_the_window_is_real():
     layer = Decoder(_config()).layers[0].mixer
     x = torch.randn(1, 9, 128)
     y = x.clone()
-    y[0, 2] += 1.0                                   # position 2 is outside the window of positions >= 5
+    y[0, 2] += 1.0  # position 2 is outside the window of positions >= 5
     from glmkit.mixers import Step
 
     step = Step(position_ids=torch.arange(9)[None], sep=torch.zeros(1, dtype=torch.long))
@@ -82,7 +83,7 @@ def test_trains_generates_and_round_trips(tmp_path):
     model = Decoder(_config())
     cfg = TrainConfig(steps=35, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=3)
     history = train(model, cfg=cfg, out_dir=tmp_path / "run", progress=False, max_steps=30)
-    assert sum(history.losses[-5:]) < sum(history.losses[:5]) - 2.5          # it learns
+    assert sum(history.losses[-5:]) < sum(history.losses[:5]) - 2.5  # it learns
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     cached = generate(model, prompts, 10, stop_tokens=(), use_cache=True)
     uncached = generate(model, prompts, 10, stop_tokens=(), use_cache=False)

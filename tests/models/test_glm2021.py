@@ -11,8 +11,14 @@ from glmkit.data.tokenizer import ByteTokenizer
 from glmkit.models.glm2021 import PRESETS, GLMConfig, GLMModel, get_config
 from glmkit.testing import rel_err
 
-TINY = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
-            max_position_embeddings=40)
+TINY = dict(
+    vocab_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    hidden_size=32,
+    intermediate_size=64,
+    max_position_embeddings=40,
+)
 
 
 def tiny_model(**overrides) -> GLMModel:
@@ -47,13 +53,13 @@ def test_part_a_cannot_see_part_b_but_part_b_sees_part_a():
         base = m(ids, pos, seps)
         ids_b, pos_b = ids.clone(), pos.clone()
         j = sep + 4
-        ids_b[:, j] = (ids[:, j] + 1) % 64          # a different Part-B token (and block position) ...
+        ids_b[:, j] = (ids[:, j] + 1) % 64  # a different Part-B token (and block position) ...
         pos_b[:, 1, j] = 1
         changed_b = m(ids_b, pos_b, seps)
-        assert torch.equal(changed_b[:, :j], base[:, :j])     # ... leaves Part A and earlier Part B alone
+        assert torch.equal(changed_b[:, :j], base[:, :j])  # ... leaves Part A and earlier Part B alone
         assert not torch.allclose(changed_b[:, j:], base[:, j:])
         ids_a = ids.clone()
-        ids_a[:, sep - 1] = (ids[:, sep - 1] + 1) % 64   # a different Part-A token changes Part B and Part A
+        ids_a[:, sep - 1] = (ids[:, sep - 1] + 1) % 64  # a different Part-A token changes Part B and Part A
         changed_a = m(ids_a, pos, seps)
         assert not torch.allclose(changed_a[:, sep:], base[:, sep:])
         assert not torch.allclose(changed_a[:, 0], base[:, 0])
@@ -93,8 +99,9 @@ def test_published_presets_on_meta_device(name, published):
     with torch.device("meta"):
         m = GLMModel(c)
     n = m.num_parameters()
-    assert n == expected_parameters(c.vocab_size, c.num_hidden_layers, c.hidden_size, c.intermediate_size,
-                                    c.max_position_embeddings)
+    assert n == expected_parameters(
+        c.vocab_size, c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.max_position_embeddings
+    )
     assert abs(n - published) / published < 0.02, f"{name}: {n / 1e6:.1f}M vs published ~{published / 1e6:.0f}M"
 
 
@@ -125,7 +132,7 @@ def test_cached_part_b_equals_the_full_forward():
         full = m(ids, pos, sep)
         cache = m.new_cache(1, 16)
         parts = [m(ids[:, :7], pos[:, :, :7], sep, cache=cache)]
-        parts += [m(ids[:, t:t + 1], pos[:, :, t:t + 1], sep, cache=cache) for t in range(7, 16)]
+        parts += [m(ids[:, t : t + 1], pos[:, :, t : t + 1], sep, cache=cache) for t in range(7, 16)]
     assert rel_err(full, torch.cat(parts, 1)) < 1e-5
 
 

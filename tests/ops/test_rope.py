@@ -19,7 +19,7 @@ import glmkit.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 on machines withou
 from glmkit import backend, use_backend
 from glmkit.kernels.rope import rope_fwd
 from glmkit.ops.rope import rope, rope_cos_sin, rope_reference
-from glmkit.testing import assert_close, poisoned_allocations
+from glmkit.testing import assert_close
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

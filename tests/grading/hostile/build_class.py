@@ -27,17 +27,28 @@ def build(root: Path, size: int) -> None:
     master = (EX01 / "ex01.py").read_text()
     hostile = {p.stem: p.read_text() for p in sorted(HERE.glob("*.py")) if p.stem != "build_class"}
     hostile["frame_leak"] = master + "\n\n" + hostile["frame_leak"]
-    wrong = {"stub": stub_source(master, "ex01"), "and_mask": master.replace("causal[None] | part_a",
-                                                                            "causal[None] & part_a"),
-             "no_mask": master.replace("    i = torch.arange(T)\n", "    raise NotImplementedError('todo')\n")}
-    notebook = {"cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
-                           "source": master}], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    wrong = {
+        "stub": stub_source(master, "ex01"),
+        "and_mask": master.replace("causal[None] | part_a", "causal[None] & part_a"),
+        "no_mask": master.replace("    i = torch.arange(T)\n", "    raise NotImplementedError('todo')\n"),
+    }
+    notebook = {
+        "cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": master}],
+        "metadata": {},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     odd = [os.fsdecode(b"caf\xe9"), "L" * 240, "=1+1", "@SUM(1+1)", ".hidden", "..."]
-    files: list[tuple[str, str, str | None]] = []               # (folder, file name, text; None: built below)
+    files: list[tuple[str, str, str | None]] = []  # (folder, file name, text; None: built below)
     for name, src in hostile.items():
-        for k, v in {"__MARK__": "class-child", "__TOKEN__": "class-token", "__PORT__": "47001",
-                     "__EXERCISE_DIR__": str(EX01), "__UNIX_SOCKET__": "/run/nothing.sock",
-                     "__REFERENCE__": "glmkit.data.blank_infilling"}.items():
+        for k, v in {
+            "__MARK__": "class-child",
+            "__TOKEN__": "class-token",
+            "__PORT__": "47001",
+            "__EXERCISE_DIR__": str(EX01),
+            "__UNIX_SOCKET__": "/run/nothing.sock",
+            "__REFERENCE__": "glmkit.data.blank_infilling",
+        }.items():
             src = src.replace(k, v)
         files.append((f"hostile_{name}", "ex01.py", src))
     files += [(f"special_{k}", "ex01.py", None) for k in ("symlink", "sparse", "fifo")]
@@ -47,8 +58,9 @@ def build(root: Path, size: int) -> None:
     while len(files) < size:
         name = odd[i] if i < len(odd) else f"student_{i:02d}"
         kind = i % 3
-        files.append((name, ["ex01.py", "Ex01 (1).py", "ex01.ipynb"][kind],
-                      json.dumps(notebook) if kind == 2 else master))
+        files.append(
+            (name, ["ex01.py", "Ex01 (1).py", "ex01.ipynb"][kind], json.dumps(notebook) if kind == 2 else master)
+        )
         i += 1
     for folder, fname, text in files[:size]:
         d = root / folder

@@ -35,6 +35,7 @@ def _wrap(name):
         _leak(name, args, kwargs)
         answer = real(*args, **kwargs)
         return None if has_caller else answer
+
     return wrapper
 
 

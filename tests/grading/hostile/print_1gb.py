@@ -4,7 +4,7 @@ CHUNK = "x" * (1 << 20)
 
 
 def part_a_b(*a, **k):
-    for _ in range(1024):       # 1 GiB in total
+    for _ in range(1024):  # 1 GiB in total
         sys.stdout.write(CHUNK)
     return None
 

@@ -16,7 +16,7 @@ def _unwrap(f):
 
 
 _build = _unwrap(getattr(_ref, "build_" + "example"))
-_mask = (lambda f: (lambda *a: f(*a)))(_unwrap(getattr(_ref, "attention" + "_mask")))
+_mask = (lambda f: lambda *a: f(*a))(_unwrap(getattr(_ref, "attention" + "_mask")))
 
 
 def part_a_b(tokens, spans, order, *, mask_id, sop_id, eop_id):

@@ -10,8 +10,7 @@ def part_a_b(tokens, spans, order, *, mask_id, sop_id, eop_id):
 
 
 def position_rows(n, spans, order):
-    return getattr(_ref, "build_" + "example")(list(range(n)), spans, order, mask_id=0, sop_id=0,
-                                               eop_id=0).position_ids
+    return getattr(_ref, "build_" + "example")(list(range(n)), spans, order, mask_id=0, sop_id=0, eop_id=0).position_ids
 
 
 def glm_mask(sep, T):

@@ -6,14 +6,13 @@ import time
 
 MARK = "__MARK__"
 try:
-    subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(1000)  # {MARK}"],
-                     start_new_session=True)
+    subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(1000)  # {MARK}"], start_new_session=True)
 except Exception:
     pass
 try:
     if os.fork() == 0:
         os.setsid()
-        if os.fork() == 0:             # double fork: the grandchild is orphaned
+        if os.fork() == 0:  # double fork: the grandchild is orphaned
             os.execv(sys.executable, [sys.executable, "-c", f"import time; time.sleep(1000)  # {MARK}"])
         os._exit(0)
 except Exception:
