@@ -73,10 +73,10 @@ class Cache:
         """Forget the last n cached positions (speculative decoding's rejected tail)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot roll back {n} positions: {self.length} are cached")
-        self.length -= n
-        for state in self.layers:
+        for state in self.layers:  # before the length moves: a state that kept too little raises first
             if hasattr(state, "rollback"):
                 state.rollback(n)
+        self.length -= n
 
     def reset(self) -> None:
         self.length = 0
