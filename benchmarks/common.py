@@ -108,7 +108,7 @@ def attention_fwd_fixed(q, k, v, sep, block_m, block_n, num_warps, num_stages, r
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, T, H // H_kv, kmod._t_bucket(T),
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=kmod._precision(q.dtype),
+        HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=kmod._precision(q.dtype),
         STORE_LSE=return_lse, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return (out, lse) if return_lse else out

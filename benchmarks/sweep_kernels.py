@@ -102,7 +102,7 @@ def attention_bwd_fixed(do, q, k, v, o, lse, sep):
                  dv.stride(0), dv.stride(1), dv.stride(2), H, H_kv, T, H // H_kv, kmod._t_bucket(T))  # fmt: skip
     dq_args = (q, k, v, do, lse, delta, sep, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
                H, T, H // H_kv, kmod._t_bucket(T))  # fmt: skip
-    consts = dict(HEAD_DIM=D, DOT_PRECISION=kmod._precision(q.dtype))
+    consts = dict(HEAD_DIM=D, HEAD_DIM_V=D, DOT_PRECISION=kmod._precision(q.dtype))
 
     def run_dkdv(cfg):
         bm, bn, w, s = cfg

@@ -89,6 +89,12 @@ The dq kernel visits, for query block [m0, m0+BM), the key blocks of the forward
 with full = max(sep, m0+1) rounded down to BN, then [full, hi) masked with hi = min(max(sep, m0+BM), T);
 keys at [hi, T) are invisible to every row of the block and skipped.
 
+Head dims: q and k share ``HEAD_DIM``; v and the output have their own ``HEAD_DIM_V``. Equal for every GQA model
+of the lineage; MLA (GLM-4.7-Flash, GLM-5: q·k = 192 + 64, v = 256; DeepSeek-V3: 128 + 64 and 128) lets them
+differ, so the kernels carry two sizes rather than a second copy of themselves for MLA: the score matmuls run
+over HEAD_DIM, the P·V matmul, the output, dO and Δ over HEAD_DIM_V. Each must be a power of two (16 to 256;
+``SUPPORTED_HEAD_DIMS``); 192 is not one, so DeepSeek-V3's shape runs the torch path.
+
 Launchers: ``attention_fwd`` (o, and the log-sum-exp the backward needs) and ``attention_bwd`` (dq, dk, dv).
 They expect arguments ``glmkit.ops.attention`` has validated. Runs natively on CUDA (autotuned tiles for
 fp16/bf16, fixed small tiles for fp32, the checking dtype) and on CPU tensors under the Triton interpreter.
@@ -109,7 +115,7 @@ from glmkit.backend import require_kernel_device
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453  # converts the kernel's log2-domain log-sum-exp back to natural log
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # of q·k and of v, each (they may differ: MLA)
 
 
 # ================================================ forward ================================================
@@ -126,6 +132,7 @@ def _attend_blocks(
     offs_m,
     offs_n,
     offs_d,
+    offs_dv,
     sep,
     T,
     lo,
@@ -160,9 +167,9 @@ def _attend_blocks(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if MASKED:
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_dv[None, :], mask=cols[:, None] < T, other=0.0)
         else:
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_dv[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -193,7 +200,8 @@ def _attn_fwd_kernel(
     T,
     GROUP,  # GROUP = H // H_kv query heads per key/value head
     T_BUCKET,  # only an autotune key (T rounded up to a size class)
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # of q and k
+    HEAD_DIM_V: tl.constexpr,  # of v and the output (MLA: may differ from HEAD_DIM)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -214,6 +222,7 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
@@ -222,7 +231,7 @@ def _attn_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
 
     # Keys visible to SOME row of this block: [0, hi). Keys visible to EVERY row, whole blocks only: [0, full).
     hi = tl.minimum(tl.maximum(sep, m0 + BLOCK_M), T)
@@ -240,6 +249,7 @@ def _attn_fwd_kernel(
         offs_m,
         offs_n,
         offs_d,
+        offs_dv,
         sep,
         T,
         0,
@@ -262,6 +272,7 @@ def _attn_fwd_kernel(
         offs_m,
         offs_n,
         offs_d,
+        offs_dv,
         sep,
         T,
         full,
@@ -274,7 +285,7 @@ def _attn_fwd_kernel(
     # Blocks at [hi, T) are fully masked for every row here: skipped.
 
     out = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
     if STORE_LSE:
         # natural-log log-sum-exp of the scaled scores: log Σ_j exp(scale · q_i·k_j), for the backward
@@ -285,9 +296,13 @@ def _attn_fwd_kernel(
 # Measured on one H200 (benchmarks/results/glm_attention_h200_sweep.md, bf16, T = 8K): for D = 128,
 # 128×128 tiles with 8 warps and 3 stages led (482 TFLOP/s), 128×64 close behind (473-478); for D = 64,
 # 128×64 with 8 warps and 4 stages led (428), and 64×64 with 4 warps won the autotune at T = 2K. 4 warps
-# on 128-row tiles at D = 128 was far slower (218-280). D = 16/32 lists are guesses, not measured.
-# The lists are kept short: each entry costs a compile per autotune key.
+# on 128-row tiles at D = 128 was far slower (218-280). D = 16/32 lists are guesses, not measured. D = 256
+# (MLA's 192 + 64 q·k and 256 v, GLM-4.7-Flash and GLM-5) is a guess sized for the register file: the [BM, 256]
+# fp32 accumulator is 128 registers per thread at BM = 128 with 8 warps, and K/V tiles of 64 × 256 bf16 are 32
+# KiB each per pipeline stage (benchmarks/bench_mla.py times it). A table row is chosen by the larger of the two
+# head dims. The lists are kept short: each entry costs a compile per autotune key.
 _CONFIGS = {  # head dim -> (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
     128: [(128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3)],
     64: [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3)],
     32: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 4, 3)],
@@ -303,8 +318,14 @@ def _fwd_configs():
     ]
 
 
+def _widest(named_args, kwargs) -> int:
+    """The larger of the q·k and v head dims of a launch: it picks the row of a config table."""
+    get = lambda name: kwargs.get(name, named_args.get(name))  # noqa: E731
+    return max(get("HEAD_DIM"), get("HEAD_DIM_V") or 0)
+
+
 def _prune_fwd(configs, named_args, **kwargs):
-    wanted = set(_CONFIGS.get(kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")), _CONFIGS[64]))
+    wanted = set(_CONFIGS.get(_widest(named_args, kwargs), _CONFIGS[64]))
     keep, seen = [], set()
     for c in configs:
         key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -316,7 +337,7 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_fwd_configs(),
-    key=["HEAD_DIM", "T_BUCKET", "DOT_PRECISION"],  # tensor dtypes are added to the key by triton
+    key=["HEAD_DIM", "HEAD_DIM_V", "T_BUCKET", "DOT_PRECISION"],  # tensor dtypes are added to the key by triton
     prune_configs_by={"early_config_prune": _prune_fwd},
 )(_attn_fwd_kernel)
 
@@ -338,16 +359,16 @@ def _sep_or_full(sep: torch.Tensor | None, B: int, T: int, device) -> torch.Tens
 
 
 def attention_fwd(q, k, v, sep, scale: float | None = None, return_lse: bool = False):
-    """q [B, H, T, D]; k, v [B, H_kv, T, D]; sep [B] int Part-A lengths or None (no mask); scale default
-    1/sqrt(D). Returns o [B, H, T, D] in q's dtype, and with ``return_lse`` also lse [B, H, T] fp32 = the
-    natural-log log-sum-exp of each row's visible scaled scores."""
+    """q [B, H, T, D]; k [B, H_kv, T, D]; v [B, H_kv, T, Dv] (Dv = D, or MLA's own value dim); sep [B] int
+    Part-A lengths or None (no mask); scale default 1/sqrt(D). Returns o [B, H, T, Dv] in q's dtype, and with
+    ``return_lse`` also lse [B, H, T] fp32 = the natural-log log-sum-exp of each row's visible scaled scores."""
     require_kernel_device(q)
     B, H, T, D = q.shape
-    H_kv = k.shape[1]
+    H_kv, Dv = k.shape[1], v.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     sep = _sep_or_full(sep, B, T, q.device)
-    out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, H, T, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device) if return_lse else out  # dummy ptr
     args = (
         q,
@@ -374,12 +395,13 @@ def attention_fwd(q, k, v, sep, scale: float | None = None, return_lse: bool = F
         H // H_kv,
         _t_bucket(T),
     )
-    consts = dict(HEAD_DIM=D, DOT_PRECISION=_precision(q.dtype), STORE_LSE=return_lse)
+    consts = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=_precision(q.dtype), STORE_LSE=return_lse)
     if q.device.type == "cuda" and q.dtype != torch.float32:
         _attn_fwd_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*args, **consts)
-    elif q.device.type == "cuda":  # fp32, the checking dtype: one small fixed config
-        _attn_fwd_kernel[(triton.cdiv(T, 64), B * H)](
-            *args, BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, **consts
+    elif q.device.type == "cuda":  # fp32, the checking dtype: one small fixed config (smaller for 256-wide heads)
+        bm, stages = (64, 2) if max(D, Dv) <= 128 else (32, 1)
+        _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
+            *args, BLOCK_M=bm, BLOCK_N=32, num_warps=4, num_stages=stages, **consts
         )
     else:  # interpreter
         _attn_fwd_kernel[(triton.cdiv(T, 16), B * H)](*args, BLOCK_M=16, BLOCK_N=16, **consts)
@@ -441,6 +463,7 @@ def _dkdv_blocks(
     offs_n,
     offs_m0,
     offs_d,
+    offs_dv,
     sep,
     T,
     lo,
@@ -460,12 +483,12 @@ def _dkdv_blocks(
         if MASKED:
             rmask = offs_m < T
             q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=rmask[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=rmask[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :], mask=rmask[:, None], other=0.0)
             lse2 = tl.load(lse_base + offs_m, mask=rmask, other=0.0) * 1.4426950408889634  # · log2(e)
             delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
         else:
             q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :])
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :])
             lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
             delta = tl.load(delta_base + offs_m)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BN, BM] raw scores, fp32
@@ -521,6 +544,7 @@ def _attn_bwd_dkdv_kernel(
     GROUP,
     T_BUCKET,  # only an autotune key
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -539,12 +563,13 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
     nmask = offs_n[:, None] < T
     k = tl.load(
         K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=nmask, other=0.0
     )
     v = tl.load(
-        V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=nmask, other=0.0
+        V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=nmask, other=0.0
     )
 
     # The query ranges (see the module docstring's picture).
@@ -556,7 +581,7 @@ def _attn_bwd_dkdv_kernel(
     tail = tl.maximum((T // BLOCK_M) * BLOCK_M, mid)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
     # Grouped-query attention: the GROUP query heads reading this k/v head are summed here, on chip.
     for g in range(0, GROUP):
         h = kvh * GROUP + g
@@ -579,6 +604,7 @@ def _attn_bwd_dkdv_kernel(
             offs_n,
             offs_m0,
             offs_d,
+            offs_dv,
             sep,
             T,
             lo,
@@ -602,6 +628,7 @@ def _attn_bwd_dkdv_kernel(
             offs_n,
             offs_m0,
             offs_d,
+            offs_dv,
             sep,
             T,
             mid,
@@ -625,6 +652,7 @@ def _attn_bwd_dkdv_kernel(
             offs_n,
             offs_m0,
             offs_d,
+            offs_dv,
             sep,
             T,
             tail,
@@ -642,7 +670,7 @@ def _attn_bwd_dkdv_kernel(
         mask=nmask,
     )
     tl.store(
-        DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+        DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_dv[None, :],
         dv.to(DV.dtype.element_ty),
         mask=nmask,
     )
@@ -662,6 +690,7 @@ def _dq_blocks(
     offs_m,
     offs_n0,
     offs_d,
+    offs_dv,
     sep,
     T,
     lo,
@@ -676,10 +705,10 @@ def _dq_blocks(
         cols = start_n + offs_n0
         if MASKED:
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=cols[:, None] < T, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_dv[None, :], mask=cols[:, None] < T, other=0.0)
         else:
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vt + offs_dv[None, :])
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BM, BN]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
@@ -723,6 +752,7 @@ def _attn_bwd_dq_kernel(
     GROUP,
     T_BUCKET,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -741,6 +771,7 @@ def _attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
     rmask = offs_m < T
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
@@ -748,7 +779,7 @@ def _attn_bwd_dq_kernel(
         other=0.0,
     )
     do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
         mask=rmask[:, None],
         other=0.0,
     )
@@ -774,6 +805,7 @@ def _attn_bwd_dq_kernel(
         offs_m,
         offs_n0,
         offs_d,
+        offs_dv,
         sep,
         T,
         0,
@@ -796,6 +828,7 @@ def _attn_bwd_dq_kernel(
         offs_m,
         offs_n0,
         offs_d,
+        offs_dv,
         sep,
         T,
         full,
@@ -821,11 +854,15 @@ def _attn_bwd_dq_kernel(
 # benchmarks/results/glm_attention_bwd_h200.md), best first: D = 128 dk/dv 64×128 w8 s3 4.72 ms
 # (64×128 w4 ran 16 ms: 4 warps spill at D = 128), dq 128×64 w8 s3 2.69 ms; D = 64 dk/dv 64×128 w4 s3
 # 5.44 ms, dq 64×64 w4 s3 3.01 ms. The rest are the runners-up within ~10%, kept for other T.
+# D = 256 (MLA) rows are guesses sized for the register file (benchmarks/bench_mla.py times them): the resident
+# fp32 accumulators are dk + dv = 2 × BN × 256 (dk/dv kernel) or dq = BM × 256 (dq kernel).
 _DKDV_CONFIGS = {  # head dim -> (BLOCK_M streamed, BLOCK_N resident, num_warps, num_stages)
+    256: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
     128: [(64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 8, 2), (32, 64, 4, 3)],
     64: [(64, 128, 4, 3), (32, 64, 4, 3), (32, 64, 4, 4), (128, 128, 8, 3)],
 }
 _DQ_CONFIGS = {  # head dim -> (BLOCK_M resident, BLOCK_N streamed, num_warps, num_stages)
+    256: [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (64, 128, 4, 3)],
     64: [(64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3)],
 }
@@ -844,15 +881,14 @@ def _configs(table):
 
 def _pruner(table):
     def prune(configs, named_args, **kwargs):
-        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        wanted = set(table.get(d, _SMALL_D))
+        wanted = set(table.get(_widest(named_args, kwargs), _SMALL_D))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         return keep or configs[:1]
 
     return prune
 
 
-_KEY = ["HEAD_DIM", "T_BUCKET", "DOT_PRECISION", "GROUP"]
+_KEY = ["HEAD_DIM", "HEAD_DIM_V", "T_BUCKET", "DOT_PRECISION", "GROUP"]
 # Each kernel writes every element of its output exactly once (no accumulation into the output), so the
 # autotuner's repeated launches leave correct results behind.
 _dkdv_tuned = triton.autotune(
@@ -864,17 +900,18 @@ _dq_tuned = triton.autotune(
 
 
 def attention_bwd(do, q, k, v, o, lse, sep, scale: float | None = None):
-    """Gradients of ``attention_fwd``: do, q, o [B, H, T, D]; k, v [B, H_kv, T, D]; lse [B, H, T] fp32 from
-    ``attention_fwd(..., return_lse=True)``; sep and scale as the forward's. Returns dq, dk, dv."""
+    """Gradients of ``attention_fwd``: q [B, H, T, D]; k [B, H_kv, T, D]; v [B, H_kv, T, Dv]; do, o [B, H, T, Dv];
+    lse [B, H, T] fp32 from ``attention_fwd(..., return_lse=True)``; sep and scale as the forward's. Returns dq,
+    dk, dv."""
     require_kernel_device(q)
     B, H, T, D = q.shape
-    H_kv = k.shape[1]
+    H_kv, Dv = k.shape[1], v.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
     lse, sep = lse.contiguous(), _sep_or_full(sep, B, T, q.device)
     dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, H_kv, T, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, H_kv, T, Dv), dtype=q.dtype, device=q.device)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
 
     interp = q.device.type != "cuda"
@@ -891,7 +928,7 @@ def attention_bwd(do, q, k, v, o, lse, sep, scale: float | None = None):
         do.stride(2),
         H,
         T,
-        HEAD_DIM=D,
+        HEAD_DIM=Dv,  # Δ is a dot over the output's dims
         BLOCK_M=pre_bm,
         **({} if interp else dict(num_warps=4)),
     )
@@ -952,7 +989,7 @@ def attention_bwd(do, q, k, v, o, lse, sep, scale: float | None = None):
         H // H_kv,
         _t_bucket(T),
     )
-    consts = dict(HEAD_DIM=D, DOT_PRECISION=_precision(q.dtype))
+    consts = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, DOT_PRECISION=_precision(q.dtype))
     if not interp and q.dtype != torch.float32:
         _dkdv_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv)](*dkdv_args, **consts)
         _dq_tuned[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](*dq_args, **consts)
@@ -960,8 +997,9 @@ def attention_bwd(do, q, k, v, o, lse, sep, scale: float | None = None):
     if interp:
         kd = kq = dict(BLOCK_M=16, BLOCK_N=16)
         kw = {}
-    else:  # fp32 on CUDA: small tiles, the checking dtype
-        kd, kq, kw = dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16), dict(num_warps=4, num_stages=1)
+    else:  # fp32 on CUDA: small tiles, the checking dtype (8 warps share the 256-wide heads' fp32 tiles)
+        kd, kq = dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16)
+        kw = dict(num_warps=4 if max(D, Dv) <= 128 else 8, num_stages=1)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, kd["BLOCK_N"]), B * H_kv)](*dkdv_args, **kd, **kw, **consts)
     _attn_bwd_dq_kernel[(triton.cdiv(T, kq["BLOCK_M"]), B * H)](*dq_args, **kq, **kw, **consts)
     return dq, dk, dv

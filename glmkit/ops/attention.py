@@ -24,8 +24,10 @@ selects the pattern: 0 is GPT (every GLM since ChatGLM2 is causal), T is BERT. C
 * ``attention_masked`` — attention under an explicit [B, T, L] mask (a decode step against a cache, left-padded
   batches), plain torch math.
 
-Shapes: q ``[B, H, T, D]``, k/v ``[B, H_kv, T, D]`` with ``H % H_kv == 0`` (grouped-query attention: query head h
-reads k/v head ``h // (H / H_kv)``), sep ``[B]`` integer Part-A lengths in [0, T]. Outputs have q's shape, dtype.
+Shapes: q, k ``[B, H, T, D]``/``[B, H_kv, T, D]``, v ``[B, H_kv, T, Dv]`` with ``H % H_kv == 0`` (grouped-query
+attention: query head h reads k/v head ``h // (H / H_kv)``), sep ``[B]`` integer Part-A lengths in [0, T]. Outputs
+are ``[B, H, T, Dv]`` in q's dtype. Dv = D for every GQA model; MLA (``glmkit.mixers.mla``) is the first whose value
+head differs from its q·k head (GLM-4.7-Flash: 192 + 64 and 256), so D and Dv are checked apart.
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def _check(q, k, v, sep, scale) -> None:
             f"{q.device}/{k.device}/{v.device}"
         )
     B, H, T, D = q.shape
-    if k.shape != v.shape or (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
+    if k.shape[:3] != v.shape[:3] or (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D) or v.shape[3] == 0:
         raise ValueError(
-            f"k and v must be [B, H_kv, T, D] = [{B}, H_kv, {T}, {D}] to match q, "
+            f"k and v must be [B, H_kv, T, D] = [{B}, H_kv, {T}, {D}] and [B, H_kv, T, Dv] to match q, "
             f"got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if k.shape[1] == 0 or H % k.shape[1]:
@@ -105,8 +107,8 @@ def attention_reference(q, k, v, sep: torch.Tensor | None = None, scale: float |
 
 
 def attention_masked(q, k, v, visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention with an explicit mask: q [B, H, Tq, D], k/v [B, H_kv, L, D], visible [B, Tq, L] bool (True =
-    may attend) → [B, H, Tq, D]. Scores and softmax in fp32; query heads grouped by their k/v head."""
+    """Attention with an explicit mask: q [B, H, Tq, D], k [B, H_kv, L, D], v [B, H_kv, L, Dv], visible [B, Tq, L]
+    bool (True = may attend) → [B, H, Tq, Dv]. Scores and softmax in fp32; query heads grouped by their k/v head."""
     Hkv = k.shape[1]
     qg = rearrange(q.float(), "b (hkv g) t d -> b hkv g t d", hkv=Hkv)
     scores = torch.einsum("bkgtd,bkld->bkgtl", qg, k.float()) * scale
@@ -141,13 +143,14 @@ class AttentionFunction(torch.autograd.Function):
 
 def attention(q, k, v, sep: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Attention under the GLM mask as the models call it: same arguments and result as
-    ``attention_reference``. The Triton kernels when ``glmkit.backend`` resolves to "triton" (and the head dim
-    is one the kernel takes: 16, 32, 64, 128), else SDPA with the boolean mask; ``glmkit.backend.audit``
-    records which ran."""
+    ``attention_reference``. The Triton kernels when ``glmkit.backend`` resolves to "triton" (and both head dims,
+    D and Dv, are ones the kernel takes: 16, 32, 64, 128, 256), else SDPA with the boolean mask;
+    ``glmkit.backend.audit`` records which ran."""
     _check(q, k, v, sep, scale)
     from glmkit.kernels.attention import SUPPORTED_HEAD_DIMS
 
-    path = "triton" if backend.resolve(q) == "triton" and q.shape[-1] in SUPPORTED_HEAD_DIMS else "torch"
+    dims_ok = q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] in SUPPORTED_HEAD_DIMS
+    path = "triton" if backend.resolve(q) == "triton" and dims_ok else "torch"
     backend.record("attention", path)
     if path == "triton":
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

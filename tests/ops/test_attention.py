@@ -5,7 +5,8 @@ forward kernel and the backward kernels against the reference, and the autograd 
 On CPU the kernels run under the Triton interpreter at small, odd shapes (16×16 tiles there) in fp32 and fp16; bf16
 is left to the GPU because ``tl.dot`` on bf16 is wrong under triton 3.6's interpreter. ``-m gpu`` runs them natively
 in fp32/fp16/bf16 up to T = 4K. Every kernel output is allocated NaN-poisoned (the ``poison`` fixture); inputs are
-fresh random tensors per parametrization. (No fp64 gradcheck: the kernels take fp32/fp16/bf16.)
+fresh random tensors per parametrization. (No fp64 gradcheck: the kernels take fp32/fp16/bf16.) The last section
+checks value heads unlike the q·k head (MLA's), up to GLM's 256 on the GPU.
 """
 
 from __future__ import annotations
@@ -572,3 +573,69 @@ def test_gpu_attention_trains_on_kernels(dtype):
         assert paths == {"triton"} and "AttentionFunction" in type(out.grad_fn).__name__
         out.backward(do)
     _check_grads(f"gpu autograd {dtype}", _reference_grads(q, k, v, do, sep), [t.grad for t in leaves], REL_TOL[dtype])
+
+
+# ================================================================ q·k and v head dims that differ (MLA, lesson 05)
+
+
+def _inputs_dv(B, H, H_kv, T, D, Dv, dtype, device=DEV, key=()):
+    """q, k [.., D], v [.., Dv] and dO [B, H, T, Dv]: MLA's q·k head (nope + rope) and v head differ."""
+    g = _gen("inputs_dv", B, H, H_kv, T, D, Dv, dtype, key)
+    shapes = ((B, H, T, D), (B, H_kv, T, D), (B, H_kv, T, Dv), (B, H, T, Dv))
+    return tuple(torch.randn(s, generator=g).to(device, dtype) for s in shapes)
+
+
+# (B, H, H_kv, T, D, Dv, dtype, sep mode): v narrower and wider than q·k, odd lengths, MHA as MLA runs it (H_kv = H)
+DV_CASES = [
+    (2, 2, 2, 37, 32, 16, torch.float32, "random"),
+    (2, 4, 2, 23, 16, 64, torch.float32, "mixed"),
+    (1, 2, 2, 19, 64, 32, torch.float16, "zero"),
+]
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D,Dv,dtype,mode", DV_CASES)
+def test_kernels_with_a_value_head_unlike_the_key_head(B, H, H_kv, T, D, Dv, dtype, mode, poison):
+    q, k, v, do = _inputs_dv(B, H, H_kv, T, D, Dv, dtype, key="dv")
+    sep = _sep(B, T, mode, key="dv")
+    o = attention_fwd(q, k, v, sep)
+    assert o.shape == (B, H, T, Dv) and o.dtype == dtype
+    assert_close(f"fwd D={D} Dv={Dv}", attention_reference(q, k, v, sep), o)
+    got = _kernel_grads(q, k, v, do, sep)
+    assert [g.shape for g in got] == [q.shape, k.shape, v.shape]
+    _check_grads(f"bwd D={D} Dv={Dv}", _reference_grads(q, k, v, do, sep), got)
+
+
+def test_dispatch_with_a_value_head_unlike_the_key_head():
+    """attention() takes Dv != D on both paths (the kernel where both dims are supported, SDPA otherwise), with
+    gradients; a value head the kernel lacks (48) falls back to torch."""
+    q, k, v, do = _inputs_dv(2, 4, 2, 21, 32, 16, torch.float32, key="dv-dispatch")
+    sep = torch.tensor([0, 9], device=DEV)
+    ref = _reference_grads(q, k, v, do, sep)
+    for name in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with glmkit.use_backend(name):
+            o, paths = _paths(attention, *leaves, sep)
+            o.backward(do)
+        assert paths == {name}
+        assert_close(f"{name} path Dv=16", attention_reference(q, k, v, sep), o.detach())
+        _check_grads(f"{name} path Dv=16", ref, [t.grad for t in leaves])
+    v48 = torch.randn(2, 2, 21, 48)
+    with glmkit.use_backend("triton"):
+        o, paths = _paths(attention, q, k, v48, sep)
+    assert paths == {"torch"} and o.shape == (2, 4, 21, 48)
+    assert_close("Dv=48 fallback", attention_reference(q, k, v48, sep), o)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D,Dv", [(256, 256), (128, 256), (256, 128)], ids=["glm-mla-256", "128-256", "256-128"])
+def test_gpu_mla_head_dims(D, Dv, dtype, poison):
+    """GLM-4.7-Flash / GLM-5 MLA heads (q·k 192 + 64 = 256, v 256) and unequal pairs, causal, fwd and bwd, native
+    (autotuned tiles in bf16, the fixed fp32 tiles)."""
+    B, H, T = 2, 4, 1031
+    q, k, v, do = _inputs_dv(B, H, H, T, D, Dv, dtype, device="cuda", key="gpu-dv")
+    sep = torch.tensor([0, 300], device="cuda")
+    assert_close(f"gpu fwd {D}/{Dv}", attention_reference(q, k, v, sep), attention_fwd(q, k, v, sep), REL_TOL[dtype])
+    got = _kernel_grads(q, k, v, do, sep)
+    torch.cuda.synchronize()
+    _check_grads(f"gpu bwd {D}/{Dv} {dtype}", _reference_grads(q, k, v, do, sep), got, REL_TOL[dtype])
