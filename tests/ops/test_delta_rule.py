@@ -263,7 +263,7 @@ def test_kernels_gpu_other_sizes_and_long(gate):
         o, s = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
         o_ref, s_ref = chunk_gated_delta_rule_reference(*[t.float() for t in (q, k, v, g, beta)], None, s0, True)
     assert_close("o, T = 4100", o_ref, o)
-    assert_close("state, T = 4100", s_ref, s)
+    assert_close("state, T = 4100", s_ref, s, tol=REL_TOL[torch.bfloat16])  # fp32 state from bf16 inputs
 
 
 @pytest.mark.gpu
@@ -294,4 +294,4 @@ def test_forward_matches_fla_gpu(gate):
         o_ref, s_ref = chunk_gated_delta_rule_reference(*[t.float() for t in (q, k, v, g, beta)], None, s0, True)
     err, err_fla = rel_err(o_ref, o), rel_err(o_ref, o_fla)
     assert err <= max(1.5 * err_fla, 1e-3), f"ours {err:.2e} vs fla {err_fla:.2e}"
-    assert_close("state", s_ref, s)
+    assert_close("state", s_ref, s, tol=REL_TOL[torch.bfloat16])  # fp32 state from bf16 inputs
