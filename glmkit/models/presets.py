@@ -162,6 +162,11 @@ PRESETS: dict[str, DecoderConfig] = {
         moe_intermediate_size=256,
     ),
 }
+# The 3:1 hybrids (lesson 07): GLM-5.3-Flash's pattern (glm5_next: layer i is full attention when i % 4 == 3, KDA
+# otherwise; Qwen3-Next places its Gated DeltaNet layers the same way). KDA, not GDN: it is the GLM lineage's own
+# linear layer. Every other field is cpu-small's / gpu-small's, so those two are the full-attention twins.
+PRESETS["cpu-hybrid"] = dataclasses.replace(PRESETS["cpu-small"], layer_types=["kda", "kda", "kda", "attention"])
+PRESETS["gpu-hybrid"] = dataclasses.replace(PRESETS["gpu-small"], layer_types=["kda", "kda", "kda", "attention"] * 2)
 
 
 def preset(cls: type, presets: dict, name, overrides: dict[str, Any]):
