@@ -8,7 +8,7 @@ sequence again at every step; keeping it costs memory instead, and what is kept 
     attention (GQA)           k, v       [B, H_kv, T_max, D] each                       yes
     MLA (lesson 05)           c_KV [B, T_max, 512] + k_rot [B, T_max, 64]           yes (576 values)
     DSA (lesson 06)           MLA's latent + the indexer's keys [B, T_max, 128]      yes
-    DeltaNet/KDA (lesson 07)  a [B, H, d_k, d_v] recurrent state + a conv tail      no
+    gdn/kda (lesson 07)       a [B, H, d_k, d_v] fp32 recurrent state + a conv tail no
 
 The shared part: ``length`` (positions already cached = where the next chunk is written) and ``valid [B, T_max]``
 (which cached positions are real tokens: batched prompts are left-padded, so every row writes at the same
