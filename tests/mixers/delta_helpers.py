@@ -46,9 +46,10 @@ def sharpen_(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def layer_step(B: int, T: int, offset: int = 0) -> Step:
-    pos = torch.arange(offset, offset + T)[None].expand(B, T)
-    return Step(position_ids=pos, sep=torch.zeros(B, dtype=torch.long), offset=offset)
+def layer_step(B: int, T: int, offset: int = 0, device="cpu") -> Step:
+    """The ``Step`` the decoder would pass a layer for T tokens at ``offset``, without padding."""
+    pos = torch.arange(offset, offset + T, device=device)[None].expand(B, T)
+    return Step(position_ids=pos, sep=torch.zeros(B, dtype=torch.long, device=device), offset=offset)
 
 
 @torch.no_grad()

@@ -185,19 +185,23 @@ def test_rollback_restores_the_state_of_n_tokens_ago(mixer):
 # ---- (c) the kernels ----------------------------------------------------------------------------------------
 
 
-def test_layer_on_the_triton_interpreter():
-    """GVA GDN layer with d_k = d_v = 16 (the kernels' smallest tile) through the chunked kernels (forward and
-    backward) and the decode kernel, against the torch path."""
+@pytest.mark.parametrize(
+    "mixer, extra",
+    [
+        (
+            "gdn",
+            dict(linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
+        ),
+        ("kda", dict(linear_num_heads=2, linear_head_dim=16)),
+    ],
+)
+def test_layer_on_the_triton_interpreter(mixer, extra):
+    """Each layer with d_k = d_v = 16 (the kernels' smallest tile; GDN with grouped values) through the chunked
+    kernels (forward and backward) and the decode kernel, against the torch path."""
     import glmkit
 
-    cfg = get_config(
-        "cpu-small",
-        hidden_size=64,
-        num_hidden_layers=1,
-        layer_types=["gdn"],
-        extra=dict(linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16),
-    )
-    layer = sharpen_(MIXERS["gdn"](cfg, 0))
+    cfg = get_config("cpu-small", hidden_size=64, num_hidden_layers=1, layer_types=[mixer], extra=extra)
+    layer = sharpen_(MIXERS[mixer](cfg, 0))
     x = torch.randn(2, 37, 64, requires_grad=True)
     ref = layer(x, layer_step(2, 37), None)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
@@ -231,15 +235,16 @@ def test_gpu_gdn_layer_on_kernels_matches_the_torch_path():
     layer = sharpen_(GatedDeltaNet(cfg, 0)).cuda()
     x = torch.randn(2, 1000, 512, device="cuda", requires_grad=True)
     with backend.use_backend("torch"):
-        ref = layer(x, layer_step(2, 1000), None)
+        ref = layer(x, layer_step(2, 1000, device="cuda"), None)
         ref_dx = torch.autograd.grad(ref.square().sum(), x)[0]
     with backend.audit() as a:
-        out = layer(x, layer_step(2, 1000), None)
+        out = layer(x, layer_step(2, 1000, device="cuda"), None)
         dx = torch.autograd.grad(out.square().sum(), x)[0]
         with torch.no_grad():
             state = layer.new_state(2, 1000, torch.float32, "cuda")
-            dec = [layer(x[:, :990], layer_step(2, 990), state)]
-            dec += [layer(x[:, t : t + 1], layer_step(2, 1, t), state) for t in range(990, 1000)]
+            dec = [layer(x[:, :990], layer_step(2, 990, device="cuda"), state)]
+            dec += [layer(x[:, t : t + 1], layer_step(2, 1, t, "cuda"), state) for t in range(990, 1000)]
     assert a.paths("delta_rule") == {"triton"} and a.paths("delta_rule_step") == {"triton"}, a
-    assert rel_err(ref, out) < 2e-3 and rel_err(ref_dx, dx) < 5e-3  # tl.dot on fp32 is TF32 on Hopper
-    assert rel_err(ref[:, 990:], torch.cat(dec, 1)[:, 990:]) < 2e-3
+    # the delta-rule kernels take fp32 dots in full precision (not TF32): the op's own tests hold them to 1e-5
+    assert rel_err(ref, out) < 1e-4 and rel_err(ref_dx, dx) < 1e-4
+    assert rel_err(ref[:, 990:], torch.cat(dec, 1)[:, 990:]) < 1e-4
