@@ -49,6 +49,7 @@ from torch import nn
 
 from glmkit.layers import MLP
 from glmkit.ops.moe_experts import moe_experts
+from glmkit.ops.swiglu import check_limit
 
 # Added to the sum of the chosen sigmoid scores before dividing (HF Glm4MoeTopkRouter: `+ 1e-20`), so a
 # token whose k scores all underflow to 0 gets weights 0 instead of NaN.
@@ -256,22 +257,33 @@ def sequence_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, alpha: float
 class Experts(nn.Module):
     """E SwiGLU experts' weights, stacked as HF ``Glm4MoeExperts``: ``gate_up_proj [E, 2I, H]`` (rows [:I] gate,
     [I:] up) and ``down_proj [E, H, I]``. ``forward(x [N, H], topk_idx, topk_weight)`` runs
-    ``glmkit.ops.moe_experts`` with ``impl`` ("auto", "loop", "sorted", "triton")."""
+    ``glmkit.ops.moe_experts`` with ``impl`` ("auto", "loop", "sorted", "triton") and the clamped SwiGLU when
+    ``swiglu_limit`` is set (GLM-5.3-Flash)."""
 
     def __init__(
-        self, n_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto", init_std: float = INIT_STD
+        self,
+        n_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        impl: str = "auto",
+        init_std: float = INIT_STD,
+        swiglu_limit: float | None = None,
     ):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.randn(n_experts, 2 * intermediate_size, hidden_size) * init_std)
         self.down_proj = nn.Parameter(torch.randn(n_experts, hidden_size, intermediate_size) * init_std)
         self.impl = impl
+        self.swiglu_limit = check_limit(swiglu_limit)
 
     def forward(self, x, topk_idx, topk_weight):
-        return moe_experts(x, topk_idx, topk_weight, self.gate_up_proj, self.down_proj, self.impl)
+        return moe_experts(
+            x, topk_idx, topk_weight, self.gate_up_proj, self.down_proj, self.impl, swiglu_limit=self.swiglu_limit
+        )
 
     def extra_repr(self) -> str:
         E, two_i, H = self.gate_up_proj.shape
-        return f"n_experts={E}, hidden={H}, intermediate={two_i // 2}, impl={self.impl!r}"
+        limit = f", swiglu_limit={self.swiglu_limit}" if self.swiglu_limit is not None else ""
+        return f"n_experts={E}, hidden={H}, intermediate={two_i // 2}, impl={self.impl!r}{limit}"
 
 
 class MoE(nn.Module):
@@ -283,7 +295,8 @@ class MoE(nn.Module):
     gradient, ``load_last [E]`` (slots per expert) and adds it to ``load_accum`` (summed until the next
     ``update_bias``), and sets ``aux_loss`` (``sequence_aux_loss`` when ``aux_loss_alpha > 0``, else None; a
     3-D input [B, T, H] is B sequences). Under data parallelism, all-reduce ``load_accum`` before
-    ``update_bias`` so every rank applies the same step.
+    ``update_bias`` so every rank applies the same step. ``swiglu_limit`` clamps the SwiGLU of the routed and the
+    shared experts alike (GLM-5.3-Flash, ``glmkit.ops.swiglu``).
     """
 
     def __init__(
@@ -301,6 +314,7 @@ class MoE(nn.Module):
         aux_loss_alpha: float = 0.0,
         impl: str = "auto",
         init_std: float = INIT_STD,
+        swiglu_limit: float | None = None,
     ):
         super().__init__()
         self.hidden_size, self.n_experts, self.top_k = hidden_size, n_experts, top_k
@@ -312,8 +326,10 @@ class MoE(nn.Module):
             self.gate = SoftmaxTopKRouter(hidden_size, n_experts, top_k, norm_topk_prob, init_std)
         else:
             raise ValueError(f"router must be 'sigmoid' or 'softmax', got {router!r}")
-        self.experts = Experts(n_experts, hidden_size, moe_intermediate_size, impl, init_std)
-        self.shared_experts = MLP(hidden_size, moe_intermediate_size * n_shared_experts) if n_shared_experts else None
+        self.experts = Experts(n_experts, hidden_size, moe_intermediate_size, impl, init_std, swiglu_limit)
+        self.shared_experts = (
+            MLP(hidden_size, moe_intermediate_size * n_shared_experts, swiglu_limit) if n_shared_experts else None
+        )
         self.aux_loss_alpha = aux_loss_alpha
         self.aux_loss: torch.Tensor | None = None
         self.register_buffer("load_last", torch.zeros(n_experts), persistent=False)

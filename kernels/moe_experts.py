@@ -47,6 +47,10 @@ The SwiGLU-backward epilogue runs on the two column halves of a 128-column tile 
 temporaries spilled (ptxas, sm_90a). Backward piece timings and the sweeps behind the tile lists:
 benchmarks/results/moe_h200.md.
 
+Clamped SwiGLU (GLM-5.3-Flash's ``swiglu_limit`` L, a compile-time constant ``SWIGLU_LIMIT``; None = plain): both
+SwiGLU epilogues clamp g ← min(g, L) and u ← clamp(u, -L, L) before the activation; h keeps the unclamped values, so
+the backward epilogue zeroes d gate where g > L and d up where |u| > L (torch's clamp gradient).
+
 Decode (a handful of tokens, e.g. N ≤ 16): the same kernels with BLOCK_M = 16 (the smallest ``tl.dot``
 tile), chosen automatically when experts average ≤ 16 slots. vLLM's one-pair-per-block shortcut needs
 1-row tiles, which ``tl.dot`` does not take; with 16-row blocks a decode step wastes rows, not launches.
@@ -113,6 +117,7 @@ def _moe_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     DW_SUB: tl.constexpr = 64,  # SWIGLU_BWD: columns per partial d-weight sum (divides BLOCK_N)
     STORE_AW: tl.constexpr = False,  # SWIGLU_BWD: also store AW[s] = w[s]·a[s] [S, N_OUT]
+    SWIGLU_LIMIT: tl.constexpr = None,  # SWIGLU, SWIGLU_BWD: clamp limit L (None: plain SwiGLU)
 ):
     # 1-D grid in "grouped" order: GROUP_M row blocks share each column slice of W while it is in L2.
     pid = tl.program_id(0)
@@ -168,6 +173,9 @@ def _moe_gemm_kernel(
             # the backward sees the rounded h: compute the activation from it, as it will
             acc = acc.to(PRE.dtype.element_ty).to(tl.float32)
             acc_u = acc_u.to(PRE.dtype.element_ty).to(tl.float32)
+        if SWIGLU_LIMIT is not None:
+            acc = tl.minimum(acc, SWIGLU_LIMIT)
+            acc_u = tl.minimum(tl.maximum(acc_u, -SWIGLU_LIMIT), SWIGLU_LIMIT)
         act = acc * tl.sigmoid(acc) * acc_u
         tl.store(c_ptrs, act.to(C.dtype.element_ty), mask=mask)
     else:
@@ -199,6 +207,7 @@ def _moe_gemm_kernel(
                 BLOCK_N // 2,
                 DW_SUB,
                 STORE_AW,
+                SWIGLU_LIMIT,
             )
             _swiglu_bwd_epilogue(
                 g1,
@@ -222,6 +231,7 @@ def _moe_gemm_kernel(
                 BLOCK_N // 2,
                 DW_SUB,
                 STORE_AW,
+                SWIGLU_LIMIT,
             )
         else:
             _swiglu_bwd_epilogue(
@@ -246,6 +256,7 @@ def _moe_gemm_kernel(
                 BLOCK_N,
                 DW_SUB,
                 STORE_AW,
+                SWIGLU_LIMIT,
             )
 
 
@@ -272,14 +283,20 @@ def _swiglu_bwd_epilogue(
     BN: tl.constexpr,
     DW_SUB: tl.constexpr,
     STORE_AW: tl.constexpr,
+    SWIGLU_LIMIT: tl.constexpr,
 ):
     """SWIGLU_BWD on one [BLOCK_M, BN] tile g of dy[t] @ w_down[e], columns offs_n of I (h = PRE [S, 2I]):
     dh = swiglu_bwd(w·g, h) into C [S, 2I]; Σ g·a over each DW_SUB columns into DWP[s, col0 + j];
-    w·a into AW [S, I] when STORE_AW."""
+    w·a into AW [S, I] when STORE_AW. With SWIGLU_LIMIT, h is clamped first and dh is 0 where it was."""
     mask = valid[:, None] & (offs_n < N_OUT)[None, :]
     p_ptrs = PRE + slot[:, None] * stride_pm + offs_n[None, :] * stride_pn
     hg = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
     hu = tl.load(p_ptrs + N_OUT * stride_pn, mask=mask, other=0.0).to(tl.float32)
+    if SWIGLU_LIMIT is not None:
+        g_kept = hg <= SWIGLU_LIMIT
+        u_kept = (hu >= -SWIGLU_LIMIT) & (hu <= SWIGLU_LIMIT)
+        hg = tl.minimum(hg, SWIGLU_LIMIT)
+        hu = tl.minimum(tl.maximum(hu, -SWIGLU_LIMIT), SWIGLU_LIMIT)
     sig = tl.sigmoid(hg)
     silu = hg * sig
     act = (silu * hu).to(C.dtype.element_ty).to(tl.float32)  # the a that GEMM 2 read
@@ -301,6 +318,9 @@ def _swiglu_bwd_epilogue(
     da = g * tw
     d_gate = da * hu * sig * (1.0 + hg * (1.0 - sig))
     d_up = da * silu
+    if SWIGLU_LIMIT is not None:
+        d_gate = tl.where(g_kept, d_gate, 0.0)
+        d_up = tl.where(u_kept, d_up, 0.0)
     c_ptrs = C + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, d_gate.to(C.dtype.element_ty), mask=mask)
     tl.store(c_ptrs + N_OUT * stride_cn, d_up.to(C.dtype.element_ty), mask=mask)
@@ -491,6 +511,7 @@ def moe_gemm(
     swiglu: bool = False,
     topk_weight=None,
     pre_out=None,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Grouped GEMM over aligned slots: out[s] = a[s // top_k] @ w[e(s)]ᵀ for every slot s = token·k + j.
 
@@ -498,7 +519,8 @@ def moe_gemm(
     intermediate by slot); w [E, Nout, K], the HF layout (x @ Wᵀ), any strides; the routing tensors from
     ``moe_align(topk_idx, E, block_m)``. swiglu: w is gate‖up ([E, 2I, K]) and out[s] = silu(gate)·up [S, I];
     pre_out: with swiglu, also store the pre-activation [S, 2I] there. topk_weight [N, k] or [S]: multiply row
-    s by its weight (not with swiglu). Rows of slots never routed are not written. Returns out."""
+    s by its weight (not with swiglu). swiglu_limit: clamp the SwiGLU's inputs (glm5_next). Rows of slots never
+    routed are not written. Returns out."""
     require_kernel_device(a)
     E, n_w, K = w.shape
     S = a.shape[0] * top_k
@@ -521,12 +543,30 @@ def moe_gemm(
         top_k,
         block_m,
         SWIGLU if swiglu else PLAIN,
+        limit=swiglu_limit,
     )
     return out
 
 
 def _launch_gemm(
-    a, w, c, sorted_ids, expert_ids, ntpp, topw, pre, dwp, n_out, K, S, a_div, block_m, epilogue, aw=None, dw_sub=64
+    a,
+    w,
+    c,
+    sorted_ids,
+    expert_ids,
+    ntpp,
+    topw,
+    pre,
+    dwp,
+    n_out,
+    K,
+    S,
+    a_div,
+    block_m,
+    epilogue,
+    aw=None,
+    dw_sub=64,
+    limit=None,
 ):
     if S == 0 or sorted_ids.numel() == 0:
         return
@@ -568,6 +608,7 @@ def _launch_gemm(
         DOT_PRECISION=_precision(a.dtype),
         DW_SUB=dw_sub,
         STORE_AW=aw is not None,
+        SWIGLU_LIMIT=limit if epilogue != PLAIN else None,
     )
     if a.device.type == "cuda" and a.dtype != torch.float32:
         grid = lambda meta: (num_pid_m * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
@@ -655,7 +696,7 @@ def moe_weight_grad(
     return out
 
 
-def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=False):
+def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=False, limit=None):
     """g = dy[t] @ w_down[e] by slot, fused with the SwiGLU backward: returns dh [S, 2I], dw [S] fp32 and,
     with store_aw, aw [S, I] = w[s]·a[s] (dW_down's right operand; else None)."""
     S = dy.shape[0] * top_k
@@ -684,35 +725,38 @@ def _moe_swiglu_dgrad(dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, 
         SWIGLU_BWD,
         aw=aw,
         dw_sub=sub,
+        limit=limit,
     )
     return dh, dwp.sum(1), aw
 
 
-def experts_fwd(x, topk_idx, topk_weight, w_gate_up, w_down, block_m: int, keep: bool = False):
-    """align → GEMM 1 (+SwiGLU) → GEMM 2 → combine: y [N, H]. keep: also store h = the pre-activation [S, 2I]
-    and return (y, saved) with what ``experts_bwd`` needs; else (y, None)."""
+def experts_fwd(x, topk_idx, topk_weight, w_gate_up, w_down, block_m: int, keep: bool = False, limit=None):
+    """align → GEMM 1 (+SwiGLU, clamped at ``limit`` when set) → GEMM 2 → combine: y [N, H]. keep: also store
+    h = the pre-activation [S, 2I] and return (y, saved) with what ``experts_bwd`` needs; else (y, None)."""
     require_kernel_device(x)
     k = topk_idx.shape[1]
     E, two_i, _ = w_gate_up.shape
     S = x.shape[0] * k
     sorted_ids, expert_ids, ntpp, counts = moe_align(topk_idx, E, block_m)
     h = torch.empty((S, two_i), dtype=x.dtype, device=x.device) if keep else None
-    a = moe_gemm(x, w_gate_up, sorted_ids, expert_ids, ntpp, top_k=k, block_m=block_m, swiglu=True, pre_out=h)
+    a = moe_gemm(
+        x, w_gate_up, sorted_ids, expert_ids, ntpp, top_k=k, block_m=block_m, swiglu=True, pre_out=h, swiglu_limit=limit
+    )
     z = moe_gemm(a, w_down, sorted_ids, expert_ids, ntpp, top_k=1, block_m=block_m)
     topw = topk_weight.reshape(-1).float().contiguous()
     y = moe_combine(z, k, topw)
     return y, ((x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h) if keep else None)
 
 
-def experts_bwd(dy, saved, top_k: int, block_m: int, need=(True, True, True, True)):
+def experts_bwd(dy, saved, top_k: int, block_m: int, need=(True, True, True, True), limit=None):
     """Gradients of ``experts_fwd`` from its ``saved`` tuple: (dx, d topk_weight [S] fp32, dW_gate_up, dW_down);
-    ``need`` says which of the four to compute (the others are None)."""
+    ``need`` says which of the four to compute (the others are None); ``limit``: the forward's."""
     x, topw, w_gate_up, w_down, sorted_ids, expert_ids, ntpp, counts, h = saved
     I = w_gate_up.shape[1] // 2
     dy = dy.to(x.dtype)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dh, dw, aw = _moe_swiglu_dgrad(
-        dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=need[3]
+        dy, w_down, h, topw, sorted_ids, expert_ids, ntpp, top_k, block_m, I, store_aw=need[3], limit=limit
     )
     dx = dwgu = dwd = None
     if need[0]:

@@ -17,6 +17,10 @@ s = sigmoid(g):
 written into the two halves of one d gate_up [..., 2I] tensor — the gradient the fused projection's
 weight needs, without a torch.cat.
 
+Clamped (``LIMIT`` = L, glm5_next's ``swiglu_limit``; a compile-time constant, None = no clamp): g ← min(g, L),
+u ← clamp(u, -L, L) before the formulas above, and d gate (d up) is zeroed where g > L (|u| > L), as torch's clamp
+does.
+
 Runs natively on CUDA and under the Triton interpreter on CPU tensors.
 """
 
@@ -37,6 +41,7 @@ def _swiglu_fwd_kernel(
     stride_y,  # row strides; last dims contiguous
     I,
     BLOCK: tl.constexpr,
+    LIMIT: tl.constexpr = None,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -44,6 +49,9 @@ def _swiglu_fwd_kernel(
     base = GU + row * stride_gu
     g = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(base + I + cols, mask=mask, other=0.0).to(tl.float32)
+    if LIMIT is not None:
+        g = tl.minimum(g, LIMIT)
+        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
     y = g * tl.sigmoid(g) * u
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -58,6 +66,7 @@ def _swiglu_bwd_kernel(
     stride_dgu,
     I,
     BLOCK: tl.constexpr,
+    LIMIT: tl.constexpr = None,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -66,10 +75,18 @@ def _swiglu_bwd_kernel(
     g = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(base + I + cols, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    if LIMIT is not None:
+        g_kept = g <= LIMIT
+        u_kept = (u >= -LIMIT) & (u <= LIMIT)
+        g = tl.minimum(g, LIMIT)
+        u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
     s = tl.sigmoid(g)
     silu = g * s
     d_gate = dy * u * s * (1.0 + g * (1.0 - s))
     d_up = dy * silu
+    if LIMIT is not None:
+        d_gate = tl.where(g_kept, d_gate, 0.0)
+        d_up = tl.where(u_kept, d_up, 0.0)
     out = DGU + row * stride_dgu
     tl.store(out + cols, d_gate.to(DGU.dtype.element_ty), mask=mask)
     tl.store(out + I + cols, d_up.to(DGU.dtype.element_ty), mask=mask)
@@ -95,8 +112,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [..., 2I] (gate first) → silu(gate) · up [..., I] in gate_up's dtype."""
+def swiglu_fwd(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """gate_up [..., 2I] (gate first) → silu(gate) · up [..., I] in gate_up's dtype; with ``limit`` L the gate is
+    clamped to ≤ L and up to [-L, L] first."""
     require_kernel_device(gate_up)
     I = gate_up.shape[-1] // 2
     out = torch.empty((*gate_up.shape[:-1], I), dtype=gate_up.dtype, device=gate_up.device)
@@ -105,12 +123,15 @@ def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     if M:
         y = out.view(-1, I)
         block, opts = _block(I, gate_up.device)
-        _swiglu_fwd_kernel[(M, triton.cdiv(I, block))](gu, y, gu.stride(0), y.stride(0), I, BLOCK=block, **opts)
+        _swiglu_fwd_kernel[(M, triton.cdiv(I, block))](
+            gu, y, gu.stride(0), y.stride(0), I, BLOCK=block, LIMIT=limit, **opts
+        )
     return out
 
 
-def swiglu_bwd(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``swiglu_fwd`` w.r.t. gate_up: dy [..., I], gate_up [..., 2I] → [..., 2I] (d gate first)."""
+def swiglu_bwd(dy: torch.Tensor, gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """Gradient of ``swiglu_fwd`` w.r.t. gate_up: dy [..., I], gate_up [..., 2I] → [..., 2I] (d gate first); zero
+    where ``limit`` clamped the value."""
     require_kernel_device(gate_up)
     I = gate_up.shape[-1] // 2
     out = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
@@ -120,6 +141,6 @@ def swiglu_bwd(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
         dgu = out.view(-1, 2 * I)
         block, opts = _block(I, gate_up.device)
         _swiglu_bwd_kernel[(M, triton.cdiv(I, block))](
-            dy2, gu, dgu, dy2.stride(0), gu.stride(0), dgu.stride(0), I, BLOCK=block, **opts
+            dy2, gu, dgu, dy2.stride(0), gu.stride(0), dgu.stride(0), I, BLOCK=block, LIMIT=limit, **opts
         )
     return out

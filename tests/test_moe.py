@@ -22,7 +22,7 @@ from glmkit.moe import (
     update_bias,
 )
 from glmkit.ops.moe_experts import moe_experts_reference
-from glmkit.testing import assert_close
+from glmkit.testing import assert_close, rel_err
 
 FP32 = 1e-5
 
@@ -366,3 +366,48 @@ def test_parity_with_hf_glm4_moe(n_group, topk_group, k, scale):
         out.backward(torch.ones_like(out) * torch.linspace(-1, 1, 48))
         assert_close(f"HF parity ({impl})", ref, out, FP32)
         assert_close(f"HF parity dx ({impl})", xa.grad, xb.grad, FP32)
+
+
+@pytest.mark.parametrize("impl", ["sorted", "loop", "triton"])
+def test_clamped_swiglu_matches_hf_glm5_next_moe(impl):
+    """GLM-5.3-Flash's MoE (HF ``glm5_next``): the same router as glm4_moe, and ``swiglu_limit`` clamping the SwiGLU of
+    the routed and the shared experts alike. Weights large enough that a third of the pre-activations are clamped."""
+    _hf()
+    from transformers.models.glm5_next.configuration_glm5_next import Glm5NextTextConfig
+    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextMoE
+
+    cfg = Glm5NextTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        index_topk=16,
+        pad_token_id=0,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        swiglu_limit=1.0,
+    )
+    hf = Glm5NextTextMoE(cfg)
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.25)
+    hf.gate.e_score_correction_bias.normal_(std=0.1)
+    mine = MoE(32, 8, 2, 16, n_shared_experts=1, routed_scaling_factor=2.5, impl=impl, swiglu_limit=1.0)
+    sd = hf.state_dict()
+    gate, up = sd.pop("shared_experts.gate_proj.weight"), sd.pop("shared_experts.up_proj.weight")
+    sd["shared_experts.gate_up_proj.weight"] = torch.cat((gate, up))
+    mine.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 9, 32)
+    assert (hf.shared_experts.gate_proj(x).abs() > 1.0).float().mean() > 0.3
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = hf(xa), mine(xb)
+    for y in (ref, out):
+        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, 32))
+    assert_close(f"glm5_next MoE ({impl})", ref, out, FP32)
+    assert_close(f"glm5_next MoE dx ({impl})", xa.grad, xb.grad, FP32)
+    plain = MoE(32, 8, 2, 16, n_shared_experts=1, routed_scaling_factor=2.5, impl=impl)
+    plain.load_state_dict(sd)
+    assert rel_err(ref, plain(x)) > 1e-2  # the clamp matters here
+    assert "swiglu_limit=1.0" in repr(mine.experts)

@@ -15,6 +15,10 @@ How the generations it covers differ (facts: shared/reference/glm-lineage.md §2
   residual, four RMSNorms per layer.
 * GLM-4.5/4.6/4.7 (``glm4_moe``): MoE FFNs after ``first_k_dense_replace`` dense layers (sigmoid router with a
   selection-only bias, a shared expert), QK-norm, half-split RoPE pairs, θ = 1e6, and one stored MTP layer.
+* GLM-5.3-Flash (``glm5_next``) adds the clamped SwiGLU (``swiglu_limit``) and mHC hyper-connections: with
+  ``hc_mult`` = N > 1 the residual is N streams [B, T, N, d], each branch's ``+`` becomes a ``HyperConnection``
+  (``glmkit.mhc``), the embedding is copied into the N streams and their mean goes to the final norm. N = 1 is the
+  plain residual above.
 The older members (GLM-2021's learned 2D positions, ChatGLM-6B's 2D RoPE, GLM-130B's DeepNorm and GeGLU) have no
 checkpoint loader here: GLM-2021 is ``glmkit.models.glm2021`` (lesson 01), the rest ``glmkit.course.lineage``.
 
@@ -39,8 +43,10 @@ from torch import nn
 
 from glmkit.cache import Cache
 from glmkit.layers import MLP, RMSNorm
+from glmkit.mhc import expand_streams, merge_streams, residual
 from glmkit.mixers import MIXERS, Step
 from glmkit.moe import MoE, max_violation
+from glmkit.ops.swiglu import check_limit
 
 FFN_TYPES = ("dense", "sparse")
 ROUTERS = ("sigmoid", "softmax")
@@ -93,6 +99,11 @@ class DecoderConfig:
     router: str = "sigmoid"
     aux_loss_alpha: float = 0.0
     moe_impl: str = "auto"
+    # GLM-5.3-Flash: clamped SwiGLU (None: plain) and mHC residual streams (hc_mult = 1: the plain residual)
+    swiglu_limit: float | None = None
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     # multi-token prediction
     num_nextn_predict_layers: int = 0
     mtp_tied: bool = True
@@ -122,6 +133,8 @@ class DecoderConfig:
             "num_experts_per_tok",
             "n_group",
             "topk_group",
+            "hc_mult",
+            "hc_sinkhorn_iters",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -147,6 +160,7 @@ class DecoderConfig:
             ("initializer_range", False),
             ("routed_scaling_factor", False),
             ("aux_loss_alpha", True),
+            ("hc_eps", True),
         ):
             v = getattr(self, name)
             if (
@@ -194,6 +208,10 @@ class DecoderConfig:
                 )
         if self.router not in ROUTERS:
             bad("router", f"must be one of {ROUTERS}")
+        try:
+            self.swiglu_limit = check_limit(self.swiglu_limit)
+        except ValueError:
+            bad("swiglu_limit", "must be None (plain SwiGLU) or a finite number > 0")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"must be one of {MOE_IMPLS}")
         self.eos_token_id = (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
@@ -259,7 +277,9 @@ def count_distinct(params, skip: set[int] = frozenset()) -> int:
 # ----------------------------------------------------------------------------------------------------
 class Block(nn.Module):
     """One layer: ``x + mixer(input_norm(x))``, then ``x + mlp(pre_mlp_norm(x))``; with ``sandwich_norms`` each
-    branch's output is normalised too (``post_mixer_norm``, ``post_mlp_norm``) before the residual add."""
+    branch's output is normalised too (``post_mixer_norm``, ``post_mlp_norm``) before the residual add. The two
+    ``+`` are ``attn_hc`` and ``ffn_hc``: ``glmkit.mhc.Residual``, or with ``hc_mult`` > 1 a ``HyperConnection``
+    over the streams [B, T, N, d] (glm5_next's names)."""
 
     def __init__(self, cfg: DecoderConfig, layer_idx: int, mixer_type: str, ffn_type: str):
         super().__init__()
@@ -268,7 +288,7 @@ class Block(nn.Module):
         self.mixer = MIXERS[mixer_type](cfg, layer_idx)
         self.pre_mlp_norm = RMSNorm(d, eps)
         if ffn_type == "dense":
-            self.mlp = MLP(d, cfg.intermediate_size)
+            self.mlp = MLP(d, cfg.intermediate_size, cfg.swiglu_limit)
         else:
             self.mlp = MoE(
                 d,
@@ -284,15 +304,25 @@ class Block(nn.Module):
                 cfg.aux_loss_alpha,
                 cfg.moe_impl,
                 cfg.initializer_range,
+                cfg.swiglu_limit,
             )
         if cfg.sandwich_norms:
             self.post_mixer_norm, self.post_mlp_norm = RMSNorm(d, eps), RMSNorm(d, eps)
+        hc = (d, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, eps)
+        self.attn_hc, self.ffn_hc = residual(*hc), residual(*hc)
+
+    def mixer_branch(self, h: torch.Tensor, step: Step, state) -> torch.Tensor:
+        h = self.mixer(self.input_norm(h), step, state)
+        return self.post_mixer_norm(h) if hasattr(self, "post_mixer_norm") else h
+
+    def mlp_branch(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(self.pre_mlp_norm(h))
+        return self.post_mlp_norm(h) if hasattr(self, "post_mlp_norm") else h
 
     def forward(self, x: torch.Tensor, step: Step, state) -> torch.Tensor:
-        h = self.mixer(self.input_norm(x), step, state)
-        x = x + (self.post_mixer_norm(h) if hasattr(self, "post_mixer_norm") else h)
-        h = self.mlp(self.pre_mlp_norm(x))
-        return x + (self.post_mlp_norm(h) if hasattr(self, "post_mlp_norm") else h)
+        """x [B, T, d], or [B, T, N, d] with hc_mult = N > 1; the branches see [B, T, d]."""
+        x = self.attn_hc(x, lambda h: self.mixer_branch(h, step, state))
+        return self.ffn_hc(x, self.mlp_branch)
 
 
 class MTPLayer(nn.Module):
@@ -309,13 +339,15 @@ class MTPLayer(nn.Module):
         self.enorm, self.hnorm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.block = Block(cfg, layer_idx, cfg.mtp_layer_type, "sparse" if cfg.n_routed_experts else "dense")
+        self.hc_mult = cfg.hc_mult
         self.shared_head_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
 
     def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, step: Step) -> torch.Tensor:
         x = self.eh_proj(torch.cat((self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)), dim=-1))
-        return self.head(self.shared_head_norm(self.block(x, step, None)))
+        x = merge_streams(self.block(expand_streams(x, self.hc_mult), step, None), self.hc_mult)  # mHC: N streams
+        return self.head(self.shared_head_norm(x))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,6 +364,7 @@ class Decoder(nn.Module):
                 f"Decoder needs a DecoderConfig (glmkit.models.presets.get_config), got {type(config).__name__}"
             )
         self.config = cfg = config
+        self.hc_mult = cfg.hc_mult
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             Block(cfg, i, cfg.layer_types[i], cfg.mlp_layer_types[i]) for i in range(cfg.num_hidden_layers)
@@ -501,6 +534,7 @@ class Decoder(nn.Module):
         return Step(position_ids=position_ids, sep=sep, offset=offset, visible=visible, max_rollback=max_rollback)
 
     two_d_positions = False  # GLM-2021 (a subclass) takes [B, 2, T] positions: position and block position
+    hc_mult = 1  # residual streams (config.hc_mult; GLM-2021 has one)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, step: Step) -> torch.Tensor:
         """Token vectors [B, T, d] (GLM-2021 adds its learned position tables here; RoPE models rotate later)."""
@@ -509,12 +543,12 @@ class Decoder(nn.Module):
     def hidden_states(self, input_ids, position_ids=None, sep=None, attention_mask=None, cache=None) -> torch.Tensor:
         """The final-norm output [B, T, d]. See ``forward`` for the arguments."""
         step = self._step(input_ids, position_ids, sep, attention_mask, cache)
-        x = self.embed(input_ids, position_ids, step)
+        x = expand_streams(self.embed(input_ids, position_ids, step), self.hc_mult)  # mHC: [B, T, N, d]
         for i, layer in enumerate(self.layers):
             x = layer(x, step, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.end(input_ids.shape[1])
-        return self.final_norm(x)
+        return self.final_norm(merge_streams(x, self.hc_mult))
 
     def forward(self, input_ids, position_ids=None, sep=None, attention_mask=None, cache=None) -> torch.Tensor:
         """input_ids [B, T] → logits [B, T, V].

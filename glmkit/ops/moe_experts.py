@@ -16,7 +16,9 @@ For each token t with its k chosen experts e = topk_idx[t, j] and weights w[t, j
 
 ``moe_experts(..., impl="auto")`` picks the kernels where ``glmkit.backend`` resolves to "triton", else the
 sorted path; "loop", "sorted" and "triton" force one. Under CUDA autocast the kernels get the autocast dtype.
-Weighting and the sum over k are fp32 everywhere, rounded once at the end.
+Weighting and the sum over k are fp32 everywhere, rounded once at the end. ``swiglu_limit`` L (GLM-5.3-Flash) makes
+every expert's activation the clamped SwiGLU, silu(min(gate, L)) · clamp(up, -L, L), on all three paths (the kernels
+clamp in their SwiGLU epilogues, forward and backward).
 """
 
 from __future__ import annotations
@@ -26,24 +28,27 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from glmkit import backend
+from glmkit.ops.swiglu import check_limit
 
 IMPLS = ("auto", "loop", "sorted", "triton")
 _GMM_ALIGN_BYTES = 16  # torch._grouped_mm: row strides and data pointers must be multiples of 16 bytes
 
 
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+def _swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
     return F.silu(gate) * up
 
 
-def moe_experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down) -> torch.Tensor:
+def moe_experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down, swiglu_limit=None) -> torch.Tensor:
     """x [N, H], topk_idx [N, k], topk_weight [N, k], w_gate_up [E, 2I, H], w_down [E, H, I] → y [N, H], one
     expert at a time (an expert nobody picked costs nothing)."""
     out = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
     for e in range(w_gate_up.shape[0]):
         token, slot = torch.where(topk_idx == e)
         if token.numel():
-            y = F.linear(_swiglu(F.linear(x[token], w_gate_up[e])), w_down[e])
+            y = F.linear(_swiglu(F.linear(x[token], w_gate_up[e]), swiglu_limit), w_down[e])
             out.index_add_(0, token, y.float() * topk_weight[token, slot, None].float())
     return out.to(x.dtype)
 
@@ -75,7 +80,7 @@ def _grouped_mm(a, b, offs):
     return out
 
 
-def moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down) -> torch.Tensor:
+def moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down, swiglu_limit=None) -> torch.Tensor:
     """The reference's result by sorting slots by expert (steps in the module docstring)."""
     N, k = topk_idx.shape
     if N == 0:
@@ -88,15 +93,15 @@ def moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down) -> torch.Ten
     if not _grouped_mm_ok(x_g, w_gate_up, w_down) and torch.compiler.is_compiling():
         # no grouped GEMM and no host sync allowed: every expert on every token, weighted by a dense [N, E] map
         w = torch.zeros(N, E, device=x.device).scatter_(1, topk_idx.long(), topk_weight.float())
-        y = torch.einsum("ne,enh->nh", w, (_swiglu(x @ w_gu) @ w_d).float())
+        y = torch.einsum("ne,enh->nh", w, (_swiglu(x @ w_gu, swiglu_limit) @ w_d).float())
         return y.to(x.dtype)
     if _grouped_mm_ok(x_g, w_gate_up, w_down):
         offs = counts.cumsum(0).to(torch.int32)
-        y_g = _grouped_mm(_swiglu(_grouped_mm(x_g, w_gu, offs)), w_d, offs)
+        y_g = _grouped_mm(_swiglu(_grouped_mm(x_g, w_gu, offs), swiglu_limit), w_d, offs)
     else:
         c = counts.tolist()  # one host sync
         seg = lambda a, b: torch.cat([a_e @ b[e] for e, a_e in enumerate(a.split(c)) if c[e]])  # noqa: E731
-        y_g = seg(_swiglu(seg(x_g, w_gu)), w_d)
+        y_g = seg(_swiglu(seg(x_g, w_gu), swiglu_limit), w_d)
     y_g = y_g.float() * topk_weight.reshape(-1)[perm].float().unsqueeze(-1)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -108,23 +113,23 @@ class MoEExpertsFunction(torch.autograd.Function):
     the activation a [S, I] (recomputed from h in the backward's epilogue) nor the down outputs z [S, H]."""
 
     @staticmethod
-    def forward(ctx, x, topk_idx, topk_weight, w_gate_up, w_down, block_m):
+    def forward(ctx, x, topk_idx, topk_weight, w_gate_up, w_down, block_m, limit=None):
         from glmkit.kernels.moe_experts import experts_fwd
 
-        y, saved = experts_fwd(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep=True)
+        y, saved = experts_fwd(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, keep=True, limit=limit)
         ctx.save_for_backward(*saved)
-        ctx.meta = (topk_idx.shape[1], block_m, topk_weight.dtype, topk_weight.shape)
+        ctx.meta = (topk_idx.shape[1], block_m, topk_weight.dtype, topk_weight.shape, limit)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         from glmkit.kernels.moe_experts import experts_bwd
 
-        k, block_m, w_dtype, w_shape = ctx.meta
+        k, block_m, w_dtype, w_shape, limit = ctx.meta
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        dx, dtopw, dwgu, dwd = experts_bwd(dy, ctx.saved_tensors, k, block_m, need)
+        dx, dtopw, dwgu, dwd = experts_bwd(dy, ctx.saved_tensors, k, block_m, need, limit=limit)
         dtopw = dtopw.to(w_dtype).reshape(w_shape) if dtopw is not None else None
-        return dx, None, dtopw, dwgu, dwd, None
+        return dx, None, dtopw, dwgu, dwd, None, None
 
 
 def _check(x, topk_idx, topk_weight, w_gate_up, w_down) -> None:
@@ -144,10 +149,13 @@ def _check(x, topk_idx, topk_weight, w_gate_up, w_down) -> None:
         raise ValueError("x, topk_idx, topk_weight, w_gate_up and w_down must be on one device")
 
 
-def moe_experts(x, topk_idx, topk_weight, w_gate_up, w_down, impl: str = "auto") -> torch.Tensor:
+def moe_experts(
+    x, topk_idx, topk_weight, w_gate_up, w_down, impl: str = "auto", *, swiglu_limit: float | None = None
+) -> torch.Tensor:
     """The routed experts (see the module docstring): x [N, H] → y [N, H] in x's dtype, differentiable in x,
-    topk_weight and both weights."""
+    topk_weight and both weights. ``swiglu_limit``: the clamped SwiGLU (None: plain)."""
     _check(x, topk_idx, topk_weight, w_gate_up, w_down)
+    swiglu_limit = check_limit(swiglu_limit)
     if not torch.is_autocast_enabled(x.device.type) and not x.dtype == w_gate_up.dtype == w_down.dtype:
         raise TypeError(
             f"x, w_gate_up and w_down must share a dtype outside autocast, got {x.dtype}, {w_gate_up.dtype}, "
@@ -158,9 +166,9 @@ def moe_experts(x, topk_idx, topk_weight, w_gate_up, w_down, impl: str = "auto")
     path = impl if impl != "auto" else ("triton" if backend.resolve(x) == "triton" else "sorted")
     backend.record("moe_experts", "triton" if path == "triton" else "torch")
     if path == "loop":
-        return moe_experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down)
+        return moe_experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down, swiglu_limit)
     if path == "sorted":
-        return moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down)
+        return moe_experts_sorted(x, topk_idx, topk_weight, w_gate_up, w_down, swiglu_limit)
     from glmkit.kernels.moe_experts import default_block_m, experts_fwd
 
     dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else w_gate_up.dtype
@@ -170,5 +178,5 @@ def moe_experts(x, topk_idx, topk_weight, w_gate_up, w_down, impl: str = "auto")
         return x.new_zeros(x.shape)
     x = x if x.stride(-1) == 1 else x.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weight, w_gate_up, w_down)):
-        return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate_up, w_down, block_m)
-    return experts_fwd(x, topk_idx, topk_weight, w_gate_up, w_down, block_m)[0]
+        return MoEExpertsFunction.apply(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, swiglu_limit)
+    return experts_fwd(x, topk_idx, topk_weight, w_gate_up, w_down, block_m, limit=swiglu_limit)[0]

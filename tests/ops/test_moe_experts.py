@@ -74,14 +74,17 @@ def gemm_reference(a, w, topk_idx, top_k, swiglu=False):
     return out
 
 
-def experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down):
-    """y[t] = Σ_j w[t, j] · down_e(silu(gate_e x_t) · up_e x_t): a loop over experts, differentiable."""
+def experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down, limit=None):
+    """y[t] = Σ_j w[t, j] · down_e(silu(gate_e x_t) · up_e x_t): a loop over experts, differentiable. ``limit`` L:
+    glm5_next's clamped SwiGLU, silu(min(gate, L)) · clamp(up, -L, L)."""
     y = torch.zeros_like(x)
     for e in range(w_gate_up.shape[0]):
         t, j = (topk_idx == e).nonzero(as_tuple=True)
         if t.numel() == 0:
             continue
         gate, up = (x[t] @ w_gate_up[e].T).chunk(2, -1)
+        if limit is not None:
+            gate, up = torch.clamp(gate, max=limit), torch.clamp(up, -limit, limit)
         z = (F.silu(gate) * up) @ w_down[e].T
         y = y.index_add(0, t, z * topk_weight[t, j, None])
     return y
@@ -164,24 +167,27 @@ def test_default_block_m():
 # ================================================================ moe_experts on the kernels (impl="triton")
 
 
-def _check_experts(N, k, E, H, I, mode, dtype, device=DEV, key=()):
+def _check_experts(N, k, E, H, I, mode, dtype, device=DEV, key=(), limit=None):
     g = _gen("experts", N, k, E, H, I, mode, dtype, key)
     idx = routing(N, k, E, mode, g).to(device)
     x = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
     w = torch.softmax(torch.randn(N, k, generator=g), -1).to(device).requires_grad_()
     w_gate_up, w_down = (t.requires_grad_() for t in _weights(E, H, I, dtype, g, device))
+    if limit is not None:  # the clamp must bite on both halves: pre-activations have std ~1
+        h = (x.detach().float() @ w_gate_up.detach().float().flatten(0, 1).T).abs()
+        assert 0.1 < (h > limit).float().mean() < 0.9
     with backend.audit() as a:
-        y = moe_experts(x, idx, w, w_gate_up, w_down, impl="triton")
+        y = moe_experts(x, idx, w, w_gate_up, w_down, impl="triton", swiglu_limit=limit)
     assert a.paths("moe_experts") == {"triton"} and "MoEExpertsFunction" in type(y.grad_fn).__name__
     assert y.shape == (N, H) and y.dtype == dtype
     dy = torch.randn(N, H, generator=g).to(device, dtype)
     grads = torch.autograd.grad(y, (x, w, w_gate_up, w_down), dy)
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, w_gate_up, w_down)]
-    y_ref = experts_reference(leaves[0], idx.cpu(), *leaves[1:])
+    y_ref = experts_reference(leaves[0], idx.cpu(), *leaves[1:], limit=limit)
     ref_grads = torch.autograd.grad(y_ref, leaves, dy.double().cpu())
     assert_close("moe_experts forward", y_ref, y)
     with torch.no_grad():  # the inference path: no pre-activation kept, no autograd
-        y_ng = moe_experts(x, idx, w, w_gate_up, w_down, impl="triton")
+        y_ng = moe_experts(x, idx, w, w_gate_up, w_down, impl="triton", swiglu_limit=limit)
     assert y_ng.grad_fn is None
     assert_close("moe_experts forward, no_grad", y_ref, y_ng)
     for name, want, got in zip(("dx", "d topk_weight", "d w_gate_up", "d w_down"), ref_grads, grads):
@@ -203,6 +209,13 @@ EXPERT_CASES = [  # N, k, E, H, I, mode, dtype
 @pytest.mark.parametrize("N,k,E,H,I,mode,dtype", EXPERT_CASES)
 def test_triton_forward_backward(N, k, E, H, I, mode, dtype, poison):
     _check_experts(N, k, E, H, I, mode, dtype)
+
+
+@pytest.mark.parametrize("N,k,E,H,I,mode,dtype", [EXPERT_CASES[1], EXPERT_CASES[4]])
+def test_triton_clamped_swiglu(N, k, E, H, I, mode, dtype, poison):
+    """glm5_next's clamped SwiGLU in the kernels' epilogues: forward and all four gradients against the loop written
+    here with the clamp (limit 0.5: a third to a half of the pre-activations clamped)."""
+    _check_experts(N, k, E, H, I, mode, dtype, key="clamp", limit=0.5)
 
 
 def test_triton_decode_batch(poison):
@@ -402,6 +415,12 @@ def test_mixed_dtypes_are_named(impl):
 @pytest.mark.parametrize("mode", ["uniform", "zipf", "empty", "all_one"])
 def test_gpu_moe_experts(dtype, mode, poison):
     _check_experts(512, 4, 16, 256, 192, mode, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_moe_experts_clamped(dtype, poison):
+    _check_experts(512, 4, 16, 256, 192, "zipf", dtype, device="cuda", key="clamp", limit=0.5)
 
 
 @pytest.mark.gpu

@@ -31,9 +31,9 @@ def _inputs(lead, I, dtype, device=DEV, key=()):
     return gate_up, dy
 
 
-def _ref_grad(gate_up, dy):
+def _ref_grad(gate_up, dy, limit=None):
     x = gate_up.detach().float().requires_grad_()
-    swiglu_reference(x).backward(dy.float())
+    swiglu_reference(x, limit).backward(dy.float())
     return x.grad
 
 
@@ -111,6 +111,80 @@ def test_mlp_module_both_backends():
         assert_close("mlp torch vs triton", a, b)
 
 
+# ---- clamped SwiGLU (glm5_next's swiglu_limit) ----
+
+
+def _clamped_inputs(lead, I, limit, dtype, device=DEV):
+    """gate_up of std 3 (about half of it beyond ±limit = 2), with some entries exactly at ±limit (the gradient
+    passes there, as through torch's clamp)."""
+    gate_up, dy = _inputs(lead, I, dtype, device, key=("clamp", limit))
+    flat = gate_up.view(-1, 2 * I)
+    flat[:, 0], flat[:, I] = limit, -limit
+    flat[0, 1], flat[0, I + 1] = -limit, limit
+    return gate_up, dy
+
+
+@pytest.mark.parametrize(
+    "lead,I,dtype", [((7,), 33, torch.float32), ((2, 5), 64, torch.float16), ((3,), 9, torch.float32)]
+)
+def test_clamped_forward_backward_match_reference(lead, I, dtype, poison):
+    """The reference against the formula written here (gate clamped from above only, up on both sides), and the
+    kernel against the reference, forward and backward (zero gradient where a value was clamped)."""
+    limit = 2.0
+    gate_up, dy = _clamped_inputs(lead, I, limit, dtype)
+    gate, up = gate_up.float().chunk(2, -1)
+    assert (gate > limit).any() and (gate < -limit).any() and (up.abs() > limit).any()
+    want = F.silu(torch.minimum(gate, torch.tensor(limit))) * torch.maximum(
+        torch.minimum(up, torch.tensor(limit)), torch.tensor(-limit)
+    )
+    assert_close("clamped reference vs the formula", want.to(dtype), swiglu_reference(gate_up, limit))
+    assert_close("clamped fwd", swiglu_reference(gate_up, limit), swiglu_fwd(gate_up, limit))
+    grad = _ref_grad(gate_up, dy, limit)
+    g_ref, u_ref = grad.chunk(2, -1)
+    assert (g_ref[gate > limit] == 0).all() and (u_ref[up.abs() > limit] == 0).all()
+    assert (g_ref[gate < -limit] != 0).any()  # the gate is not clamped from below
+    assert_close("clamped bwd", grad, swiglu_bwd(dy, gate_up, limit))
+    assert not torch.equal(swiglu_fwd(gate_up, limit), swiglu_fwd(gate_up))
+
+
+def test_clamped_mlp_matches_glm5_next():
+    """glmkit's MLP with swiglu_limit against transformers' Glm5NextTextMLP (separate gate_proj / up_proj, fused
+    here gate first), forward and input gradient, on both backends."""
+    pytest.importorskip("transformers")
+    from transformers.models.glm5_next.configuration_glm5_next import Glm5NextTextConfig
+    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextMLP
+
+    cfg = Glm5NextTextConfig(
+        vocab_size=64, hidden_size=24, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2,
+        index_topk=16, swiglu_limit=1.5, pad_token_id=0,
+    )  # fmt: skip
+    hf = Glm5NextTextMLP(cfg)
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # pre-activations of std ~2.5: the clamp bites
+    mlp = MLP(24, 40, swiglu_limit=1.5)
+    sd = {
+        "down_proj.weight": hf.down_proj.weight,
+        "gate_up_proj.weight": torch.cat((hf.gate_proj.weight, hf.up_proj.weight)),
+    }
+    mlp.load_state_dict(sd)
+    x = torch.randn(3, 7, 24)
+    xa = x.clone().requires_grad_()
+    want = hf(xa)
+    want.sum().backward()
+    assert (hf.gate_proj(x).abs() > 1.5).float().mean() > 0.2
+    for name in ("torch", "triton"):
+        xb = x.clone().requires_grad_()
+        with use_backend(name):
+            got = mlp(xb)
+        got.sum().backward()
+        assert_close(f"glm5_next MLP ({name})", want.detach(), got.detach())
+        assert_close(f"glm5_next MLP dx ({name})", xa.grad, xb.grad)
+    with pytest.raises(ValueError, match="limit"):
+        MLP(8, 8, swiglu_limit=0)
+    with pytest.raises(ValueError, match="limit"):
+        swiglu(torch.randn(2, 8), limit=float("inf"))
+
+
 def test_bad_inputs_are_named():
     for fn in (swiglu, swiglu_reference):
         with pytest.raises(ValueError, match="even"):
@@ -133,6 +207,14 @@ def test_gpu_forward_backward(rows, I, dtype, poison):
     assert_close(f"fwd {rows}x{I} {dtype}", swiglu_reference(gate_up), y)
     d = swiglu_bwd(dy, gate_up)
     assert_close(f"bwd {rows}x{I} {dtype}", _ref_grad(gate_up, dy), d)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_clamped_forward_backward(dtype, poison):
+    gate_up, dy = _clamped_inputs((1000,), 10944, 2.0, dtype, device="cuda")
+    assert_close(f"clamped fwd {dtype}", swiglu_reference(gate_up, 2.0), swiglu_fwd(gate_up, 2.0))
+    assert_close(f"clamped bwd {dtype}", _ref_grad(gate_up, dy, 2.0), swiglu_bwd(dy, gate_up, 2.0))
 
 
 @pytest.mark.gpu
