@@ -49,6 +49,11 @@ EXPECTED = {
         "| B | H | gate | state MiB",
         "- SMOKE RUN",
     ],
+    "bench_hybrid.py": [
+        "| T | hybrid ms | twin ms | hybrid tokens/s | twin tokens/s | hybrid/twin |",
+        "| P | hybrid ms/step | twin ms/step | hybrid/twin | hybrid cache MiB | twin cache MiB | memory twin/hybrid |",
+        "- SMOKE RUN",
+    ],
     "sweep_kernels.py": [
         "# Kernel tuning sweeps on ",
         "| kernel | config (BM×BN w s) | ms | err | share of charged FLOPs/s |",
