@@ -16,6 +16,11 @@ shared/reference/glm-lineage.md §3, §4, §9):
   accepted too) and ``mlp.shared_experts.*`` (zero-size when ``n_shared_experts`` is 0, as transformers writes
   them). The MTP layer is ``model.layers.{N}.*``: a decoder block plus ``enorm``, ``hnorm``, ``eh_proj``,
   ``shared_head.{norm,head}``, ``embed_tokens``; transformers' model class ignores it, glmkit loads and saves it.
+* ``glm4_moe_lite`` (GLM-4.7-Flash): ``glm4_moe``'s MoE with Multi-head Latent Attention (the ``"mla"`` mixer, whose
+  parameters carry transformers' names: ``self_attn.{q_a_proj, q_a_layernorm, q_b_proj | q_proj, kv_a_proj_with_mqa,
+  kv_a_layernorm, kv_b_proj, o_proj}``), no QK-norm, RoPE over the whole ``qk_rope_head_dim`` slice in the pairing
+  ``rope_interleave`` names (default interleaved), dense/sparse layers listed in ``mlp_layer_types``. Its
+  ``head_dim`` is transformers' alias of ``qk_rope_head_dim``; glmkit's ``head_dim`` is the q·k head (nope + rope).
 
 Names map mechanically: the model's own state dict, built on the meta device from the config, converted to HF
 names, *is* the list of tensors (and shapes) a checkpoint must hold, so a mismatch is reported tensor by tensor.
@@ -35,7 +40,13 @@ import torch
 from glmkit.mixers import MIXERS
 from glmkit.models.decoder import Decoder, DecoderConfig
 
-ARCHITECTURES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+ARCHITECTURES = {
+    "glm": "GlmForCausalLM",
+    "glm4": "Glm4ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+}
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # glm4_moe_lite
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # stored by some exporters; not a parameter
 # (ours, HF) name pieces inside one decoder layer, outside the mixer
 _LAYER_NAMES = [
@@ -54,6 +65,10 @@ class HFCheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # config.json <-> DecoderConfig
 # ----------------------------------------------------------------------------------------------------
+def _positive(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
     """A ``DecoderConfig`` from a config.json dict; ``overrides`` replace fields afterwards (e.g.
     ``rope_interleave=False`` on a ``glm`` checkpoint — wrong; lesson 02 shows what it does)."""
@@ -61,15 +76,14 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
     if family not in ARCHITECTURES:
         raise HFCheckpointError(
             f"unsupported model_type {family!r} in config.json: glmkit.hf loads "
-            f"{sorted(ARCHITECTURES)} (GLM-4-9B: glm, GLM-4-0414: glm4, GLM-4.5/4.6/4.7: glm4_moe)"
+            f"{sorted(ARCHITECTURES)} (GLM-4-9B: glm, GLM-4-0414: glm4, GLM-4.5/4.6/4.7: glm4_moe, "
+            f"GLM-4.7-Flash: glm4_moe_lite)"
         )
-    moe = family == "glm4_moe"
+    lite = family == "glm4_moe_lite"
+    moe = family in ("glm4_moe", "glm4_moe_lite")
     need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
-    missing = [
-        k
-        for k in need + (["moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"] if moe else [])
-        if k not in hf
-    ]
+    need += ["moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"] if moe else []
+    missing = [k for k in need + (list(MLA_FIELDS) if lite else []) if k not in hf]
     if missing:
         raise HFCheckpointError(f"config.json ({family}) lacks required fields {missing}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -78,6 +92,22 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise HFCheckpointError(
             f"config.json: rope_type={rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default' RoPE)"
+        )
+    bad = [k for k in MLA_FIELDS if lite and not (hf[k] is None and k == "q_lora_rank") and not _positive(hf[k])]
+    if bad:
+        raise HFCheckpointError(
+            f"config.json (glm4_moe_lite): {bad[0]}={hf[bad[0]]!r} must be a positive int"
+            + (" or null" if bad[0] == "q_lora_rank" else "")
+        )
+    if lite and float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise HFCheckpointError(
+            f"config.json (glm4_moe_lite): partial_rotary_factor={rope['partial_rotary_factor']} is not supported "
+            f"(MLA rotates its whole qk_rope_head_dim slice)"
+        )
+    if lite and hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+        raise HFCheckpointError(
+            f"config.json (glm4_moe_lite): num_key_value_heads={hf['num_key_value_heads']} must equal "
+            f"num_attention_heads={hf['num_attention_heads']} (MLA expands keys and values for every head)"
         )
     vocab = hf["vocab_size"]
     ok = lambda t: t if t is not None and 0 <= t < vocab else None  # noqa: E731  (tiny test configs)
@@ -116,6 +146,19 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             num_nextn_predict_layers=min(int(hf.get("num_nextn_predict_layers", 0) or 0), 1),
         )
+    if lite:  # MLA: the mixer's options; dense/sparse layers as listed (transformers' default: one dense first)
+        L = hf["num_hidden_layers"]
+        fields.update(
+            num_key_value_heads=hf["num_attention_heads"],
+            head_dim=hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"],
+            partial_rotary_factor=1.0,
+            rope_interleave=bool(hf.get("rope_interleave", True)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            layer_types=["mla"] * L,
+            mtp_layer_type="mla",
+            mlp_layer_types=list(hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (L - 1)),
+            extra={k: hf[k] for k in MLA_FIELDS},
+        )
     fields.update(overrides)
     try:
         return DecoderConfig(**fields)
@@ -125,6 +168,22 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
 
 def family_of(cfg: DecoderConfig) -> str:
     """The HF family a config belongs to, or an ``HFCheckpointError`` saying why none can express it."""
+    if "mla" in cfg.layer_types:
+        want = dict(
+            router="sigmoid",
+            layer_types=["mla"] * cfg.num_hidden_layers,
+            mtp_layer_type="mla",
+            sandwich_norms=False,
+            use_qk_norm=False,
+        )
+        problems = [
+            f"{k}={getattr(cfg, k)!r} (glm4_moe_lite needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v
+        ]
+        if not cfg.n_routed_experts:
+            problems.append("n_routed_experts=0 (glm4_moe_lite stores MoE layers)")
+        if problems:
+            raise HFCheckpointError("this model has no Hugging Face equivalent: " + "; ".join(problems))
+        return "glm4_moe_lite"
     moe = cfg.n_routed_experts > 0
     family = "glm4_moe" if moe else "glm4" if cfg.sandwich_norms else "glm"
     want = dict(
@@ -180,7 +239,7 @@ def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
     }
-    if family == "glm4_moe":
+    if family in ("glm4_moe", "glm4_moe_lite"):
         out.update(
             {
                 k: getattr(cfg, k)
@@ -199,6 +258,12 @@ def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict
             use_qk_norm=cfg.use_qk_norm,
             first_k_dense_replace=cfg.mlp_layer_types.count("dense"),
         )
+    if family == "glm4_moe_lite":  # MLA fields; RoPE over the whole rope slice; heads = KV heads
+        for k in ("use_qk_norm", "first_k_dense_replace", "head_dim"):
+            del out[k]
+        out.update({k: cfg.opt(k) for k in MLA_FIELDS}, num_key_value_heads=cfg.num_attention_heads)
+        out.update(rope_interleave=cfg.rope_interleave, mlp_layer_types=list(cfg.mlp_layer_types))
+        out["rope_parameters"]["partial_rotary_factor"] = 1.0
     if dtype is not None:
         out["dtype"] = str(dtype).removeprefix("torch.")
     return out
@@ -404,10 +469,10 @@ def load_hf(
     device: torch.device | str | None = None,
     **config_overrides: Any,
 ) -> Decoder:
-    """Load a ``glm``/``glm4``/``glm4_moe`` checkpoint folder into a ``Decoder``, in eval mode.
+    """Load a ``glm``/``glm4``/``glm4_moe``/``glm4_moe_lite`` checkpoint folder into a ``Decoder``, in eval mode.
 
     dtype: convert the weights (default: as stored; the routing bias stays fp32); device: default CPU.
-    ``config_overrides`` change config fields after reading config.json. ``glm4_moe``: the MTP layer is loaded
+    ``config_overrides`` change config fields after reading config.json. ``glm4_moe(_lite)``: the MTP layer is loaded
     when the files hold it (checkpoints written by transformers do not, whatever ``num_nextn_predict_layers``
     says), sharing the main embedding and head when its stored copies equal them (``mtp_tied``).
     """
@@ -419,7 +484,7 @@ def load_hf(
     except json.JSONDecodeError as e:
         raise HFCheckpointError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
     tensors = _stack_to_per_expert({k: v for k, v in _read_tensors(folder).items() if not _IGNORED.match(k)})
-    if hf.get("model_type") == "glm4_moe" and "num_nextn_predict_layers" not in config_overrides:
+    if hf.get("model_type") in ("glm4_moe", "glm4_moe_lite") and "num_nextn_predict_layers" not in config_overrides:
         n = int(hf.get("num_hidden_layers", 0))
         stored = any(k.startswith(f"model.layers.{n}.") for k in tensors)
         config_overrides["num_nextn_predict_layers"] = min(int(hf.get("num_nextn_predict_layers", 0) or 0), 1) * stored

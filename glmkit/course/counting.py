@@ -14,7 +14,11 @@ Counting (``param_counts``), per tensor stored in the checkpoint:
 
 * embedding ``V·H``; lm head ``V·H`` unless tied; final norm ``H``.
 * attention per layer: q ``H·(nh·hd) + nh·hd`` (bias), k and v ``H·(nkv·hd) + nkv·hd`` each, o
-  ``(nh·hd)·H`` (no bias), QK-norm ``2·hd`` when ``use_qk_norm``; two RMSNorms ``2H``.
+  ``(nh·hd)·H`` (no bias), QK-norm ``2·hd`` when ``use_qk_norm``; two RMSNorms ``2H``. MLA layers (GLM-4.7-Flash,
+  ``glm4_moe_lite``; every layer MLA) instead: ``q_a_proj`` H·q_lora + ``q_a_layernorm`` q_lora + ``q_b_proj``
+  q_lora·nh·(nope + rope) (or one ``q_proj`` H·nh·(nope + rope) without q_lora), ``kv_a_proj_with_mqa`` H·(kv_lora
+  + rope) + ``kv_a_layernorm`` kv_lora, ``kv_b_proj`` kv_lora·nh·(nope + v), ``o_proj`` nh·v·H (biases on q_a,
+  kv_a and o with ``attention_bias``).
 * dense FFN ``3·H·intermediate_size``; MoE FFN: router ``E·H`` + bias ``E`` (the bias is a buffer in
   HF, so ``model.parameters()`` leaves it out, but the checkpoint stores it), routed experts
   ``E·3·H·I_moe``, shared experts ``n_shared·3·H·I_moe``.
@@ -115,6 +119,10 @@ def param_counts(cfg) -> ParamCounts:
         + (2 * cfg.head_dim if cfg.use_qk_norm else 0)  # q_norm, k_norm (per head_dim, shared by heads)
         + 2 * H
     )  # input_layernorm, post_attention_layernorm
+    if "mla" in cfg.layer_types:
+        if set(cfg.layer_types) != {"mla"}:
+            raise ValueError("param_counts counts all-GQA or all-MLA models, not a mix of the two")
+        attention = mla_attention(cfg) + 2 * H
     expert = 3 * H * cfg.moe_intermediate_size  # gate, up [I, H] and down [H, I]
     router = cfg.n_routed_experts * H
     router_bias = cfg.n_routed_experts
@@ -139,6 +147,17 @@ def param_counts(cfg) -> ParamCounts:
         mtp_active=n_mtp * (attention + moe_ffn_active + mtp_extra),
         mtp_copies=n_mtp * 2 * V * H,
     )
+
+
+def mla_attention(cfg) -> int:
+    """One MLA layer's attention tensors (module docstring), from the mixer's options in ``cfg``."""
+    H, nh = cfg.hidden_size, cfg.num_attention_heads
+    q_lora, kv_lora = cfg.opt("q_lora_rank"), cfg.opt("kv_lora_rank")
+    nope, rope, v = cfg.opt("qk_nope_head_dim"), cfg.opt("qk_rope_head_dim"), cfg.opt("v_head_dim")
+    bias = 1 if cfg.attention_bias else 0
+    q = H * nh * (nope + rope) if q_lora is None else (H + bias + 1) * q_lora + q_lora * nh * (nope + rope)
+    kv = (H + bias) * (kv_lora + rope) + kv_lora + kv_lora * nh * (nope + v)
+    return q + kv + nh * v * H + bias * H
 
 
 def summary(name: str) -> str:

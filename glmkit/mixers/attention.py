@@ -54,6 +54,13 @@ class Attention(nn.Module):
     def new_state(self, batch_size: int, max_len: int, dtype, device) -> KVState:
         return KVState(batch_size, self.Hkv, max_len, self.D, dtype, device)
 
+    @staticmethod
+    def state_bytes(cfg, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of one layer's k/v cache for ``seq_len`` positions: 2 · B · H_kv · T · head_dim · itemsize
+        (GLM-4.5, one token, bf16: 2 · 8 · 128 · 2 = 4 KiB; MHA is H_kv = H, MQA H_kv = 1)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * batch_size * cfg.num_key_value_heads * seq_len * cfg.head_dim * itemsize
+
     def forward(self, x: torch.Tensor, step: Step, state: KVState | None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.H * self.D, self.Hkv * self.D, self.Hkv * self.D], dim=-1)
         q, k, v = (rearrange(t, "b t (h d) -> b h t d", d=self.D) for t in (q, k, v))

@@ -11,6 +11,11 @@ Published sizes the presets are checked against (tests/models/test_presets.py, w
   glm-4.5        355B total / 32B active, glm-4.5-air 106B / 12B: zai-org/GLM-4.5 README. They match counting the
                  main model without the MTP layer, and active parameters without embedding and LM head (with the
                  MTP block Air's total would miss by 3 %, which rules that convention out).
+  glm-4.7-flash  "30B-A3B": the zai-org/GLM-4.7-Flash model card (Megatron-Bridge's docs: "about 30B total parameters
+                 and 3B active"). The main model without the MTP layer counts 29.94B (−0.2 %); with the MTP layer
+                 30.59B (+2.0 %), and with its stored embedding and head copies 31.22B, the "31B params" the Hugging
+                 Face page computes from the safetensors files. Active without embedding and head: 3.26B, which
+                 "A3B" rounds to one digit (tests/mixers/test_mla.py checks these figures).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ PUBLISHED = {
     "glm-4-9b-0414": (9.4e9, None),
     "glm-4.5": (355 * B, 32 * B),
     "glm-4.5-air": (106 * B, 12 * B),
+    "glm-4.7-flash": (30 * B, 3 * B),
 }
 
 _GLM4 = dict(
@@ -161,6 +167,70 @@ PRESETS: dict[str, DecoderConfig] = {
         num_experts_per_tok=4,
         moe_intermediate_size=256,
     ),
+    # GLM-4.7-Flash (HF `glm4_moe_lite`; glmkit.mixers.mla): 47 MLA layers of 20 heads (q_lora 768, kv_lora 512, q·k
+    # 192 + 64, v 256; head_dim here is the q·k head), interleaved RoPE on the 64-dim slice, θ = 1e6; layer 0 dense,
+    # then 46 MoE layers of 64 experts of 1536 (top-4 + 1 shared, ×1.8); one MTP layer (stored as layer 47).
+    "glm-4.7-flash": DecoderConfig(
+        vocab_size=154880,
+        hidden_size=2048,
+        num_hidden_layers=47,
+        num_attention_heads=20,
+        head_dim=256,
+        intermediate_size=10240,
+        max_position_embeddings=202752,
+        partial_rotary_factor=1.0,
+        rope_theta=1e6,
+        layer_types=["mla"] * 47,
+        mtp_layer_type="mla",
+        n_routed_experts=64,
+        num_experts_per_tok=4,
+        moe_intermediate_size=1536,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.8,
+        num_nextn_predict_layers=1,
+        extra=dict(q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256),
+    ),
+    # CPU MLA (GLM-4.7-Flash-style): cpu-moe's sizes with MLA mixers (q_lora 64, kv_lora 64, q·k 48 + 16 = 64,
+    # v 32: the mixer's defaults) and no QK-norm; ~1.8M parameters (~0.9M active). Its MTP layer is MLA too.
+    "cpu-mla": DecoderConfig(
+        **_SMALL,
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        head_dim=64,
+        intermediate_size=384,
+        max_position_embeddings=256,
+        rope_theta=1e6,
+        layer_types=["mla"] * 4,
+        mtp_layer_type="mla",
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        extra=dict(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=32),
+    ),
+    # GPU MLA: gpu-moe's sizes with MLA (q_lora 256, kv_lora 256, q·k 64 + 64, v 128: the kernels' D = 128 tiles);
+    # ~105M parameters, ~28M active.
+    "gpu-mla": DecoderConfig(
+        **_SMALL,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        head_dim=128,
+        intermediate_size=1280,
+        max_position_embeddings=1024,
+        rope_theta=1e6,
+        layer_types=["mla"] * 8,
+        mtp_layer_type="mla",
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        moe_intermediate_size=256,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        extra=dict(q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128),
+    ),
 }
 # The 3:1 hybrids (lesson 07): GLM-5.3-Flash's pattern (glm5_next: layer i is full attention when i % 4 == 3, KDA
 # otherwise; Qwen3-Next places its Gated DeltaNet layers the same way). KDA, not GDN: it is the GLM lineage's own
@@ -193,7 +263,7 @@ def preset(cls: type, presets: dict, name, overrides: dict[str, Any]):
         and hasattr(base, "layer_types")
         and len(set(base.layer_types)) == 1
     ):
-        overrides = {**overrides, "layer_types": None}
+        overrides = {**overrides, "layer_types": base.layer_types[:1] * overrides["num_hidden_layers"]}  # same mixer
     return dataclasses.replace(base, **overrides)
 
 
