@@ -54,6 +54,11 @@ EXPECTED = {
         "| P | hybrid ms/step | twin ms/step | hybrid/twin | hybrid cache MiB | twin cache MiB | memory twin/hybrid |",
         "- SMOKE RUN",
     ],
+    "bench_mla.py": [
+        "| T | B×H | pass | ours TFLOP/s | SDPA cuDNN | SDPA flash | ours D=128 (H·D same) | ours/cuDNN ",
+        "| H | B | L | cache MiB | splits | ours µs | ours GB/s | of copy | composite µs | ours/composite ",
+        "- SMOKE RUN",
+    ],
     "sweep_kernels.py": [
         "# Kernel tuning sweeps on ",
         "| kernel | config (BM×BN w s) | ms | err | share of charged FLOPs/s |",
