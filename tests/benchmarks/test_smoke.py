@@ -49,6 +49,13 @@ EXPECTED = {
         "| B | H | gate | state MiB",
         "- SMOKE RUN",
     ],
+    "bench_dsa.py": [
+        "| T | dense MLA ms | dense TFLOP/s | logits ms | indexer TFLOP/s | top-k ms | sparse attn ms | ",
+        "| B | µs | GB/s (selected rows) | of 1 GiB copy | rel err |",
+        "| fwd ms | fwd+bwd ms | bwd ms | bwd TFLOP/s (2.5× fwd FLOPs) |",
+        "| ratio | measured | target | met |",
+        "- SMOKE RUN",
+    ],
     "bench_hybrid.py": [
         "| T | hybrid ms | twin ms | hybrid tokens/s | twin tokens/s | hybrid/twin |",
         "| P | hybrid ms/step | twin ms/step | hybrid/twin | hybrid cache MiB | twin cache MiB | memory twin/hybrid |",
