@@ -184,24 +184,6 @@ def _drop_capabilities():
     return libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0
 
 
-def _drop_capabilities():
-    """As root: empty the bounding, permitted and effective capability sets (no raising rlimits again)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-    for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP (fails harmlessly past the last cap)
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-    return libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) == 0
-
-
 def _install_audit_hook(events, read_roots, write_roots):
     real = os.path.realpath
     under = lambda p, roots: any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)  # noqa: E731
