@@ -72,25 +72,6 @@ def ids_are_arguments(ctx):
 @Check(
     hidden=True,
     points=2,
-    timeout=20,
-    message=(
-        "sep = 0 must give a plain causal mask and sep = T a fully bidirectional one; T can be 1, and a "
-        "batch mixes both extremes with everything in between."
-    ),
-)
-def mask_extremes(ctx):
-    rng = ctx.rng
-    public.compare_mask(ctx, [0], 1)
-    public.compare_mask(ctx, [1], 1)
-    T = rng.randint(5, 33)
-    public.compare_mask(ctx, [0, T, rng.randint(1, T - 1)], T)
-    T = rng.randint(40, 70)
-    public.compare_mask(ctx, [rng.randint(0, T) for _ in range(8)], T)
-
-
-@Check(
-    hidden=True,
-    points=2,
     timeout=30,
     message=(
         "Your functions must also work for long texts with many spans (hundreds of tokens, 15% masked), "
@@ -101,3 +82,58 @@ def long_text(ctx):
     tokens, spans, order = public.random_case(ctx.rng, n=(400, 600), max_spans=30, min_spans=20, max_len=6)
     public.compare_part_a_b(ctx, tokens, spans, order)
     public.compare_positions(ctx, tokens, spans, order)
+
+
+@Check(
+    hidden=True,
+    points=2,
+    timeout=60,
+    message=(
+        "Use the ratio, lam and max_len you are given: with another rate, another mean length and a short "
+        "max_len the lengths must follow that truncated law (no span longer than max_len)."
+    ),
+)
+def spans_other_settings(ctx):
+    public.check_length_law(ctx, 120, 200, 1.0, 39, ratio=0.3)
+    public.check_length_law(ctx, 150, 200, 4.0, 4, ratio=0.2)
+
+
+@Check(
+    hidden=True,
+    points=1,
+    timeout=30,
+    message="Short texts (20-25 tokens) must work too, at the highest ratio, whatever the seed.",
+)
+def spans_short_texts(ctx):
+    for _ in range(40):
+        public.draw(ctx, ctx.rng.randint(20, 25), ctx.rng.randrange(10**9), 0.3, 3.0)
+
+
+@Check(
+    hidden=True,
+    points=2,
+    timeout=30,
+    message=(
+        "The loss must be right when a span ends the text, when the longest example has no padding, for a "
+        "single span covering most of the text, and for a larger vocabulary."
+    ),
+)
+def loss_edges(ctx):
+    rng = ctx.rng
+    n = rng.randint(10, 20)
+    tok = [rng.randrange(256) for _ in range(n)]
+    public.compare_loss(ctx, [(tok, [(n - 3, n)], [0]), (tok[:8], [(0, 2), (4, 6)], [1, 0])], V=1000)
+    public.compare_loss(ctx, [(tok, [(1, n)], [0])])
+    public.compare_loss(ctx, [public.random_case(rng, n=(20, 40)) for _ in range(3)], pad_to=90)
+
+
+@Check(
+    hidden=True,
+    points=1,
+    timeout=20,
+    message="Use the sop_id, eop_id and pad_id arguments you are given; do not hard-code a tokenizer's ids.",
+)
+def loss_ids_are_arguments(ctx):
+    ids = dict(mask_id=260, sop_id=262, eop_id=261, pad_id=0)
+    cases = [([ctx.rng.randrange(1, 256) for _ in range(12)], [(2, 4), (7, 9)], [1, 0]) for _ in range(2)]
+    public.compare_loss(ctx, cases, ids=ids)

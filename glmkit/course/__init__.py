@@ -1,22 +1,26 @@
-"""The course's tooling, apart from the library (``glmkit`` never imports it): lesson helpers here; plots and
-widgets in ``viz``, ``viz_positions``, ``viz_moe``; the machine check in ``doctor``; parameter counting in
-``counting``; the generations no checkpoint needs (LayerNorm, GeGLU, 2D RoPE, DeepNorm) in ``lineage``.
+"""The course's tooling, apart from the library (``glmkit`` never imports it): lesson helpers here; the course map
+in ``course_map``; tables and committed benchmark results in ``tables``; a lesson's stated results in ``claims``;
+ready-trained lesson models in ``pretrained``; plots and widgets in ``viz``, ``viz_positions``, ``viz_blocks``,
+``viz_moe``; the machine check in ``doctor``; parameter counting in ``counting``; the generations no checkpoint
+needs (LayerNorm, GeGLU, 2D RoPE, DeepNorm) in ``lineage``.
 
 Lesson helpers, the plumbing every lesson shares so notebooks stay short:
 
     fast_mode()         True when GLMKIT_FAST=1: CI and the browser tests shrink every lesson with it.
                         The default (unset) is the full lesson, whose run time the lesson header states.
     pick(full, fast)    the full-run value, or the CI-sized one in fast mode.
-    start("01")         prints a banner (mode, device, backend) and returns a LessonClock; time sections
-                        with ``with clock.section("training"):`` and print the totals with ``clock.done()``.
-    lesson_map()        the course map as data (one dict per lesson), ``lesson_map_html()`` as a table.
+    start("01", threads=2)  sets torch's CPU threads (the lesson says why that number), prints a banner (mode,
+                        device, threads, backend) and returns a LessonClock; time sections with
+                        ``with clock.section("training"):`` and print the totals with ``clock.done()``.
+    set_threads(n)      torch's intra-op CPU threads (``with threads(n):`` for one block)
+    lesson("05")        an entry of the course map; ``lesson_map_html()`` the whole map as a table.
+    table(headers, rows), show_benchmark(file, sections)   tables, and benchmarks/results/ files
+    claim(text, holds)  a stated result, printed with its verdict for this run (tests fail on a false one)
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import html
 import os
 import platform
 import time
@@ -80,8 +84,34 @@ def _device_line() -> str:
         return f"CPU: {os.cpu_count()} cores"
 
 
-def start(lesson: str) -> LessonClock:
-    """Print the lesson banner (run mode, device, kernel backend) and start the lesson clock."""
+def set_threads(n: int | None) -> int:
+    """Set torch's intra-op CPU threads to ``n`` (at most the machine's cores; None: leave them) and return the
+    number in force. Small models on 2 cores are sensitive to this: a lesson sets it on purpose and says why."""
+    import torch
+
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"threads must be a positive int or None, got {n!r}")
+        torch.set_num_threads(min(n, os.cpu_count() or n))
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[int]:
+    """``with threads(1):`` run the block on ``n`` torch CPU threads; the previous number is restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield set_threads(n)
+    finally:
+        torch.set_num_threads(before)
+
+
+def start(lesson: str, threads: int | None = None) -> LessonClock:
+    """Set the CPU threads (``threads``, see ``set_threads``), print the lesson banner (run mode, device,
+    threads, kernel backend) and start the lesson clock."""
+    set_threads(threads)
     mode = "FAST (GLMKIT_FAST=1: CI-sized run)" if fast_mode() else "full run"
     line = f"lesson {lesson} · {mode} · {_device_line()} · Python {platform.python_version()}"
     try:
@@ -95,132 +125,26 @@ def start(lesson: str) -> LessonClock:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The course map
+# The course map (one place: glmkit.course.course_map), tables, benchmark files, stated results, checkpoints
 
+from glmkit.course.claims import claim  # noqa: E402
+from glmkit.course.course_map import LESSONS, Lesson, lesson, lesson_map, lesson_map_html, next_lesson  # noqa: E402
+from glmkit.course.tables import show_benchmark, table  # noqa: E402
 
-@dataclasses.dataclass(frozen=True)
-class Lesson:
-    number: str
-    title: str
-    models: str  # which GLM generation(s) the lesson follows
-    builds: str  # what glmkit gains
-    kernel: str  # the Triton kernel of the lesson
-    notebook: str  # lessons/<notebook>, once it exists
-
-    def available(self, root: str | os.PathLike | None = None) -> bool:
-        """True when the notebook exists in lessons/ (of ``root``, default: this checkout)."""
-        base = os.path.join(root or _repo_root(), "lessons")
-        return os.path.exists(os.path.join(base, self.notebook))
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-LESSONS: tuple[Lesson, ...] = (
-    Lesson(
-        "00",
-        "Setup and a Triton primer",
-        "—",
-        "the doctor, the course tools, how exercises are checked",
-        "a fused scale-and-add and a row softmax (program ids, blocks, masks)",
-        "00_setup_and_triton_primer.ipynb",
-    ),
-    Lesson(
-        "01",
-        "Autoregressive blank infilling",
-        "GLM (2021)",
-        "tokenizer, corpus, span sampling, Part A/B with 2D positions, the GLM mask, the GLM-2021 model, "
-        "training, filling blanks, [gMASK] generation",
-        "flash attention forward under the GLM mask (skips fully masked blocks)",
-        "01_blank_infilling.ipynb",
-    ),
-    Lesson(
-        "02",
-        "Attention and positions through the generations",
-        "GLM → ChatGLM-6B → ChatGLM2/3 → GLM-4",
-        "2D RoPE, partial RoPE in both pairings, MHA/MQA/GQA with a KV cache, QK-norm",
-        "tiled flash attention, step by step (forward and backward)",
-        "02_attention_and_positions.ipynb",
-    ),
-    Lesson(
-        "03",
-        "The GLM block",
-        "GLM-130B → ChatGLM2/3 → GLM-4 → GLM-4-0414",
-        "DeepNorm, pre-norm and sandwich norms, GeLU → GeGLU → SwiGLU, a dense GLM-4-style model, HF parity",
-        "fused RMSNorm and SwiGLU (forward and backward)",
-        "03_the_glm_block.ipynb",
-    ),
-    Lesson(
-        "04",
-        "Mixture of Experts",
-        "GLM-4.5",
-        "sigmoid router with selection bias, shared expert, aux-loss-free balancing, HF parity",
-        "token permutation and a gathering grouped GEMM",
-        "04_mixture_of_experts.ipynb",
-    ),
-    Lesson(
-        "05",
-        "Multi-head latent attention",
-        "GLM-5",
-        "MLA: low-rank KV compression, decoupled RoPE, the absorbed decode path",
-        "MLA decode attention",
-        "05_latent_attention.ipynb",
-    ),
-    Lesson(
-        "06",
-        "DeepSeek sparse attention (DSA)",
-        "GLM-5",
-        "the lightning indexer, top-k token selection, the indexer's KL warm-up",
-        "indexer scores and sparse attention over selected tokens",
-        "06_sparse_attention.ipynb",
-    ),
-    Lesson(
-        "07",
-        "DeltaNet → Gated DeltaNet → KDA, and the hybrid",
-        "GLM-5.3-Flash",
-        "the delta rule, recurrent and chunkwise (WY) forms, gating, KDA, a linear/full hybrid stack",
-        "chunkwise gated delta rule",
-        "07_deltanet_hybrid.ipynb",
-    ),
-    Lesson(
-        "08",
-        "Multi-token prediction and speculative decoding",
-        "GLM-4.5 / GLM-5",
-        "the MTP module, its loss weight, speculative decoding with it",
-        "MTP draft-and-verify step",
-        "08_multi_token_prediction.ipynb",
-    ),
-    Lesson(
-        "09",
-        "Capstone: the full hybrid model on GPU",
-        "all of it",
-        "assembling the hybrid GLM, training and generating on a GPU, scaling out with torchrun",
-        "—",
-        "09_capstone.ipynb",
-    ),
-)
-
-
-def lesson_map() -> list[dict]:
-    """The course map: one dict per lesson (number, title, models, builds, kernel, notebook, available)."""
-    return [dict(dataclasses.asdict(l), available=l.available()) for l in LESSONS]
-
-
-def lesson_map_html() -> str:
-    """The course map as an HTML table (lessons not written yet are shown in grey)."""
-    head = "".join(
-        f"<th style='text-align:left'>{h}</th>"
-        for h in ("#", "lesson", "GLM generation", "what glmkit gains", "Triton kernel")
-    )
-    rows = []
-    for l in lesson_map():
-        style = "" if l["available"] else " style='color:#888'"
-        cells = (l["number"], l["title"], l["models"], l["builds"], l["kernel"])
-        rows.append(
-            f"<tr{style}>" + "".join(f"<td style='text-align:left'>{html.escape(c)}</td>" for c in cells) + "</tr>"
-        )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-__all__ = ["fast_mode", "pick", "start", "LessonClock", "Lesson", "LESSONS", "lesson_map", "lesson_map_html"]
+__all__ = [
+    "fast_mode",
+    "pick",
+    "start",
+    "set_threads",
+    "threads",
+    "LessonClock",
+    "Lesson",
+    "LESSONS",
+    "lesson",
+    "next_lesson",
+    "lesson_map",
+    "lesson_map_html",
+    "table",
+    "show_benchmark",
+    "claim",
+]

@@ -1,6 +1,13 @@
 """The GLM generations no checkpoint loader needs, kept small for lessons 02–03: LayerNorm and GeLU/GeGLU (GLM-2021,
-ChatGLM-6B, GLM-130B), ChatGLM-6B's 2D RoPE, and a toy stack for the four ways to place a norm (post-LN, DeepNorm,
-pre-LN, sandwich).
+ChatGLM-6B, GLM-130B), ChatGLM-6B's 2D RoPE, GLM-130B's embedding-gradient shrink, and a toy stack for the four ways
+to place a norm (post-LN, DeepNorm, pre-LN, sandwich).
+
+DeepNorm's constants, and whose they are (the toy stack takes any α and β):
+* DeepNet (Wang et al. 2022, arXiv:2203.00555, Table 1), decoder-only with N layers: α = (2N)^¼ on the residual,
+  β = (8N)^-¼ on the initialisation of the value, output and FFN weights (``deepnet_constants``).
+* GLM-130B (arXiv:2210.02414; THUDM/GLM-130B's SwissArmyTransformer model, ``alpha = (2 * num_layers) ** 0.5``):
+  α = √(2N), N = 70 (``glm130b_alpha``). GLM-130B also shrinks the embedding's gradient by 0.1
+  (``shrink_embedding_gradient``, the paper's "embedding layer gradient shrink").
 
 Why here and not in the decoder: every published GLM from ChatGLM2 on is pre-norm (GLM-4-0414 sandwich) RMSNorm +
 SwiGLU + 1D partial RoPE, which is what ``glmkit.models.decoder`` implements; the earlier choices matter for the
@@ -57,6 +64,28 @@ def rope_2d(x, cos_pos, sin_pos, cos_block, sin_block) -> torch.Tensor:
 SCHEMES = ("post-LN", "DeepNorm", "pre-LN", "sandwich")
 
 
+def deepnet_constants(n_layers: int) -> tuple[float, float]:
+    """DeepNet's (α, β) for a decoder-only stack of ``n_layers`` layers: ((2N)^¼, (8N)^-¼) (arXiv:2203.00555)."""
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    return (2 * n_layers) ** 0.25, (8 * n_layers) ** -0.25
+
+
+def glm130b_alpha(n_layers: int) -> float:
+    """GLM-130B's residual weight: √(2N) (its released model code; N = 70 gives 11.83)."""
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
+    return math.sqrt(2 * n_layers)
+
+
+def shrink_embedding_gradient(x: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """GLM-130B's embedding-gradient shrink: the same value forward, ``alpha`` × the gradient backward
+    (``x·α + x.detach()·(1 − α)``; GLM-130B used α = 0.1 on the word embedding's output)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    return x * alpha + x.detach() * (1.0 - alpha)
+
+
 class HistoricBlock(nn.Module):
     """One layer normalised as ``scheme`` says (causal multi-head attention, a gated MLP):
 
@@ -100,8 +129,10 @@ class HistoricBlock(nn.Module):
 
 class ToyStack(nn.Module):
     """A small causal LM of ``n_layers`` ``HistoricBlock``s with unit-scale weights (std d^-½), for the depth
-    experiments of lesson 03. DeepNorm defaults to GLM-130B's α = √(2N) and scales the value, output and MLP
-    weights by β = (2N)^-½ at init (``beta`` overrides it; post-LN is the same block with α = β = 1)."""
+    experiments of lesson 03. DeepNorm defaults to DeepNet's decoder-only constants (``deepnet_constants``:
+    α = (2N)^¼ on the residual, the value, output and MLP weights × β = (8N)^-¼ at init); ``alpha`` and ``beta``
+    override them one by one (GLM-130B's α is ``glm130b_alpha``). Post-LN is the same block with α = β = 1.
+    ``embedding_grad_shrink`` < 1 applies GLM-130B's shrink to the embedding's output."""
 
     def __init__(
         self,
@@ -113,11 +144,13 @@ class ToyStack(nn.Module):
         alpha: float | None = None,
         beta: float | None = None,
         seed: int = 0,
+        embedding_grad_shrink: float = 1.0,
     ):
         super().__init__()
-        deepnorm = scheme == "DeepNorm"
-        alpha = alpha if alpha is not None else math.sqrt(2 * n_layers) if deepnorm else 1.0
-        beta = beta if beta is not None else (2 * n_layers) ** -0.5 if deepnorm else 1.0
+        a0, b0 = deepnet_constants(n_layers) if scheme == "DeepNorm" else (1.0, 1.0)
+        alpha = a0 if alpha is None else float(alpha)
+        beta = b0 if beta is None else float(beta)
+        self.alpha, self.beta, self.embedding_grad_shrink = alpha, beta, embedding_grad_shrink
         g = torch.Generator().manual_seed(seed)
         self.embed = nn.Embedding(vocab, d)
         self.layers = nn.ModuleList(HistoricBlock(d, heads, scheme, alpha) for _ in range(n_layers))
@@ -134,6 +167,8 @@ class ToyStack(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
+        if self.embedding_grad_shrink != 1.0:
+            x = shrink_embedding_gradient(x, self.embedding_grad_shrink)
         for layer in self.layers:
             x = layer(x)
         return self.head(x)

@@ -246,10 +246,11 @@ def plot_mask(
         for f in (ax.axhline, ax.axvline):
             f(s - 0.5, color="black", lw=1.5)
     if labels is not None and len(labels) == T:
-        # every token up to 24; beyond that only the bracketed specials ([MASK], [START], ...) stay readable
-        ticks = [i for i, lab in enumerate(labels) if T <= 24 or (lab.startswith("[") and lab.endswith("]"))]
-        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=8)
-        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
+        # every token up to 32; beyond that only the bracketed specials ([MASK], [START], ...) stay readable
+        ticks = [i for i, lab in enumerate(labels) if T <= 32 or (lab.startswith("[") and lab.endswith("]"))]
+        size = 9 if T <= 20 else 7
+        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=size)
+        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=size)
     ax.set_xlabel("key j (attended to)")
     ax.set_ylabel("query i (attending)")
     if title is None:
@@ -258,11 +259,11 @@ def plot_mask(
     return ax
 
 
-def mask_png(sep_or_mask, T: int | None = None, labels=None, sep: int | None = None, dpi: int = 80) -> bytes:
+def mask_png(sep_or_mask, T: int | None = None, labels=None, sep: int | None = None, dpi: int = 90) -> bytes:
     """``plot_mask`` rendered to PNG bytes (for widgets.Image; no display needed)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2, 4.2), dpi=dpi)
+    fig = Figure(figsize=(5.8, 5.8), dpi=dpi)
     ax = fig.add_subplot(1, 1, 1)
     plot_mask(sep_or_mask, T, ax=ax, labels=labels, sep=sep)
     fig.tight_layout()
@@ -461,15 +462,13 @@ class BlankInfillingExplorer:
         text: str = DEFAULT_TEXT,
         mode: str = "[MASK] random spans",
         seed: int = 0,
-        spans: str = "4:7, 15:18",
+        spans: str = "1:2, 5:6",
         max_tokens: int = 200,
     ):
         import ipywidgets as W
 
-        if tokenizer is None:
-            from glmkit.data.tokenizer import ByteTokenizer
-
-            tokenizer = ByteTokenizer()
+        # None: word tokens, fitted on the text as typed (no [UNK]): spans like "1:2" then blank whole words
+        self.fit_words = tokenizer is None
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
         self.tokenizer = tokenizer
@@ -495,7 +494,7 @@ class BlankInfillingExplorer:
         )
         self.status = W.HTML()
         self.table = W.HTML(layout=W.Layout(width="98%", overflow="auto"))
-        self.image = W.Image(format="png", layout=W.Layout(width="420px"))
+        self.image = W.Image(format="png", layout=W.Layout(width="520px"))
         self.image.add_class("glm-mask-image")
         controls = W.HBox([self.mode, self.seed, self.spans])
         self.widget = W.VBox([self.text, controls, self.status, self.table, self.image])
@@ -520,6 +519,10 @@ class BlankInfillingExplorer:
             if not text.strip():
                 raise ValueError("type some text first")
             spans = parse_spans(self.spans.value) if mode == "manual" else None
+            if self.fit_words:
+                from glmkit.data.tokenizer import WordTokenizer
+
+                self.tokenizer = WordTokenizer.fit(text)
             example, used = _build_for_explorer(self.tokenizer, text, mode, int(self.seed.value), spans)
         except (ValueError, TypeError) as e:
             self.error = str(e)

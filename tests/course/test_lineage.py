@@ -1,7 +1,9 @@
 """glmkit.course.lineage: the generations no checkpoint needs. LayerNorm, GeLU and GeGLU against torch and their
 formulas, ChatGLM-6B's 2D RoPE against two 1D rotations, and the toy stack of lesson 03 in its four norm placements
-(post-LN, DeepNorm, pre-LN, sandwich): each builds and is causal, DeepNorm's α = √(2N) and β = (2N)^-½ at init,
-post-LN is DeepNorm with α = β = 1, and a loss's gradient reaches every weight."""
+(post-LN, DeepNorm, pre-LN, sandwich): each builds and is causal, DeepNorm defaults to DeepNet's decoder-only
+α = (2N)^¼ and β = (8N)^-¼ (the values written here from arXiv:2203.00555, Table 1), α and β are set one by one
+(GLM-130B's α = √(2N)), post-LN is DeepNorm with α = β = 1, GLM-130B's embedding-gradient shrink scales the gradient
+and nothing else, and a loss's gradient reaches every weight."""
 
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ from glmkit.course.lineage import (
     SCHEMES,
     HistoricBlock,
     ToyStack,
+    deepnet_constants,
     geglu_reference,
     gelu_reference,
+    glm130b_alpha,
     layer_norm_reference,
     rope_2d,
+    shrink_embedding_gradient,
 )
 from glmkit.ops.rope import rope_cos_sin, rope_reference
 from glmkit.ops.swiglu import swiglu_reference
@@ -109,11 +114,12 @@ def _beta_scaled(name: str) -> bool:
 
 
 @pytest.mark.parametrize("n_layers", [2, 6])
-def test_deepnorm_defaults_to_glm130b_alpha_and_beta(n_layers):
-    """α = √(2N) on the residual, β = (2N)^-½ on the value, output and MLP weights at init: with one seed, DeepNorm's
+def test_deepnorm_defaults_to_deepnet_decoder_constants(n_layers):
+    """α = (2N)^¼ on the residual, β = (8N)^-¼ on the value, output and MLP weights at init: with one seed, DeepNorm's
     weights are post-LN's, those scaled by β."""
     deep, post = ToyStack("DeepNorm", n_layers, seed=3), ToyStack("post-LN", n_layers, seed=3)
-    alpha, beta = math.sqrt(2 * n_layers), (2 * n_layers) ** -0.5
+    alpha, beta = (2 * n_layers) ** 0.25, (8 * n_layers) ** -0.25
+    assert deepnet_constants(n_layers) == pytest.approx((alpha, beta))
     assert all(layer.alpha == pytest.approx(alpha) for layer in deep.layers)
     d = deep.embed.weight.shape[1]
     p_post = dict(post.named_parameters())
@@ -129,6 +135,36 @@ def test_deepnorm_defaults_to_glm130b_alpha_and_beta(n_layers):
     assert torch.allclose(overridden.layers[0].o.weight, 0.5 * post.layers[0].o.weight)
 
 
+def test_glm130b_alpha_and_alpha_beta_set_independently():
+    assert glm130b_alpha(70) == pytest.approx(11.832, abs=1e-3)  # √140, GLM-130B's 70 layers
+    post = ToyStack("post-LN", 4, seed=2)
+    only_alpha = ToyStack("DeepNorm", 4, alpha=glm130b_alpha(4), beta=1.0, seed=2)  # β's init off
+    assert only_alpha.layers[0].alpha == pytest.approx(math.sqrt(8))
+    assert all(torch.equal(v, only_alpha.state_dict()[k]) for k, v in post.state_dict().items() if "weight" in k)
+    only_beta = ToyStack("DeepNorm", 4, alpha=1.0, seed=2)  # DeepNet's β, α off
+    assert only_beta.layers[0].alpha == 1.0
+    assert torch.allclose(only_beta.layers[0].o.weight, 32**-0.25 * post.layers[0].o.weight)
+    with pytest.raises(ValueError, match="n_layers"):
+        deepnet_constants(0)
+
+
+def test_embedding_gradient_shrink_scales_the_gradient_only():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = shrink_embedding_gradient(x, 0.1)
+    assert torch.allclose(y, x.detach(), rtol=1e-6, atol=1e-7)  # 0.1·x + 0.9·x, up to rounding
+    (y * torch.arange(4.0)).sum().backward()
+    assert torch.allclose(x.grad, 0.1 * torch.arange(4.0).expand(3, 4))
+    full, shrunk = ToyStack("pre-LN", 2, seed=5), ToyStack("pre-LN", 2, seed=5, embedding_grad_shrink=0.1)
+    ids = torch.randint(0, 64, (2, 7))
+    for m in (full, shrunk):
+        m.loss(ids[:, :-1], ids[:, 1:]).backward()
+    assert torch.allclose(full(ids), shrunk(ids), rtol=1e-5, atol=1e-6)
+    assert_close("shrunk embedding grad", 0.1 * full.embed.weight.grad, shrunk.embed.weight.grad, 1e-5)
+    assert_close("head grad", full.head.weight.grad, shrunk.head.weight.grad, 1e-5)
+    with pytest.raises(ValueError, match="alpha"):
+        shrink_embedding_gradient(x, 1.5)
+
+
 def test_post_ln_is_deepnorm_with_alpha_and_beta_one():
     post = ToyStack("post-LN", 4, seed=1)
     assert all(layer.alpha == 1.0 for layer in post.layers)
@@ -137,7 +173,7 @@ def test_post_ln_is_deepnorm_with_alpha_and_beta_one():
     assert all(torch.equal(v, sd[k]) for k, v in post.state_dict().items())
     ids = torch.randint(0, 64, (2, 9))
     assert torch.equal(post(ids), deep1(ids))
-    # α enters the residual: the same weights with α = √8 compute something else
+    # α enters the residual: the same weights with α = 8^¼ compute something else
     deep = ToyStack("DeepNorm", 4, beta=1.0, seed=1)
     assert not torch.allclose(post(ids), deep(ids))
 

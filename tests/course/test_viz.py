@@ -183,6 +183,21 @@ def test_explorer_changing_a_span_changes_the_mask():
     assert e.example.position_ids.shape == (2, e.mask.shape[0])
 
 
+def test_explorer_defaults_to_word_tokens_so_spans_blank_whole_words():
+    """Without a tokenizer the explorer fits word tokens on the typed text: "1:2, 5:6" blanks " cat" and " mat"
+    (bytes would blank "h" and "a"), and a new word typed later is a token too, not [UNK]."""
+    e = viz.BlankInfillingExplorer(text="The cat sat on the mat. It was warm there!", mode="manual spans")
+    e.spans.value = "1:2, 5:6"
+    assert e.error is None and e.spans_used == [(1, 2), (5, 6)]
+    tok = e.tokenizer
+    part_b = [tok.decode([t]) for t in e.example.input_ids[e.sep :].tolist() if t != tok.sop_id]
+    assert sorted(part_b) == [" cat", " mat"]
+    assert tok.decode(e.example.input_ids[: e.sep].tolist()) == "The[MASK] sat on the[MASK]. It was warm there!"
+    e.text.value = "A zebra sat on the mat."
+    assert e.error is None and " zebra" in e.tokenizer.decode(e.example.input_ids.tolist())
+    assert e.tokenizer.unk_id not in e.example.input_ids.tolist()
+
+
 @pytest.mark.parametrize("mode", list(viz.MODES))
 def test_explorer_modes_and_seed(mode):
     e = viz.BlankInfillingExplorer(ByteTokenizer(), text="One sentence here. Another one there! A third; and more.")

@@ -42,7 +42,7 @@ from glmkit.grading.runner import ExerciseResult
 from glmkit.grading.sandbox import BadValue, decode_value
 
 REPO = Path(__file__).resolve().parents[2]
-EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "exercises")
+EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "tests" / "grading" / "fixture_exercises")
 EX01 = EXERCISES / "01_blank_infilling"
 FAST = {"total_timeout": 30, "startup_timeout": 30}
 

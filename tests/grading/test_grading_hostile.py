@@ -35,7 +35,7 @@ from glmkit.grading.commands import _cell, autograde, feedback_stem, printable
 from glmkit.grading.exercise import load_exercise
 
 REPO = Path(__file__).resolve().parents[2]
-EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "exercises")
+EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "tests" / "grading" / "fixture_exercises")
 EX01 = EXERCISES / "01_blank_infilling"
 HOSTILE = Path(__file__).parent / "hostile"
 LIMITS = {"total_timeout": 12, "startup_timeout": 12}

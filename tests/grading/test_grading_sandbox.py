@@ -22,7 +22,7 @@ from glmkit.grading.isolation import WORKDIR, Box, Cgroup, Isolation, SandboxUna
 from glmkit.grading.sandbox import Limits
 
 REPO = Path(__file__).resolve().parents[2]
-EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "exercises")
+EXERCISES = Path(os.environ.get("GLMKIT_EXERCISES") or REPO / "tests" / "grading" / "fixture_exercises")
 
 
 @pytest.fixture(scope="module")
