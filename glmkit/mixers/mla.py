@@ -176,7 +176,7 @@ class MLA(nn.Module):
         k [B, H, L, nope + P] (k_nope of each head, then the shared k_rot), v [B, H, L, v_head_dim]."""
         kv = rearrange(self.kv_b_proj(c_kv), "b l (h e) -> b h l e", h=self.H)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_rot[:, None].expand(-1, self.H, -1, -1)), dim=-1)
+        k = torch.cat((k_nope, k_rot[:, None].expand(-1, self.H, -1, -1).to(k_nope.dtype)), dim=-1)
         return k, v
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +204,7 @@ class MLA(nn.Module):
             return self._attend_absorbed(q_nope, q_rot, c_kv, k_rot, visible)
         k, v = self.expand(c_kv, k_rot)
         q = torch.cat((q_nope, q_rot), dim=-1)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # no-ops, but under autocast a cache may hold another dtype than q
         if visible is None:
             return attention(q, k, v, step.sep, self.scale)  # flash kernels: q·k head nope + P, v head v_dim
         backend.record("attention_decode", "torch")
@@ -213,5 +214,6 @@ class MLA(nn.Module):
         """MQA mode: every head attends to the shared rows [c_KV | k_rot] (``glmkit.ops.mla_decode``)."""
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bhtn,hnr->bthr", q_nope, w_uk)  # W_UK folded into the query: [B, T, H, R]
-        o_lat = mla_decode(q_lat, q_rot.transpose(1, 2), c_kv, k_rot, self.scale, visible=visible)
+        dt = c_kv.dtype  # the cache's (autocast may give q another): cast the small queries, never the cache
+        o_lat = mla_decode(q_lat.to(dt), q_rot.transpose(1, 2).to(dt), c_kv, k_rot.to(dt), self.scale, visible=visible)
         return torch.einsum("bthr,hvr->bhtv", o_lat, w_uv)  # W_UV applied after the weighted sum

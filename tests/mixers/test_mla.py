@@ -253,3 +253,42 @@ def test_glm_4_7_flash_preset_matches_its_published_size():
     assert model.num_active_parameters() + bias == pc.active and round(pc.active / 1e9) == active / 1e9
     layer = model.layers[1].mixer
     assert isinstance(layer, MLA) and (layer.H, layer.qk_dim, layer.v_dim, layer.kv_lora_rank) == (20, 256, 256, 512)
+
+
+# -- GPU ----------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_kernels_in_the_model_and_no_host_sync():
+    """cpu-mla on CUDA in fp32 (the kernels' fixed tiles, no autotuning): the training forward+backward on the flash
+    kernels (q·k head 64, v head 32) and decode steps on the absorbed kernel give the torch path's loss, gradients and
+    logits (within TF32's rounding: the MoE kernels' fp32 dots run TF32 on Hopper); a prefill and a decode step make
+    no host sync."""
+    torch.manual_seed(4)
+    model = _model().cuda()
+    x = torch.randint(0, V, (2, 70), device="cuda")
+    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+    with backend.use_backend("torch"):
+        ref = model.loss(batch)
+        ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+        with torch.no_grad():
+            full = model(x)
+    with backend.audit() as a:
+        loss = model.loss(batch)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert a.paths("attention") == {"triton"}, a
+    assert rel_err(ref, loss) < 2e-3
+    for (name, _), r, g in zip(model.named_parameters(), ref_grads, grads):
+        assert rel_err(r, g) < 1e-2, name
+    cache = model.new_cache(2, 72)
+    with torch.no_grad(), backend.audit() as a:
+        parts = [model(x[:, :60], cache=cache)] + [model(x[:, t : t + 1], cache=cache) for t in range(60, 70)]
+    assert a.paths("mla_decode") == {"triton"}, a
+    assert rel_err(full, torch.cat(parts, 1)) < 2e-3
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            cache.reset()
+            model(x[:, :60], cache=cache)
+            model(x[:, 60:61], cache=cache)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -208,14 +208,15 @@ def test_errors_name_the_argument(over, exc, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "B,Tq,H,L,masked",
-    [(4, 1, 20, 4099, False), (32, 1, 20, 1031, False), (3, 2, 64, 2053, True), (1, 1, 20, 33000, False)],
-    ids=["flash-ragged", "flash-b32", "glm5-2tok-mask", "flash-32k"],
+    [(4, 1, 20, 4099, False), (32, 2, 20, 1031, True), (3, 1, 64, 2053, False), (1, 1, 20, 33000, False)],
+    ids=["flash-ragged", "flash-b32-2tok-mask", "glm5", "flash-32k"],
 )
 def test_gpu_glm_shapes(B, Tq, H, L, masked, dtype, poison):
-    """GLM-4.7-Flash (20 heads) and GLM-5 (64 heads): latent 512 + rope 64, ragged lengths, split-K."""
+    """GLM-4.7-Flash (20 heads) and GLM-5 (64 heads): latent 512 + rope 64, ragged lengths, split-K, a mask with
+    two new tokens (fp16 is left to the interpreter: each dtype compiles the kernel anew)."""
     q_lat, q_rope, c, kr = _inputs(B, Tq, H, 512, 64, L, dtype, device="cuda", key="gpu")
     lengths = _lengths(B, L, Tq, device="cuda", key="gpu")
     visible = (torch.rand(B, Tq, L, device="cuda") > 0.2) if masked else None
