@@ -121,8 +121,8 @@ def sdpa_fn(q, k, v, do, backend, backward):
     return run
 
 
-def run_prefill(args, log):
-    rows = []
+def prefill_rows(args, log):
+    """One row per (T, pass), yielded as soon as it is measured."""
     for T in PREFILL["Ts"]:
         B, H = max(1, PREFILL["tokens"] // T), PREFILL["heads"]
         pairs = visible_pairs(T, 0) * B * H
@@ -156,9 +156,12 @@ def run_prefill(args, log):
                 traceback.print_exc()
                 log(f"prefill T={T} {r['pass_']} failed: {e!r}")
             log(f"prefill {r}")
-            rows.append(r)
+            yield r
         if DEV == "cuda":
             torch.cuda.empty_cache()
+
+
+def prefill_table(args, rows, ceiling=None):
     pad = {True: f" (SDPA: q/k padded {args.dk} → {args.dv})", False: f" (SDPA: v padded {args.dv} → {args.dk})"}
     pad = "" if args.dk == args.dv else pad[args.dv > args.dk]
     lines = [
@@ -207,8 +210,8 @@ def decode_inputs(H, B, L, seed):
     return q_lat, q_rope, latent[..., :R], latent[..., R:]
 
 
-def run_decode(log, ceiling):
-    rows = []
+def decode_rows(args, log):
+    """One row per (H, B, L), yielded as soon as it is measured."""
     scale = 256**-0.5
     for H, B, L in DECODE:
         r = dict(H=H, B=B, L=L, splits=kdec.num_splits(B, L, torch.device(DEV))[0])
@@ -233,7 +236,10 @@ def run_decode(log, ceiling):
         if DEV == "cuda":
             torch.cuda.empty_cache()
         log(f"decode {r}")
-        rows.append(r)
+        yield r
+
+
+def decode_table(args, rows, ceiling):
     lines = [
         f"## Decode: one token, absorbed, latent {R} + rope {P} per cached token (CUDA-graph replay, GPU time)",
         "",
@@ -306,22 +312,24 @@ def main():
         common.reraise_if_smoke()
         log(f"ceilings failed: {e!r}")
     log("\n".join(head))
-    body: list[str] = []
+    tables: dict[str, list[str]] = {}  # section → its table so far
 
-    def write():
-        if args.smoke:
-            return
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(head + body) + "\n")
+    def render():
+        return "\n".join(head + [line for t in tables.values() for line in [""] + t]) + "\n"
 
-    if "prefill" in sections:
-        body += [""] + run_prefill(args, log)
-        write()
-    if "decode" in sections:
-        body += [""] + run_decode(log, ceiling)
-        write()
-    print("\n" + "\n".join(head + body))
+    # decode first (cheap to compile); each table is rewritten after every row, so a run cut short keeps its rows
+    for name, rows_of, table in (("decode", decode_rows, decode_table), ("prefill", prefill_rows, prefill_table)):
+        if name not in sections:
+            continue
+        rows = []
+        for r in rows_of(args, log):
+            rows.append(r)
+            tables[name] = table(args, rows, ceiling)
+            if not args.smoke:
+                os.makedirs(os.path.dirname(args.out), exist_ok=True)
+                with open(args.out, "w") as f:
+                    f.write(render())
+    print("\n" + render())
 
 
 if __name__ == "__main__":

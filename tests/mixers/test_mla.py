@@ -258,12 +258,12 @@ def test_glm_4_7_flash_preset_matches_its_published_size():
 # -- GPU ----------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_kernels_in_the_model_and_no_host_sync():
-    """cpu-mla on CUDA in fp32 (the kernels' fixed tiles, no autotuning): the training forward+backward on the flash
-    kernels (q·k head 64, v head 32) and decode steps on the absorbed kernel give the torch path's loss, gradients and
-    logits (within TF32's rounding: the MoE kernels' fp32 dots run TF32 on Hopper); a prefill and a decode step make
-    no host sync."""
+    """cpu-mla with dense FFNs on CUDA in fp32 (the kernels' fixed tiles, no autotuning): the training forward+backward
+    on the flash kernels (q·k head 64, v head 32) and decode steps on the absorbed kernel give the torch path's loss,
+    gradients and logits; a prefill and a decode step make no host sync."""
     torch.manual_seed(4)
-    model = _model().cuda()
+    model = _model(n_routed_experts=0).cuda()
+    assert set(model.config.mlp_layer_types) == {"dense"}
     x = torch.randint(0, V, (2, 70), device="cuda")
     batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
     with backend.use_backend("torch"):
