@@ -6,7 +6,7 @@ sequence again at every step; keeping it costs memory instead, and what is kept 
 
     mixer                     state per layer (``Mixer.new_state``)                 grows with T?
     attention (GQA)           k, v       [B, H_kv, T_max, D] each                       yes
-    MLA (lesson 05)           c_KV [B, T_max, 512] + k_rot [B, T_max, 64]           yes (576 values)
+    MLA (lesson 05)           [c_KV | k_rot] [B, T_max, 512 + 64] (``MLAState``)     yes (576 values)
     DSA (lesson 06)           MLA's latent + the indexer's keys [B, T_max, 128]      yes
     gdn/kda (lesson 07)       a [B, H, d_k, d_v] fp32 recurrent state + a conv tail no
 
