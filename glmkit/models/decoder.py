@@ -52,6 +52,7 @@ FFN_TYPES = ("dense", "sparse")
 ROUTERS = ("sigmoid", "softmax")
 MOE_IMPLS = ("auto", "sorted", "loop", "triton")
 IGNORE_INDEX = -100
+MTP_AUX = "mtp"  # the name of the MTP loss in ``aux_losses()`` (the trainer weights it by λ)
 
 
 @dataclass
@@ -65,6 +66,9 @@ class DecoderConfig:
     ``head_dim`` defaults to hidden_size / heads; RoPE rotates int(head_dim · partial_rotary_factor) dims with
     interleaved (``rope_interleave``) or half-split pairs. ``extra``: the fields a mixer declares in its
     ``options`` (read with ``opt``). ``mtp_tied``: the MTP layer reads the main embedding and head.
+    Multi-token prediction: ``num_nextn_predict_layers`` = M stored MTP modules, ``mtp_depth`` = D prediction depths
+    trained (0: D = M); depth k uses module min(k, M), so M = D is DeepSeek-V3's separate modules and M = 1 < D
+    GLM-5's one module applied recursively.
     """
 
     vocab_size: int
@@ -108,6 +112,7 @@ class DecoderConfig:
     num_nextn_predict_layers: int = 0
     mtp_tied: bool = True
     mtp_layer_type: str = "attention"
+    mtp_depth: int = 0  # D depths trained (0: one per module); see the class docstring
     # token ids a checkpoint carries (generation stops on eos)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -149,10 +154,17 @@ class DecoderConfig:
             "n_shared_experts",
             "first_k_dense_replace",
             "num_nextn_predict_layers",
+            "mtp_depth",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(name, "must be an int >= 0")
+        if self.mtp_depth and not 0 < self.num_nextn_predict_layers <= self.mtp_depth:
+            bad(
+                "mtp_depth",
+                f"needs 1 <= num_nextn_predict_layers={self.num_nextn_predict_layers} <= mtp_depth (depth k uses "
+                f"MTP module min(k, num_nextn_predict_layers))",
+            )
         for name, zero_ok in (
             ("partial_rotary_factor", True),
             ("rope_theta", False),
@@ -331,7 +343,9 @@ class MTPLayer(nn.Module):
         h' = eh_proj([enorm(Emb(t_{i+1})) ; hnorm(h_i)])      embedding first, then the hidden state
         logits_{i+2} = head(shared_head_norm(block(h')))       block: a full decoder layer
 
-    ``embed_tokens`` and ``head`` are the main model's when ``mtp_tied`` (the paper), else its own copies."""
+    ``embed_tokens`` and ``head`` are the main model's when ``mtp_tied`` (the paper), else its own copies. At depth
+    k > 1 the same computation reads t_{i+k} and the previous depth's ``hidden`` output (shared_head_norm(block(h')),
+    the normalised vector the head reads, as the main model hands its final-norm output to depth 1)."""
 
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -344,10 +358,15 @@ class MTPLayer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
 
-    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, step: Step) -> torch.Tensor:
+    def hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, step: Step, state=None) -> torch.Tensor:
+        """hidden [B, T, d] (h_i), next_ids [B, T] (t_{i+k}) → [B, T, d], the vector the head reads; ``state``: the
+        block's mixer state (a cache of this depth, for decoding) or None."""
         x = self.eh_proj(torch.cat((self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)), dim=-1))
-        x = merge_streams(self.block(expand_streams(x, self.hc_mult), step, None), self.hc_mult)  # mHC: N streams
-        return self.head(self.shared_head_norm(x))
+        x = merge_streams(self.block(expand_streams(x, self.hc_mult), step, state), self.hc_mult)  # mHC: N streams
+        return self.shared_head_norm(x)
+
+    def forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, step: Step, state=None) -> torch.Tensor:
+        return self.head(self.hidden(hidden, next_ids, step, state))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,6 +465,20 @@ class Decoder(nn.Module):
         states = [layer.mixer.new_state(batch_size, max_len, dtype or self.dtype, self.device) for layer in self.layers]
         return Cache(states, batch_size, max_len, self.device, max_rollback)
 
+    def new_mtp_cache(
+        self,
+        depth: int,
+        batch_size: int,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        max_rollback: int = 0,
+    ) -> Cache:
+        """A ``Cache`` for MTP depth ``depth`` (one layer: its module's block). Every depth needs its own, even when
+        depths share one module: each sees its own inputs (``mtp_hidden``)."""
+        max_len = max_len or self.config.max_position_embeddings
+        state = self.mtp_module(depth).block.mixer.new_state(batch_size, max_len, dtype or self.dtype, self.device)
+        return Cache([state], batch_size, max_len, self.device, max_rollback)
+
     # -- MoE -----------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
         """The MoE FFNs of the main layers, in order."""
@@ -485,7 +518,7 @@ class Decoder(nn.Module):
                 f"input_ids contains token id {lo if lo < 0 else hi}, outside [0, vocab_size={self.config.vocab_size})"
             )
 
-    def _step(self, input_ids, position_ids, sep, attention_mask, cache) -> Step:
+    def _step(self, input_ids, position_ids, sep, attention_mask, cache, n_layers: int | None = None) -> Step:
         if (
             not isinstance(input_ids, torch.Tensor)
             or input_ids.dim() != 2
@@ -499,11 +532,12 @@ class Decoder(nn.Module):
             )
         B, T = input_ids.shape
         dev = input_ids.device
+        n_layers = len(self.layers) if n_layers is None else n_layers  # 1 for an MTP depth's cache
         if cache is not None and (
-            not isinstance(cache, Cache) or cache.batch_size != B or len(cache.layers) != len(self.layers)
+            not isinstance(cache, Cache) or cache.batch_size != B or len(cache.layers) != n_layers
         ):
             raise ValueError(
-                f"cache {cache!r} does not fit this model and batch (B={B}, layers={len(self.layers)}): "
+                f"cache {cache!r} does not fit this model and batch (B={B}, layers={n_layers}): "
                 f"make one with model.new_cache(batch_size, max_len)"
             )
         offset = 0 if cache is None else cache.begin(T, attention_mask)
@@ -563,7 +597,8 @@ class Decoder(nn.Module):
     def loss(self, batch) -> torch.Tensor:
         """Mean next-token cross entropy (fp32) over targets != -100. ``batch`` has (as attributes or keys)
         ``input_ids`` and ``targets`` [B, T] (already shifted: targets[:, t] follows input_ids[:, t]), and
-        optionally ``sep``."""
+        optionally ``sep``. In training mode a model with MTP modules also sets ``aux_loss`` (under ``MTP_AUX``):
+        the mean over depths of ``mtp_losses``, which the trainer weights by λ."""
         get = batch.get if isinstance(batch, Mapping) else lambda k, d=None: getattr(batch, k, d)
         input_ids, targets = get("input_ids"), get("targets")
         if not isinstance(targets, torch.Tensor) or targets.shape != getattr(input_ids, "shape", None):
@@ -574,21 +609,70 @@ class Decoder(nn.Module):
                 "this batch has 2D (GLM-2021) positions; the decoder uses 1D RoPE positions: train it "
                 "on next-token batches (glmkit.data.lm_data.LMData) or use glmkit.models.glm2021"
             )
-        logits = self.forward(input_ids, pos, get("sep")).float()
+        hidden = self.hidden_states(input_ids, pos, get("sep"))
+        logits = self.lm_head(hidden).float()
+        self.aux_loss = self.mtp_losses(input_ids, targets, hidden, pos).mean() if self.training and self.mtp else None
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=IGNORE_INDEX)
 
     # -- multi-token prediction ----------------------------------------------------------------------
-    def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """The first MTP layer's prediction of token i+2 at each position i < T−1: input_ids [B, T] → logits
-        [B, T−1, V]. ``hidden`` [B, T, d]: the main model's final-norm output (computed when None)."""
+    aux_name = MTP_AUX  # ``aux_loss`` (set by ``loss`` in training) is the MTP loss
+
+    @property
+    def mtp_depth(self) -> int:
+        """D, the depths the MTP loss trains: ``config.mtp_depth``, else one per stored module."""
+        return getattr(self.config, "mtp_depth", 0) or len(self.mtp)
+
+    def mtp_module(self, depth: int) -> MTPLayer:
+        """The module of depth k >= 1: module min(k, M) (M = 1: one module applied recursively)."""
         if not len(self.mtp):
             raise ValueError("this model has no MTP layer (config.num_nextn_predict_layers = 0)")
-        B, T = input_ids.shape
-        if T < 2:
-            raise ValueError("mtp_logits needs T >= 2 (position i reads token i+1)")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"MTP depth must be an int >= 1, got {depth!r}")
+        return self.mtp[min(depth, len(self.mtp)) - 1]
+
+    def mtp_hidden(
+        self, depth: int, hidden, next_ids, position_ids=None, attention_mask=None, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """One forward of MTP depth k: hidden [B, T, d] (h^{k−1} at positions i: the main model's final-norm output
+        for k = 1), next_ids [B, T] (t_{i+k}) → h^k [B, T, d]; ``mtp_module(k).head(h^k)`` predicts t_{i+k+1}.
+        position_ids, attention_mask and cache (``new_mtp_cache(k, ...)``) as in ``forward``, for positions i."""
+        step = self._step(next_ids, position_ids, None, attention_mask, cache, n_layers=1)
+        h = self.mtp_module(depth).hidden(hidden, next_ids, step, None if cache is None else cache.layers[0])
+        if cache is not None:
+            cache.end(next_ids.shape[1])
+        return h
+
+    def _mtp_chain(self, input_ids, hidden, position_ids, depths: int):
+        """h^1 … h^depths over a sequence whose tokens are all known: depth k at positions i < T − k reads t_{i+k}."""
+        T = input_ids.shape[1]
+        if T <= depths:
+            raise ValueError(f"MTP depth {depths} needs sequences longer than {depths} tokens, got T={T}")
+        h = hidden
+        for k in range(1, depths + 1):
+            pos = None if position_ids is None else position_ids[..., : T - k]
+            h = self.mtp_hidden(k, h[:, : T - k], input_ids[:, k:], pos)
+            yield k, h
+
+    def mtp_logits(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None, depth: int = 1) -> torch.Tensor:
+        """Depth k's prediction of token i+k+1 at each position i < T−k: input_ids [B, T] → logits [B, T−k, V]
+        (k = 1: token i+2). ``hidden`` [B, T, d]: the main model's final-norm output (computed when None)."""
+        self.mtp_module(depth)  # checks
         hidden = self.hidden_states(input_ids) if hidden is None else hidden
-        step = self._step(input_ids[:, :-1], None, None, None, None)
-        return self.mtp[0](hidden[:, :-1], input_ids[:, 1:], step)
+        for k, h in self._mtp_chain(input_ids, hidden, None, depth):
+            if k == depth:
+                return self.mtp_module(k).head(h)
+
+    def mtp_losses(self, input_ids, targets, hidden, position_ids=None) -> torch.Tensor:
+        """Cross entropy (fp32) of each depth k = 1..D, [D]: depth k at position i reads the true t_{i+k}
+        (``input_ids[:, i+k]``) and h^{k−1}_i, and is scored on t_{i+k+1} (``targets[:, i+k]``, −100 skipped).
+        DeepSeek-V3's L_MTP is λ · mean of these."""
+        losses = []
+        for k, h in self._mtp_chain(input_ids, hidden, position_ids, self.mtp_depth):
+            logits = self.mtp_module(k).head(h).float()
+            losses.append(
+                F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten().long(), ignore_index=IGNORE_INDEX)
+            )
+        return torch.stack(losses)
 
     def extra_repr(self) -> str:
         c = self.config
