@@ -248,8 +248,8 @@ def spans_are_placed_at_random(ctx):
         spans = draw(ctx, n, ctx.rng.randrange(10**9))
         at_zero += spans[0][0] == 0
         seen.add(tuple(spans))
-        for s, e in spans:
-            for i in range(s, e):
+        for start, end in spans:
+            for i in range(start, end):
                 covered[i] += 1
     fifths = [sum(covered[k * n // 5 : (k + 1) * n // 5]) for k in range(5)]
     mean = sum(fifths) / 5

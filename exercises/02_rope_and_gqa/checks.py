@@ -1,10 +1,13 @@
 """Public checks of exercise 02 (shipped to learners; the hidden ones stay with the instructor).
 
-Each check is declared with its points, time limit (seconds) and the message a learner sees when it
-fails. Inputs are random (fresh each run, reproducible with the run's seed); the expected answers are
-computed here, in the grading process, by glmkit's references (glmkit.ops.rope,
-glmkit.ops.attention, glmkit.cache) — never stored. ``ctx.call`` runs your function in a separate
-process and brings its result back as plain data.
+Each check is declared with its points, time limit (seconds) and the message a learner sees when it fails. Inputs
+are random (fresh each run, reproducible with the run's seed); the expected answers are computed here, in the
+grading process, by glmkit's references (``glmkit.ops.rope.rope_reference``, ``glmkit.ops.attention.
+attention_reference``) — never stored. ``ctx.call`` runs your function in a separate process and brings its
+result back as plain data.
+
+A decode is checked against one forward over the whole sequence: causal attention over T tokens computed at once
+equals the same tokens fed a few at a time through the cache.
 """
 
 from __future__ import annotations
@@ -13,219 +16,155 @@ import torch
 
 from glmkit.grading import Check
 
-PAIRINGS = ("interleaved", "half")  # ChatGLM2/3 & GLM-4, GLM-4.5
-# relative-error budgets: fp32 math gives ~1e-7; half precisions are rounded once at the end
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOL = 1e-5  # relative error, float32 throughout
 
 
-def randn(ctx, *shape, dtype=torch.float32):
-    return torch.randn(*shape, generator=ctx.gen).to(dtype)
-
-
-# -- partial RoPE -------------------------------------------------------------------------------------
-def rope_inputs(ctx, B, H, T, D, R, theta=10000.0, dtype=torch.float32, start=None):
-    """x [B, H, T, D] and cos/sin [T, R/2] for positions start .. start + T - 1 (random start)."""
-    from glmkit.ops.rope import rope_cos_sin
-
-    start = ctx.rng.randint(0, 500) if start is None else start
-    cos, sin = rope_cos_sin(torch.arange(start, start + T), R, theta)
-    return randn(ctx, B, H, T, D, dtype=dtype), cos, sin
-
-
-def compare_rope(ctx, x, cos, sin, R, pairing):
-    from glmkit.ops.rope import rope_reference
-
-    ctx.note_inputs(
-        f"x {list(x.shape)} {str(x.dtype)[6:]}, cos/sin {list(cos.shape)}, rotary_dim={R}, pairing={pairing!r}"
-    )
-    want = rope_reference(x, cos, sin, R, pairing)
-    got = ctx.call("apply_partial_rope", x, cos, sin, R, pairing)
-    if isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype:
-        if R < x.shape[-1]:
-            ctx.expect_tensor("the dims after rotary_dim (they pass through)", got[..., R:], want[..., R:], tol=0.0)
-        ctx.expect_tensor("the rotated dims [0, rotary_dim)", got[..., :R], want[..., :R], tol=TOL[x.dtype])
-    ctx.expect_tensor("apply_partial_rope(...)", got, want, tol=TOL[x.dtype])
-
-
-# -- attention ----------------------------------------------------------------------------------------
-def qkv(ctx, B, H, Hkv, Tq, L, D, dtype=torch.float32):
+def layer(ctx, d, H, Hkv, D, scale=0.5):
+    """Random weights of one attention layer: (qkv_weight, qkv_bias, o_weight)."""
+    g = ctx.gen
+    rows = (H + 2 * Hkv) * D
     return (
-        randn(ctx, B, H, Tq, D, dtype=dtype),
-        randn(ctx, B, Hkv, L, D, dtype=dtype),
-        randn(ctx, B, Hkv, L, D, dtype=dtype),
+        torch.randn(rows, d, generator=g) * scale / d**0.5 * 2,
+        torch.randn(rows, generator=g) * 0.3,
+        torch.randn(d, H * D, generator=g) / (H * D) ** 0.5,
     )
 
 
-def reference_gqa(q, k, v, q_offset):
-    """Causal attention of queries at positions q_offset.. against keys 0..L-1: glmkit's references."""
-    import math
+def reference(x, w, b, wo, pos, H, Hkv, R, theta, pairing="interleaved"):
+    """(y, k, v) of the whole sequence from glmkit's references (k rotated, as the cache holds it)."""
+    from glmkit.ops.attention import attention_reference
+    from glmkit.ops.rope import rope_cos_sin, rope_reference
 
-    from glmkit.ops.attention import attention_masked, attention_reference
-
-    B, Tq, D, L = q.shape[0], q.shape[2], q.shape[3], k.shape[2]
-    if q_offset == 0 and Tq == L:  # a prefill: the GLM mask with sep = 0
-        return attention_reference(q, k, v, torch.zeros(B, dtype=torch.int64))
-    visible = torch.arange(L)[None, :] <= (torch.arange(Tq)[:, None] + q_offset)
-    return attention_masked(q, k, v, visible[None].expand(B, Tq, L), 1.0 / math.sqrt(D))
-
-
-def compare_gqa(ctx, q, k, v, q_offset):
-    ctx.note_inputs(f"q {list(q.shape)}, k/v {list(k.shape)}, q_offset={q_offset}, {str(q.dtype)[6:]}")
-    got = ctx.call("gqa_attention", q, k, v, q_offset)
-    ctx.expect_tensor("gqa_attention(q, k, v, q_offset)", got, reference_gqa(q, k, v, q_offset), tol=TOL[q.dtype])
+    B, T = x.shape[0], x.shape[1]
+    D = wo.shape[1] // H
+    q, k, v = (x @ w.T + b).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+    cos, sin = rope_cos_sin(pos, R, theta)
+    q, k = rope_reference(q, cos, sin, R, pairing), rope_reference(k, cos, sin, R, pairing)
+    out = attention_reference(q, k, v, torch.zeros(B, dtype=torch.int64))
+    return out.transpose(1, 2).reshape(B, T, H * D) @ wo.T, k, v
 
 
-def compare_decode(ctx, q, k, v, prefill):
-    ctx.note_inputs(f"q {list(q.shape)}, k/v {list(k.shape)}, prefill={prefill}, {str(q.dtype)[6:]}")
-    got = ctx.call("decode_with_cache", q, k, v, prefill)
-    want = reference_gqa(q, k, v, 0)
-    if isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype:
-        ctx.expect_tensor(
-            "the prefill part (positions < prefill)", got[:, :, :prefill], want[:, :, :prefill], tol=TOL[q.dtype]
+def compare_prefill(ctx, B, T, d, H, Hkv, D, R, theta=1e4, start=None):
+    w, b, wo = layer(ctx, d, H, Hkv, D)
+    x = torch.randn(B, T, d, generator=ctx.gen)
+    start = torch.zeros(B, dtype=torch.int64) if start is None else torch.as_tensor(start)
+    pos = start[:, None] + torch.arange(T)
+    ctx.note_inputs(
+        f"x [{B}, {T}, {d}], H={H}, H_kv={Hkv}, D={D}, rotary_dim={R}, theta={theta:g}, "
+        f"position_ids start at {start.tolist()}, no cache"
+    )
+    want = reference(x, w, b, wo, pos, H, Hkv, R, theta)
+    got = ctx.expect_tuple("rope_attention(...)", ctx.call("rope_attention", x, w, b, wo, pos, H, Hkv, R, theta), 3)
+    for name, g_, w_ in zip(("y (the layer's output)", "k (the cache's keys)", "v (the cache's values)"), got, want):
+        ctx.expect_tensor(name, g_, w_, tol=TOL)
+
+
+def compare_decode(ctx, B, P, chunks, d, H, Hkv, D, R, theta=1e4):
+    """Prefill P tokens from the reference's cache, then feed ``chunks`` new tokens a few at a time."""
+    w, b, wo = layer(ctx, d, H, Hkv, D)
+    T = P + sum(chunks)
+    x = torch.randn(B, T, d, generator=ctx.gen)
+    pos = torch.arange(T).expand(B, T).contiguous()
+    y_all, k_all, v_all = reference(x, w, b, wo, pos, H, Hkv, R, theta)
+    k, v, t = k_all[:, :, :P], v_all[:, :, :P], P
+    for n in chunks:
+        ctx.note_inputs(
+            f"H={H}, H_kv={Hkv}, D={D}, rotary_dim={R}: a cache of {t} tokens (past_k [{B}, {Hkv}, {t}, {D}]), "
+            f"then {n} new token(s) at positions {t}..{t + n - 1}"
         )
-        if prefill < q.shape[2]:
-            ctx.expect_tensor(
-                "the decoded part (positions >= prefill)", got[:, :, prefill:], want[:, :, prefill:], tol=TOL[q.dtype]
-            )
-    ctx.expect_tensor("decode_with_cache(...)", got, want, tol=TOL[q.dtype])
+        got = ctx.expect_tuple(
+            "rope_attention(..., past_k, past_v)",
+            ctx.call("rope_attention", x[:, t : t + n], w, b, wo, pos[:, t : t + n], H, Hkv, R, theta, k, v),
+            3,
+        )
+        ctx.expect_tensor(f"y of tokens {t}..{t + n - 1}", got[0], y_all[:, t : t + n], tol=TOL)
+        ctx.expect_tensor("the returned k (past keys followed by the new ones)", got[1], k_all[:, :, : t + n], tol=TOL)
+        ctx.expect_tensor("the returned v", got[2], v_all[:, :, : t + n], tol=TOL)
+        k, v, t = k_all[:, :, : t + n], v_all[:, :, : t + n], t + n
 
 
-def reference_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch_size, bytes_per_element):
-    from glmkit.cache import kv_cache_bytes
+def expected_rows(H, Hkv, D, R):
+    """The row order half_to_interleaved must produce, written from the pairing rule: interleaved plane i is
+    (slot 2i, slot 2i+1) and must hold half-split plane i, (dim i, dim i + R/2)."""
+    order = []
+    for head in range(H + 2 * Hkv):
+        slots = list(range(D))
+        if head < H + Hkv:
+            for i in range(R // 2):
+                slots[2 * i], slots[2 * i + 1] = i, i + R // 2
+        order += [head * D + s for s in slots]
+    return torch.tensor(order)
 
-    dtype = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[bytes_per_element]
-    return kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch_size, dtype=dtype)
+
+def compare_port(ctx, d, H, Hkv, D, R, theta=1e6):
+    w, b, wo = layer(ctx, d, H, Hkv, D)
+    ctx.note_inputs(f"qkv_weight [{w.shape[0]}, {d}], H={H}, H_kv={Hkv}, D={D}, rotary_dim={R}")
+    got = ctx.expect_tuple("half_to_interleaved(...)", ctx.call("half_to_interleaved", w, b, H, Hkv, R), 2)
+    x = torch.randn(2, 9, d, generator=ctx.gen)
+    pos = torch.arange(9).expand(2, 9)
+    if isinstance(got[0], torch.Tensor) and isinstance(got[1], torch.Tensor) and got[0].shape == w.shape:
+        if got[1].shape == b.shape:
+            y_half = reference(x, w, b, wo, pos, H, Hkv, R, theta, "half")[0]
+            y_port = reference(x, got[0], got[1], wo, pos, H, Hkv, R, theta, "interleaved")[0]
+            ctx.expect_tensor("the layer's output with your weights and interleaved RoPE", y_port, y_half, tol=TOL)
+    idx = expected_rows(H, Hkv, D, R)
+    ctx.expect_tensor("the reordered qkv_weight", got[0], w[idx], tol=0.0)
+    ctx.expect_tensor("the reordered qkv_bias", got[1], b[idx], tol=0.0)
 
 
-def compare_cache_size(ctx, *args):
-    ctx.note_inputs("n_layers, n_kv_heads, head_dim, seq_len, batch_size, bytes_per_element = " + str(args))
-    ctx.expect_int("kv_cache_size(...)", ctx.call("kv_cache_size", *args), reference_cache_bytes(*args))
-
-
-# -- public checks ------------------------------------------------------------------------------------
 @Check(
-    points=2,
-    timeout=20,
-    title="partial RoPE, interleaved (ChatGLM2/3, GLM-4)",
+    points=3,
+    timeout=30,
+    title="attention: a prefill",
     message=(
-        "Interleaved pairs: plane i is (x[2i], x[2i+1]) and turns by cos[t, i], sin[t, i]; the new pair is "
-        "(x1·cos - x2·sin, x2·cos + x1·sin). Only the first rotary_dim dims rotate; the rest must come back "
-        "unchanged, and the output keeps x's shape and dtype."
+        "Project with the fused weight AND bias, split q | k | v into heads, rotate only the first rotary_dim dims "
+        "of q and k with interleaved pairs (x[2i], x[2i+1]) and angle pos · theta^(-2i/rotary_dim), leave v "
+        "alone, scale scores by 1/sqrt(D), mask causally, let query head h read k/v head h // (H / H_kv), and "
+        "return (y, k, v) with k already rotated."
     ),
 )
-def rope_interleaved(ctx):
-    x, cos, sin = rope_inputs(ctx, 2, 3, 7, 16, 8)
-    compare_rope(ctx, x, cos, sin, 8, "interleaved")
-
-
-@Check(
-    points=2,
-    timeout=20,
-    title="partial RoPE, half-split (GLM-4.5)",
-    message=(
-        "Half-split pairs: plane i is (x[i], x[i + rotary_dim/2]) — the first half of the rotary dims against "
-        "the second half — with the same angles and the same rotation formula as the interleaved pairing."
-    ),
-)
-def rope_half(ctx):
-    x, cos, sin = rope_inputs(ctx, 2, 3, 7, 16, 8)
-    compare_rope(ctx, x, cos, sin, 8, "half")
+def prefill(ctx):
+    compare_prefill(ctx, 2, 11, 32, 4, 2, 8, 4)
+    compare_prefill(ctx, 1, 7, 24, 6, 2, 8, 8)
 
 
 @Check(
     points=2,
     timeout=30,
-    title="partial RoPE, random shapes and rotary dims",
+    title="attention: the given positions",
     message=(
-        "apply_partial_rope works on the small examples but not on other shapes: rotary_dim can be any even "
-        "number up to D (not always D/2), T is not always 7, and cos/sin come from arbitrary start positions."
+        "Rotate each token by ITS position from position_ids (they need not start at 0, and rows of a batch may "
+        "differ); the causal mask is by order in the sequence, the rotation by position."
     ),
 )
-def rope_random(ctx):
-    for _ in range(4):
-        D = ctx.rng.choice([8, 16, 32, 64])
-        R = 2 * ctx.rng.randint(1, D // 2)
-        x, cos, sin = rope_inputs(
-            ctx,
-            ctx.rng.randint(1, 3),
-            ctx.rng.randint(1, 4),
-            ctx.rng.randint(1, 20),
-            D,
-            R,
-            theta=ctx.rng.choice([1e4, 1e6]),
-        )
-        compare_rope(ctx, x, cos, sin, R, ctx.rng.choice(PAIRINGS))
+def prefill_positions(ctx):
+    compare_prefill(ctx, 3, 9, 32, 4, 2, 8, 4, start=[5, 0, 17])
 
 
 @Check(
-    points=2,
-    timeout=20,
-    title="prefill, multi-head (H_kv = H)",
+    points=3,
+    timeout=40,
+    title="attention: decoding through the cache",
     message=(
-        "With q_offset = 0 and as many queries as keys this is ordinary causal attention: query i sees keys "
-        "0..i, scores scaled by 1/sqrt(D), softmax over the keys, then the weighted sum of v."
+        "With a cache of P tokens, the t-th new token is at absolute index P + t: it sees every cached key and "
+        "the new ones up to itself. Return the cache extended by the new keys and values (past first)."
     ),
 )
-def prefill_mha(ctx):
-    q, k, v = qkv(ctx, 2, 4, 4, 9, 9, 16)
-    compare_gqa(ctx, q, k, v, 0)
+def decode(ctx):
+    compare_decode(ctx, 2, 6, [3, 1, 1], 32, 4, 2, 8, 4)
 
 
 @Check(
-    points=2,
-    timeout=20,
-    title="prefill, grouped-query (H_kv < H)",
-    message=(
-        "With H_kv < H key/value heads, consecutive query heads share one: query head h reads k/v head "
-        "h // (H // H_kv) (so with H = 8, H_kv = 2, heads 0-3 read k/v head 0 and heads 4-7 read head 1)."
-    ),
-)
-def prefill_gqa(ctx):
-    q, k, v = qkv(ctx, 2, 8, 2, 11, 11, 16)
-    compare_gqa(ctx, q, k, v, 0)
-
-
-@Check(
-    points=2,
-    timeout=20,
-    title="one decode step (Tq = 1, q_offset = L - 1)",
-    message=(
-        "A decode step has one query, at absolute position q_offset = L - 1, and it sees every cached key "
-        "0..L-1. The causal mask compares absolute positions: the query's row index plus q_offset."
-    ),
-)
-def decode_step(ctx):
-    for _ in range(3):
-        L = ctx.rng.randint(2, 20)
-        q, k, v = qkv(ctx, 2, 4, 2, 1, L, 16)
-        compare_gqa(ctx, q, k, v, L - 1)
-
-
-@Check(
-    points=2,
+    points=3,
     timeout=30,
-    title="prefill + decode through the cache",
+    title="porting half-split weights",
     message=(
-        "decode_with_cache must give, position by position, exactly what one causal attention over the whole "
-        "sequence gives. The prefill attends the first `prefill` queries to the first `prefill` keys; each "
-        "later token first writes its k/v into the cache at its position, then attends to cache[0..t]."
+        "Interleaved plane i is the pair (slot 2i, slot 2i+1); it must hold what half-split plane i held, "
+        "(dim i, dim i + rotary_dim/2). Reorder the q and k rows of every head that way, rotary dims only; "
+        "v rows and the dims past rotary_dim stay where they are; biases move with their rows."
     ),
 )
-def decode_matches_full(ctx):
-    T = ctx.rng.randint(8, 16)
-    q, k, v = qkv(ctx, 2, 4, 2, T, T, 16)
-    compare_decode(ctx, q, k, v, ctx.rng.randint(2, T - 2))
-
-
-@Check(
-    points=1,
-    timeout=10,
-    title="KV-cache size (GLM-4-9B)",
-    message=(
-        "The cache holds keys and values (x2) for every layer, batch row, KV head, position and head dim, "
-        "times the bytes per element. Only the KV heads count, not the query heads."
-    ),
-)
-def cache_size_glm4(ctx):
-    compare_cache_size(ctx, 40, 2, 128, 1, 1, 2)  # GLM-4-9B, one token, bf16
-    compare_cache_size(ctx, 40, 2, 128, ctx.rng.randint(1000, 9000), 1, 2)
+def port_half_split(ctx):
+    compare_port(ctx, 32, 4, 2, 8, 4)
+    compare_port(ctx, 24, 2, 1, 12, 8)

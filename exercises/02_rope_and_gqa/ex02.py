@@ -1,24 +1,32 @@
-"""Exercise 02 — partial RoPE in both pairings, and grouped-query attention with a KV cache.
+"""Exercise 02 — RoPE inside attention: a GLM-4 attention layer with a KV cache, and a checkpoint's RoPE pairing.
 
-Part 1: partial RoPE (ChatGLM2/3, GLM-4, GLM-4.5). Only the first ``rotary_dim`` dims of each head are
-rotated; the rest pass through unchanged. Plane i (i < rotary_dim/2) turns by the angle whose cos and
-sin are ``cos[t, i]``, ``sin[t, i]`` at position t. Which two coordinates form plane i is the *pairing*:
+Lesson 02 rotated vectors by hand and ran grouped-query attention on q, k and v it was given. A real layer does
+both at once, from the hidden states, and keeps what it needs for the next tokens. You write:
 
-    interleaved (ChatGLM2/3, GLM-4):  (x[2i], x[2i+1])
-    half        (GLM-4.5, GPT-NeoX):  (x[i],  x[i + rotary_dim/2])
+1. ``rope_attention`` — the attention layer of ChatGLM2/3 and GLM-4 (HF ``glm``), from its weights:
 
-and each plane (x1, x2) becomes (x1·cos − x2·sin,  x2·cos + x1·sin).
+       qkv = x @ qkv_weight.T + qkv_bias          one fused projection: rows q (H·D) | k (H_kv·D) | v (H_kv·D)
+       q [B, H, T, D], k, v [B, H_kv, T, D]       split into heads (head h is dims h·D .. h·D + D − 1)
+       q, k ← partial RoPE at position_ids        the first rotary_dim dims of every head, INTERLEAVED pairs
+                                                  (x[2i], x[2i+1]), plane i turned by pos · theta^(−2i/rotary_dim);
+                                                  dims rotary_dim..D−1 pass through; v is never rotated
+       k, v ← past_k/past_v followed by k, v      the cache: earlier tokens' (already rotated) keys and values
+       causal GQA attention                       query head h reads k/v head h // (H / H_kv); the query of the
+                                                  t-th new token sees cached keys 0 .. P + t (P = past length);
+                                                  scores scaled by 1/√D (D the head dim, not rotary_dim)
+       y = out @ o_weight.T                       [B, T, H·D] → [B, T, d], no bias
 
-Part 2: grouped-query attention (ChatGLM2's "multi-query", GLM-4's 2 KV heads). q has H heads, k and v
-have H_kv heads, H a multiple of H_kv: query head h reads k/v head h // (H // H_kv). Causal: the query
-at absolute position p sees keys 0..p. Generation keeps the keys and values of earlier tokens in a
-KV cache instead of recomputing them.
+   Each plane (x1, x2) turned by angle a becomes (x1·cos a − x2·sin a, x2·cos a + x1·sin a).
 
-The notebook ex02.ipynb walks through each function; write them here, then run ``self_check()`` there
-(or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.ops.rope``,
-``glmkit.ops.attention``, ``glmkit.cache`` or ``glmkit.mixers.attention``: they are the references you are
-re-implementing, and the grader does not make them importable (such a submission scores zero). torch and
-plain Python are fine.
+2. ``half_to_interleaved`` — porting a checkpoint trained with HALF-SPLIT pairs (GLM-4.5: plane i is
+   (x[i], x[i + rotary_dim/2])) to code that only has INTERLEAVED RoPE. Both pairings turn the same planes by
+   the same angles; only which two coordinates form plane i differs. So permuting the rows of the q and k
+   projections (weights and biases) inside each head's rotary dims makes interleaved RoPE on the new weights
+   compute exactly what half-split RoPE computed on the old ones, and the attention output is unchanged.
+
+The notebook ex02.ipynb walks through both; write them here, then run ``self_check()`` there (or
+``python -m glmkit.grading check`` in this folder). Do not import glmkit here: the grader refuses it (the
+references are not available to graded code, and such a submission scores zero). torch and plain Python are fine.
 """
 
 from __future__ import annotations
@@ -28,94 +36,83 @@ import math
 import torch
 
 
-def apply_partial_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, pairing: str
-) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` dims of every head; pass the others through.
+def rope_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor,
+    o_weight: torch.Tensor,
+    position_ids: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    rotary_dim: int,
+    theta: float = 10000.0,
+    past_k: torch.Tensor | None = None,
+    past_v: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A GLM-4 attention layer over T new tokens (see the module docstring for the steps).
 
-    x:          [B, H, T, D] float (float32, float16 or bfloat16).
-    cos, sin:   [T, rotary_dim // 2] float32 — one entry per plane (frequency), per position.
-    rotary_dim: even, 2 <= rotary_dim <= D.
-    pairing:    "interleaved" or "half" (see the module docstring).
-    Returns a new [B, H, T, D] tensor of x's dtype (compute in float32, convert back once at the end).
-    x itself must not be modified.
+    x:            [B, T, d] float32 hidden states of the new tokens.
+    qkv_weight:   [(H + 2·H_kv)·D, d], qkv_bias [(H + 2·H_kv)·D]; o_weight [d, H·D]. D = head dim
+                  (o_weight.shape[1] // num_heads).
+    position_ids: [B, T] int64, each new token's position (P, P+1, ... after a cache of length P).
+    rotary_dim:   even, 2 <= rotary_dim <= D; theta: the RoPE base.
+    past_k, past_v: [B, H_kv, P, D] keys (rotated) and values of the P earlier tokens, or None (P = 0).
+    Returns ``(y [B, T, d], k [B, H_kv, P + T, D], v [B, H_kv, P + T, D])``: the layer's output and the cache
+    to pass as past_k/past_v with the next tokens. Compute in float32.
     """
     # BEGIN SOLUTION
-    R = rotary_dim
-    xr = x[..., :R].float()
-    if pairing == "interleaved":
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+    B, T, _ = x.shape
+    H, Hkv = num_heads, num_kv_heads
+    D = o_weight.shape[1] // H
+    qkv = x @ qkv_weight.T + qkv_bias
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, Hkv, D).transpose(1, 2)
+    v = v.view(B, T, Hkv, D).transpose(1, 2)
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    angle = position_ids.float()[:, None, :, None] * inv_freq  # [B, 1, T, R/2]
+    cos, sin = angle.cos(), angle.sin()
+
+    def rotate(t):
+        x1, x2 = t[..., 0:rotary_dim:2], t[..., 1:rotary_dim:2]
         rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    elif pairing == "half":
-        x1, x2 = xr[..., : R // 2], xr[..., R // 2 :]
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        raise ValueError(f"pairing must be 'interleaved' or 'half', got {pairing!r}")
-    return torch.cat((rot.to(x.dtype), x[..., R:]), dim=-1)
+        return torch.cat((rot, t[..., rotary_dim:]), dim=-1)
+
+    q, k = rotate(q), rotate(k)
+    if past_k is not None:
+        k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+    P = k.shape[2] - T
+    kk = k.repeat_interleave(H // Hkv, dim=1)
+    vv = v.repeat_interleave(H // Hkv, dim=1)
+    scores = q @ kk.transpose(-1, -2) / math.sqrt(D)  # [B, H, T, P + T]
+    visible = torch.arange(P + T)[None, :] <= P + torch.arange(T)[:, None]
+    out = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv
+    y = out.transpose(1, 2).reshape(B, T, H * D) @ o_weight.T
+    return y, k, v
     # END SOLUTION
 
 
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
-    """Causal grouped-query attention for Tq queries against L cached keys.
+def half_to_interleaved(
+    qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, num_heads: int, num_kv_heads: int, rotary_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a half-split checkpoint's fused q|k|v projection, reordered for interleaved RoPE.
 
-    q:        [B, H, Tq, D]; its rows are the tokens at absolute positions q_offset .. q_offset + Tq - 1.
-    k, v:     [B, H_kv, L, D] with L = q_offset + Tq (the keys of positions 0 .. L - 1); H % H_kv == 0.
-    Query head h uses k/v head h // (H // H_kv). The query at position p sees keys j <= p.
-    Scale the scores by 1 / sqrt(D); softmax and the weighted sum in float32.
-    Returns [B, H, Tq, D] in q's dtype.
-    (q_offset = 0 and Tq = L is the prefill; Tq = 1, q_offset = L - 1 is one decode step.)
+    qkv_weight [(H + 2·H_kv)·D, d], qkv_bias [(H + 2·H_kv)·D] as in ``rope_attention``. Returns new tensors
+    (the inputs are not modified) such that, for any x and positions, interleaved RoPE on the returned q and k
+    equals half-split RoPE on the original ones with their dims reordered the same way, so the attention
+    scores, and the layer's output, are unchanged. Within each head of q and of k only the first rotary_dim
+    rows move; the v rows, and the rows rotary_dim..D−1 of each head, stay where they are.
     """
     # BEGIN SOLUTION
-    B, H, Tq, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    g = H // Hkv
-    kf = k.float().repeat_interleave(g, dim=1)  # [B, H, L, D]
-    vf = v.float().repeat_interleave(g, dim=1)
-    scores = torch.einsum("bhid,bhjd->bhij", q.float(), kf) / math.sqrt(D)
-    pos_q = torch.arange(Tq)[:, None] + q_offset
-    visible = torch.arange(L)[None, :] <= pos_q  # [Tq, L]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    out = torch.einsum("bhij,bhjd->bhid", torch.softmax(scores, dim=-1), vf)
-    return out.to(q.dtype)
-    # END SOLUTION
-
-
-def decode_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefill: int) -> torch.Tensor:
-    """Run a sequence the way generation does: a prefill of the first ``prefill`` tokens, then one
-    token at a time through a KV cache.
-
-    q: [B, H, T, D]; k, v: [B, H_kv, T, D] — the queries, keys and values every token will have
-    (in a model they come from the token's hidden state; here they are given). 1 <= prefill <= T.
-      1. Allocate the cache: k_cache, v_cache of shape [B, H_kv, T, D] (q's dtype).
-      2. Prefill: store the first ``prefill`` keys/values in the cache and attend the first ``prefill``
-         queries to them with ``gqa_attention``.
-      3. For each later position t: store k[:, :, t], v[:, :, t] at position t of the cache, and attend
-         the single query q[:, :, t:t+1] to the cached keys/values 0..t.
-    Returns the outputs of every position stacked: [B, H, T, D] in q's dtype — which must equal
-    one causal ``gqa_attention(q, k, v)`` over the whole sequence.
-    """
-    # BEGIN SOLUTION
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    k_cache = torch.zeros(B, Hkv, T, D, dtype=q.dtype)
-    v_cache = torch.zeros(B, Hkv, T, D, dtype=q.dtype)
-    k_cache[:, :, :prefill] = k[:, :, :prefill]
-    v_cache[:, :, :prefill] = v[:, :, :prefill]
-    outs = [gqa_attention(q[:, :, :prefill], k_cache[:, :, :prefill], v_cache[:, :, :prefill], 0)]
-    for t in range(prefill, T):
-        k_cache[:, :, t] = k[:, :, t]
-        v_cache[:, :, t] = v[:, :, t]
-        outs.append(gqa_attention(q[:, :, t : t + 1], k_cache[:, :, : t + 1], v_cache[:, :, : t + 1], t))
-    return torch.cat(outs, dim=2)
-    # END SOLUTION
-
-
-def kv_cache_size(
-    n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int, batch_size: int = 1, bytes_per_element: int = 2
-) -> int:
-    """Bytes a full KV cache takes: keys AND values, for every layer, batch row, KV head, position and
-    head dim (bytes_per_element = 2 for bf16/fp16, 4 for fp32). Returns a Python int.
-    Example: GLM-4-9B (40 layers, 2 KV heads of 128 dims), one token in bf16 -> 40960 bytes (40 KiB)."""
-    # BEGIN SOLUTION
-    return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch_size * bytes_per_element
+    D = qkv_weight.shape[0] // (num_heads + 2 * num_kv_heads)
+    R = rotary_dim
+    # interleaved slot 2i holds half-split dim i, slot 2i+1 holds dim i + R/2
+    within = [d for i in range(R // 2) for d in (i, i + R // 2)] + list(range(R, D))
+    rows = []
+    for head in range(num_heads + 2 * num_kv_heads):
+        base = head * D
+        rotated = head < num_heads + num_kv_heads  # q and k heads; v heads keep their order
+        rows += [base + d for d in (within if rotated else range(D))]
+    index = torch.tensor(rows)
+    return qkv_weight[index].clone(), qkv_bias[index].clone()
     # END SOLUTION
