@@ -2,6 +2,8 @@
 
 doctor     is this machine ready for the course? (versions, device, kernels, widgets; a fix per problem)
 grade ...  the exercise tools (check, release, autograde, ...): forwarded to glmkit.grading
+train CONFIG        train a decoder from a run config, with resume; under torchrun, data parallel (glmkit.cli)
+generate CHECKPOINT sample from a trained model (glmkit.cli)
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "grade", help="exercise tools: check your work, release, autograde (see `grade --help`)", add_help=False
     )
+    sub.add_parser(
+        "train", help="train from a run config, resumable, torchrun-ready (see `train --help`)", add_help=False
+    )
+    sub.add_parser("generate", help="sample from a trained checkpoint (see `generate --help`)", add_help=False)
     return p
 
 
@@ -41,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
         result = grading.main(rest)
         return int(result or 0)
-    parser.error(f"unknown command {command!r} (choose from: doctor, grade)")
+    if command in ("train", "generate"):
+        from glmkit import cli
+
+        return cli.train_main(rest) if command == "train" else cli.generate_main(rest)
+    parser.error(f"unknown command {command!r} (choose from: doctor, grade, train, generate)")
     return 2  # pragma: no cover
 
 

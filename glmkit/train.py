@@ -10,8 +10,10 @@ What it implements
 
 Auxiliary losses and MoE balancing, whatever the layers
     * ``model.aux_losses()`` (named losses set by the last training forward: the MoE balance loss when
-      ``aux_loss_alpha`` > 0; later lessons add the DSA indexer's and MTP's) are added to the loss that is
-      back-propagated; ``History.losses`` keeps the objective alone and ``History.aux[name]`` each of the others.
+      ``aux_loss_alpha`` > 0; the MTP loss of a model with MTP modules; later lessons add the DSA indexer's) are
+      added to the loss that is back-propagated; ``History.losses`` keeps the objective alone and
+      ``History.aux[name]`` each of the others, unweighted. The MTP loss is weighted by λ (``mtp_weight_at``: 0.3,
+      then 0.1 for the last third of the steps, as DeepSeek-V3 and GLM-4.5 did over their tokens).
     * Aux-loss-free balancing (DeepSeek-V3): with ``TrainConfig.bias_update_rate`` γ > 0, after each
       ``optimizer.step()`` every router's selection bias moves by ``γ · sign(mean_load − load_i)`` using that
       step's expert loads (``model.update_bias``). Every step records the imbalance ``History.max_violation`` and,
@@ -38,10 +40,10 @@ from typing import Any
 
 import torch
 
-from glmkit.checkpoint import load_training_state, save_training_state
 from glmkit.data.blank_infilling import GLMBatch
 from glmkit.data.lm_data import LMData
-from glmkit.models.decoder import Decoder
+from glmkit.distributed import Local
+from glmkit.models.decoder import MTP_AUX, Decoder
 from glmkit.moe import max_violation
 
 BLANK_INFILLING, NEXT_TOKEN = "blank_infilling", "next_token"
@@ -66,6 +68,11 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 10  # steps between progress-bar / plot updates (and MoE load snapshots)
     bias_update_rate: float = 0.0  # MoE: γ of the aux-loss-free bias update per step (DeepSeek-V3: 0.001); 0 = off
+    # MTP loss weight λ: mtp_weight until mtp_weight_switch · steps, then mtp_weight_final (DeepSeek-V3: 0.3 for the
+    # first 10T of 14.8T tokens, then 0.1; GLM-4.5: 0.3 for 15T of 23T, then 0.1)
+    mtp_weight: float = 0.3
+    mtp_weight_final: float = 0.1
+    mtp_weight_switch: float = 0.67
 
     def __post_init__(self) -> None:
         ints = {
@@ -100,6 +107,14 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.bias_update_rate must be a number >= 0 (0 = off), got {self.bias_update_rate!r}"
             )
+        for name in ("mtp_weight", "mtp_weight_final", "mtp_weight_switch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
+        if self.mtp_weight_switch > 1:
+            raise ValueError(
+                f"TrainConfig.mtp_weight_switch is a fraction of steps in [0, 1], got {self.mtp_weight_switch}"
+            )
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives lists back
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -116,6 +131,12 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig.from_dict: unknown keys {unknown}")
         return cls(**d)
+
+
+def mtp_weight_at(cfg: TrainConfig, step: int) -> float:
+    """λ of the MTP loss for update number ``step`` (0-based): ``mtp_weight`` for the first ``mtp_weight_switch``
+    share of ``cfg.steps``, then ``mtp_weight_final``."""
+    return cfg.mtp_weight if step < cfg.mtp_weight_switch * cfg.steps else cfg.mtp_weight_final
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -142,7 +163,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 class History:
     """Per-step records of a run (a resumed run continues the lists of the run it resumes).
 
-    ``losses``: the objective's loss (Part-B or next-token cross entropy); ``aux[name]``: each auxiliary loss.
+    ``losses``: the objective's loss (Part-B or next-token cross entropy); ``aux[name]``: each auxiliary loss;
+    ``stats[name]``: each diagnostic a module reports in ``aux_stats`` (not a loss: e.g. the DSA indexer's top-k
+    recall "dsa_recall", averaged over the layers that report it).
     MoE models only: ``max_violation`` per step (max over MoE layers of max_load / mean_load − 1; 0 = balanced);
     ``expert_loads[i][layer][e]``, every ``log_every`` steps (at ``load_steps[i]``), expert e's share of the
     layer's routed slots. Plots: ``glmkit.course.viz``.
@@ -158,6 +181,7 @@ class History:
     resumed_from: int | None = None  # the step this call resumed from (None: started fresh)
     objective: str = NEXT_TOKEN  # or BLANK_INFILLING: what ``losses`` measures
     aux: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, list[float]] = field(default_factory=dict)
     max_violation: list[float] = field(default_factory=list)
     load_steps: list[int] = field(default_factory=list)
     expert_loads: list[list[list[float]]] = field(default_factory=list)
@@ -255,6 +279,16 @@ def _deterministic(on: bool):
         torch.use_deterministic_algorithms(previous)
 
 
+def _aux_stats(model: torch.nn.Module) -> dict[str, float]:
+    """Diagnostics the modules set in the last training forward (``aux_stats``: name → scalar tensor), averaged over
+    the modules that report the same name. Nothing here is added to the loss."""
+    values: dict[str, list[float]] = {}
+    for m in model.modules():
+        for name, v in (getattr(m, "aux_stats", None) or {}).items():
+            values.setdefault(name, []).append(float(v))
+    return {name: sum(v) / len(v) for name, v in values.items()}
+
+
 def _record_load(history: History, layers: list, step: int, snapshot: bool) -> None:
     loads = torch.stack([m.load_accum for m in layers]).float().cpu()  # [layers, E] slots this step
     history.max_violation.append(max(max_violation(row) for row in loads))
@@ -276,6 +310,7 @@ def train(
     max_steps: int | None = None,
     device: str | torch.device | None = None,
     deterministic: bool = True,
+    parallel: Local | None = None,
 ) -> History:
     """Train ``model`` (any glmkit model) on ``data.batch(step)`` for ``cfg.steps`` steps; returns the ``History``.
 
@@ -291,6 +326,8 @@ def train(
     max_steps: stop after this many steps in total (the schedule still spans ``cfg.steps``): training in pieces.
     device:    None = CUDA if available, else CPU (bf16 autocast on CUDA). The model is moved there.
     deterministic: on CPU, ``torch.use_deterministic_algorithms(True)`` during the run.
+    parallel:  ``glmkit.distributed.DataParallel("ddp" | "fsdp")`` under torchrun (``cfg.batch_size`` is then the
+               global batch, split over the processes; checkpoints stay world-size independent); None = one process.
     """
     if not callable(getattr(model, "loss", None)) or not hasattr(model, "config"):
         raise TypeError(f"model must be a glmkit model (Decoder, GLMModel), got {type(model).__name__}")
@@ -313,12 +350,15 @@ def train(
     if cfg.bias_update_rate > 0 and not layers:
         warnings.warn("TrainConfig.bias_update_rate is set but the model has no MoE layers", stacklevel=2)
 
+    par = parallel if parallel is not None else Local()
+    par.check(cfg.batch_size)
     device = torch.device(device) if device is not None else default_device()
     model.to(device)
+    net = par.wrap(model)  # net(batch) -> (loss, aux losses), through DDP / FSDP2 when parallel
     optimizer = make_optimizer(model, cfg)
     history, start = History(), 0
     if out_dir is not None and resume:
-        state = load_training_state(out_dir, model, optimizer)
+        state = par.load(out_dir, model, optimizer)
         if state is not None:
             saved = state.extra.get("train_config")
             if saved is not None and TrainConfig.from_dict(saved) != cfg:
@@ -339,36 +379,44 @@ def train(
 
     def save(step: int) -> None:
         extra = {"seed": cfg.seed, "train_config": cfg.to_dict(), "history": history.to_dict()}
-        save_training_state(out_dir, model, optimizer, step, extra)
+        par.save(out_dir, model, optimizer, step, extra)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
-    model.train()
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        disable=not (progress and par.is_main),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    net.train()
     try:
         with _deterministic(deterministic and device.type == "cpu"):
             for step_index in range(start, end):
                 t0 = time.perf_counter()
                 torch.manual_seed(_step_seed(cfg.seed, step_index))  # dropout draws depend on the step only
-                batch = _to_device(data.batch(step_index), device)
+                batch = _to_device(par.shard(data.batch(step_index)), device)
                 lr = lr_at(cfg, step_index)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 for m in layers:
                     m.reset_load()  # the loads below are this step's alone
                 with _autocast(device):
-                    loss = model.loss(batch)
-                    aux = model.aux_losses()
-                    total = loss + sum(aux.values()) if aux else loss
+                    loss, aux = net(batch)
+                    lam = mtp_weight_at(cfg, step_index)
+                    total = loss + sum(lam * v if name == MTP_AUX else v for name, v in aux.items())
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                grad_norm = par.clip_grad_norm(model, clip)
                 optimizer.step()
                 step = step_index + 1
-                metrics = {"loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm}
-                metrics.update({name: float(v.detach()) for name, v in aux.items()})
+                metrics = {"loss": par.mean(float(loss.detach())), "lr": lr, "grad_norm": grad_norm}
+                metrics.update({name: par.mean(float(v.detach())) for name, v in aux.items()})
                 if layers:
+                    par.sum_([m.load_accum for m in layers])  # every process records and balances the global load
                     _record_load(history, layers, step, snapshot=step % cfg.log_every == 0 or step == end)
                     metrics["max_violation"] = history.max_violation[-1]
                     if cfg.bias_update_rate > 0:
@@ -385,11 +433,17 @@ def train(
                 history.grad_norms.append(grad_norm)
                 for name in aux:
                     history.aux.setdefault(name, []).append(metrics[name])
+                stats = _aux_stats(model)
+                metrics.update(stats)
+                for name, v in stats.items():
+                    history.stats.setdefault(name, []).append(v)
                 history.elapsed_s += time.perf_counter() - t0
 
                 if eval_data is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == end):
                     history.eval_steps.append(step)
-                    history.eval_losses.append(evaluate(model, eval_data, cfg.eval_batches, device))
+                    history.eval_losses.append(
+                        evaluate(getattr(net, "module", net), eval_data, cfg.eval_batches, device)
+                    )
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == end:
                     postfix = {"loss": f"{history.smoothed()[-1]:.3f}", "lr": f"{lr:.1e}"}
