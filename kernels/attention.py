@@ -857,7 +857,7 @@ def _attn_bwd_dq_kernel(
 # D = 256 (MLA) rows are guesses sized for the register file (benchmarks/bench_mla.py times them): the resident
 # fp32 accumulators are dk + dv = 2 × BN × 256 (dk/dv kernel) or dq = BM × 256 (dq kernel).
 _DKDV_CONFIGS = {  # head dim -> (BLOCK_M streamed, BLOCK_N resident, num_warps, num_stages)
-    256: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    256: [(32, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)],
     128: [(64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 8, 2), (32, 64, 4, 3)],
     64: [(64, 128, 4, 3), (32, 64, 4, 3), (32, 64, 4, 4), (128, 128, 8, 3)],
 }
