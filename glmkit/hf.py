@@ -21,6 +21,12 @@ shared/reference/glm-lineage.md §3, §4, §9):
   kv_a_layernorm, kv_b_proj, o_proj}``), no QK-norm, RoPE over the whole ``qk_rope_head_dim`` slice in the pairing
   ``rope_interleave`` names (default interleaved), dense/sparse layers listed in ``mlp_layer_types``. Its
   ``head_dim`` is transformers' alias of ``qk_rope_head_dim``; glmkit's ``head_dim`` is the q·k head (nope + rope).
+* ``glm_moe_dsa`` (GLM-5/5.1): ``glm4_moe_lite``'s layout with DeepSeek Sparse Attention (the ``"dsa"`` mixer): MLA plus
+  ``self_attn.indexer.{wq_b, wk, k_norm (LayerNorm, weight and bias), weights_proj}`` on "full" layers, top
+  ``index_topk`` keys per query; ``indexer_types`` (or transformers' ``index_topk_pattern``/``index_topk_freq``/
+  ``index_skip_topk_offset``) marks index-sharing layers. Both RoPE pairings follow ``rope_interleave`` and
+  ``indexer_rope_interleave`` (GLM-5 configs: true for both; transformers' class always interleaves, so parity holds
+  for those).
 
 Names map mechanically: the model's own state dict, built on the meta device from the config, converted to HF
 names, *is* the list of tensors (and shapes) a checkpoint must hold, so a mismatch is reported tensor by tensor.
@@ -45,8 +51,10 @@ ARCHITECTURES = {
     "glm4": "Glm4ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
     "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+    "glm_moe_dsa": "GlmMoeDsaForCausalLM",
 }
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # glm4_moe_lite
+DSA_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")  # glm_moe_dsa, beside MLA_FIELDS
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # stored by some exporters; not a parameter
 # (ours, HF) name pieces inside one decoder layer, outside the mixer
 _LAYER_NAMES = [
@@ -77,13 +85,14 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         raise HFCheckpointError(
             f"unsupported model_type {family!r} in config.json: glmkit.hf loads "
             f"{sorted(ARCHITECTURES)} (GLM-4-9B: glm, GLM-4-0414: glm4, GLM-4.5/4.6/4.7: glm4_moe, "
-            f"GLM-4.7-Flash: glm4_moe_lite)"
+            f"GLM-4.7-Flash: glm4_moe_lite, GLM-5/5.1: glm_moe_dsa)"
         )
-    lite = family == "glm4_moe_lite"
-    moe = family in ("glm4_moe", "glm4_moe_lite")
+    dsa = family == "glm_moe_dsa"
+    lite = family in ("glm4_moe_lite", "glm_moe_dsa")  # MLA
+    moe = family in ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa")
     need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
     need += ["moe_intermediate_size", "n_routed_experts", "num_experts_per_tok"] if moe else []
-    missing = [k for k in need + (list(MLA_FIELDS) if lite else []) if k not in hf]
+    missing = [k for k in need + (list(MLA_FIELDS) if lite else []) + (list(DSA_FIELDS) if dsa else []) if k not in hf]
     if missing:
         raise HFCheckpointError(f"config.json ({family}) lacks required fields {missing}")
     if hf.get("hidden_act", "silu") != "silu":
@@ -93,11 +102,16 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         raise HFCheckpointError(
             f"config.json: rope_type={rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default' RoPE)"
         )
-    bad = [k for k in MLA_FIELDS if lite and not (hf[k] is None and k == "q_lora_rank") and not _positive(hf[k])]
+    bad = [
+        k
+        for k in MLA_FIELDS
+        if lite and not (hf[k] is None and k == "q_lora_rank" and not dsa) and not _positive(hf[k])
+    ]
+    bad += [k for k in DSA_FIELDS if dsa and not _positive(hf[k])]
     if bad:
         raise HFCheckpointError(
-            f"config.json (glm4_moe_lite): {bad[0]}={hf[bad[0]]!r} must be a positive int"
-            + (" or null" if bad[0] == "q_lora_rank" else "")
+            f"config.json ({family}): {bad[0]}={hf[bad[0]]!r} must be a positive int"
+            + (" or null" if bad[0] == "q_lora_rank" and not dsa else "")
         )
     if lite and float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
         raise HFCheckpointError(
@@ -159,6 +173,19 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
             mlp_layer_types=list(hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (L - 1)),
             extra={k: hf[k] for k in MLA_FIELDS},
         )
+    if dsa:  # GLM-5: MLA + the indexer; three dense layers first by default (GlmMoeDsaConfig)
+        n_dense = min(int(hf.get("first_k_dense_replace", 3)), L)
+        fields.update(
+            layer_types=["dsa"] * L,
+            mtp_layer_type="dsa",
+            mlp_layer_types=list(hf.get("mlp_layer_types") or ["dense"] * n_dense + ["sparse"] * (L - n_dense)),
+            extra={
+                **fields["extra"],
+                **{k: hf[k] for k in DSA_FIELDS},
+                "indexer_rope_interleave": bool(hf.get("indexer_rope_interleave", True)),
+                "indexer_types": _indexer_types(hf, L),
+            },
+        )
     fields.update(overrides)
     try:
         return DecoderConfig(**fields)
@@ -166,8 +193,43 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         raise HFCheckpointError(f"config.json ({family}) contradicts itself: {e}") from None
 
 
+def _indexer_types(hf: dict[str, Any], L: int) -> list[str] | None:
+    """glm_moe_dsa's per-layer "full"/"shared" indexers: ``indexer_types``, else transformers' rule from
+    ``index_topk_pattern`` (F/S letters) or ``index_topk_freq``/``index_skip_topk_offset`` (defaults 1, 2: all full).
+    None when every layer is full (GLM-5/5.1)."""
+    kinds = hf.get("indexer_types")
+    if kinds is None and hf.get("index_topk_pattern") is not None:
+        pattern = hf["index_topk_pattern"]
+        kinds = [{"F": "full", "S": "shared"}.get(c, c) for c in pattern] if isinstance(pattern, str) else pattern
+    if kinds is None:
+        freq, offset = max(int(hf.get("index_topk_freq", 1)), 1), int(hf.get("index_skip_topk_offset", 2))
+        kinds = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)]
+    kinds = list(kinds)
+    if len(kinds) != L or any(k not in ("full", "shared") for k in kinds):
+        raise HFCheckpointError(
+            f"config.json (glm_moe_dsa): indexer_types must list {L} of 'full'/'shared', got {kinds}"
+        )
+    return None if all(k == "full" for k in kinds) else kinds
+
+
 def family_of(cfg: DecoderConfig) -> str:
     """The HF family a config belongs to, or an ``HFCheckpointError`` saying why none can express it."""
+    if "dsa" in cfg.layer_types:
+        want = dict(
+            router="sigmoid",
+            layer_types=["dsa"] * cfg.num_hidden_layers,
+            mtp_layer_type="dsa",
+            sandwich_norms=False,
+            use_qk_norm=False,
+        )
+        problems = [
+            f"{k}={getattr(cfg, k)!r} (glm_moe_dsa needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v
+        ]
+        if not cfg.n_routed_experts:
+            problems.append("n_routed_experts=0 (glm_moe_dsa stores MoE layers)")
+        if problems:
+            raise HFCheckpointError("this model has no Hugging Face equivalent: " + "; ".join(problems))
+        return "glm_moe_dsa"
     if "mla" in cfg.layer_types:
         want = dict(
             router="sigmoid",
@@ -239,7 +301,7 @@ def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
     }
-    if family in ("glm4_moe", "glm4_moe_lite"):
+    if family in ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa"):
         out.update(
             {
                 k: getattr(cfg, k)
@@ -258,12 +320,16 @@ def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict
             use_qk_norm=cfg.use_qk_norm,
             first_k_dense_replace=cfg.mlp_layer_types.count("dense"),
         )
-    if family == "glm4_moe_lite":  # MLA fields; RoPE over the whole rope slice; heads = KV heads
+    if family in ("glm4_moe_lite", "glm_moe_dsa"):  # MLA fields; RoPE over the whole rope slice; heads = KV heads
         for k in ("use_qk_norm", "first_k_dense_replace", "head_dim"):
             del out[k]
         out.update({k: cfg.opt(k) for k in MLA_FIELDS}, num_key_value_heads=cfg.num_attention_heads)
         out.update(rope_interleave=cfg.rope_interleave, mlp_layer_types=list(cfg.mlp_layer_types))
         out["rope_parameters"]["partial_rotary_factor"] = 1.0
+    if family == "glm_moe_dsa":  # the indexer; every layer "full" unless the model shares indices
+        kinds = cfg.opt("indexer_types")
+        out.update({k: cfg.opt(k) for k in DSA_FIELDS}, indexer_rope_interleave=cfg.opt("indexer_rope_interleave"))
+        out.update(indexer_types=list(kinds) if kinds is not None else ["full"] * cfg.num_hidden_layers)
     if dtype is not None:
         out["dtype"] = str(dtype).removeprefix("torch.")
     return out
@@ -469,7 +535,8 @@ def load_hf(
     device: torch.device | str | None = None,
     **config_overrides: Any,
 ) -> Decoder:
-    """Load a ``glm``/``glm4``/``glm4_moe``/``glm4_moe_lite`` checkpoint folder into a ``Decoder``, in eval mode.
+    """Load a ``glm``/``glm4``/``glm4_moe``/``glm4_moe_lite``/``glm_moe_dsa`` checkpoint folder into a ``Decoder``, in
+    eval mode.
 
     dtype: convert the weights (default: as stored; the routing bias stays fp32); device: default CPU.
     ``config_overrides`` change config fields after reading config.json. ``glm4_moe(_lite)``: the MTP layer is loaded
@@ -484,7 +551,10 @@ def load_hf(
     except json.JSONDecodeError as e:
         raise HFCheckpointError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
     tensors = _stack_to_per_expert({k: v for k, v in _read_tensors(folder).items() if not _IGNORED.match(k)})
-    if hf.get("model_type") in ("glm4_moe", "glm4_moe_lite") and "num_nextn_predict_layers" not in config_overrides:
+    if (
+        hf.get("model_type") in ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa")
+        and "num_nextn_predict_layers" not in config_overrides
+    ):
         n = int(hf.get("num_hidden_layers", 0))
         stored = any(k.startswith(f"model.layers.{n}.") for k in tensors)
         config_overrides["num_nextn_predict_layers"] = min(int(hf.get("num_nextn_predict_layers", 0) or 0), 1) * stored

@@ -16,6 +16,10 @@ Published sizes the presets are checked against (tests/models/test_presets.py, w
                  30.59B (+2.0 %), and with its stored embedding and head copies 31.22B, the "31B params" the Hugging
                  Face page computes from the safetensors files. Active without embedding and head: 3.26B, which
                  "A3B" rounds to one digit (tests/mixers/test_mla.py checks these figures).
+  glm-5          744B total / 40B active: the zai-org/GLM-5 README. The main model without the MTP layer counts
+                 743.91B (−0.01 %; routing-bias buffers not counted, DSA indexers counted); active without embedding
+                 and head 39.88B (−0.3 %): every attention weight with its indexer, the 3 dense FFNs, 8 routed + 1
+                 shared experts in each of the 75 MoE layers, routers and norms (tests/test_hf_dsa.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ PUBLISHED = {
     "glm-4.5": (355 * B, 32 * B),
     "glm-4.5-air": (106 * B, 12 * B),
     "glm-4.7-flash": (30 * B, 3 * B),
+    "glm-5": (744 * B, 40 * B),
 }
 
 _GLM4 = dict(
@@ -232,6 +237,55 @@ PRESETS: dict[str, DecoderConfig] = {
         extra=dict(q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128),
     ),
 }
+# GLM-5 / GLM-5.1 (HF `glm_moe_dsa`; glmkit.mixers.dsa): 78 DSA layers (MLA of 64 heads, q_lora 2048, kv_lora 512,
+# q·k 192 + 64, v 256, interleaved RoPE, θ = 1e6; indexer 32 heads × 128, top-2048), 3 dense layers then 75 MoE
+# layers of 256 experts of 2048 (top-8 + 1 shared, ×2.5); one MTP layer (stored as layer 78). glm-lineage.md §5.1.
+PRESETS["glm-5"] = DecoderConfig(
+    vocab_size=154880,
+    hidden_size=6144,
+    num_hidden_layers=78,
+    num_attention_heads=64,
+    head_dim=256,
+    intermediate_size=12288,
+    max_position_embeddings=202752,
+    partial_rotary_factor=1.0,
+    rope_theta=1e6,
+    layer_types=["dsa"] * 78,
+    mtp_layer_type="dsa",
+    n_routed_experts=256,
+    num_experts_per_tok=8,
+    moe_intermediate_size=2048,
+    n_shared_experts=1,
+    first_k_dense_replace=3,
+    routed_scaling_factor=2.5,
+    num_nextn_predict_layers=1,
+    pad_token_id=154820,
+    eos_token_id=(154820, 154827, 154829),
+    extra=dict(
+        q_lora_rank=2048,
+        kv_lora_rank=512,
+        qk_nope_head_dim=192,
+        qk_rope_head_dim=64,
+        v_head_dim=256,
+        index_n_heads=32,
+        index_head_dim=128,
+        index_topk=2048,
+    ),
+)
+# The course's DSA models (lesson 06): cpu-mla / gpu-mla with DSA layers (indexer 8 heads × 32, RoPE on its first 16
+# dims; gpu: 16 heads × 64), top-32 on the CPU (lesson 06 trains at 128 tokens), top-256 on the GPU.
+PRESETS["cpu-dsa"] = dataclasses.replace(
+    PRESETS["cpu-mla"],
+    layer_types=["dsa"] * 4,
+    mtp_layer_type="dsa",
+    extra={**PRESETS["cpu-mla"].extra, "index_n_heads": 8, "index_head_dim": 32, "index_topk": 32},
+)
+PRESETS["gpu-dsa"] = dataclasses.replace(
+    PRESETS["gpu-mla"],
+    layer_types=["dsa"] * 8,
+    mtp_layer_type="dsa",
+    extra={**PRESETS["gpu-mla"].extra, "index_n_heads": 16, "index_head_dim": 64, "index_topk": 256},
+)
 # The 3:1 hybrids (lesson 07): GLM-5.3-Flash's pattern (glm5_next: layer i is full attention when i % 4 == 3, KDA
 # otherwise; Qwen3-Next places its Gated DeltaNet layers the same way). KDA, not GDN: it is the GLM lineage's own
 # linear layer. Every other field is cpu-small's / gpu-small's, so those two are the full-attention twins.

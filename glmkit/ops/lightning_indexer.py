@@ -131,7 +131,11 @@ def indexer_topk(q, k, w, topk: int, offset: int = 0, key_mask=None, scale: floa
     """The keys each query attends to: idx [B, T, min(topk, L)] int32, the indices of the largest visible index
     logits of each query in no particular order, −1 in the slots a query cannot fill (it sees fewer than topk keys:
     early tokens of a prefill). Indices are distinct. Arguments as ``lightning_indexer``. Queries are scored in
-    chunks of the causal prefix they can see, so the fp32 logits never exceed ``LOGITS_CHUNK_BYTES``."""
+    chunks of the causal prefix they can see, so the fp32 logits never exceed ``LOGITS_CHUNK_BYTES``.
+
+    Ties (equal logits: a key every head scores ≤ 0 gets exactly 0) are broken by ``torch.topk``, which promises no
+    order; with few index heads they are common and a cached decode step may then pick another of the tied keys
+    than a prefill did. GLM-5's 32 heads make an all-negative key rare (the course presets use 8)."""
     _check(q, k, w, offset, key_mask, scale)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be a positive int, got {topk!r}")

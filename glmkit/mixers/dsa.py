@@ -1,0 +1,266 @@
+"""DeepSeek Sparse Attention (DSA) as GLM-5/5.1 ship it (HF ``glm_moe_dsa``): MLA whose queries each attend only to
+the k earlier tokens a lightning indexer picks. The ``"dsa"`` mixer of ``glmkit.models.decoder``. Facts:
+shared/reference/glm-lineage.md §5.2–§5.5.
+
+What it adds to the ``"mla"`` mixer (lesson 05, whose class it extends and whose weights, cache and paths it keeps):
+
+    c_Q, q, (c_KV, k_rot)   exactly MLA's (``MLA.query``, ``MLA.latent_kv``)
+    q_I  = RoPE(wq_b(c_Q))                     [B, T, 32, 128]   index queries from MLA's q latent; RoPE on the
+    k_I  = RoPE(LayerNorm(wk(x)))              [B, T, 128]       FIRST qk_rope_head_dim dims (MLA rotates its LAST)
+    w_I  = weights_proj(x) · H_I^-½            [B, T, 32]        per-head weights (fp32)
+    I    = Σ_h w_I · ReLU(q_I · k_I · 128^-½)  causal            ``glmkit.ops.lightning_indexer``
+    idx  = top-k(I), k = index_topk (2048)     [B, T, k]         −1 where fewer keys are visible
+    o    = sparse MLA over idx, MQA mode       ``glmkit.ops.sparse_mla`` (W_UK folded into q, W_UV after)
+
+With T ≤ k every causal key is selected and the layer equals MLA (tests/mixers/test_dsa.py). The cache (``DSAState``)
+keeps MLA's latent [c_KV | k_rot] plus one index key per token; it grows with T, so ``Cache.rollback`` only moves the
+length. The indexer's RoPE pairing follows ``indexer_rope_interleave`` (GLM-5 configs: true; transformers' GLM class
+always interleaves, DeepSeek-V3.2's HF class always half-splits).
+
+Index sharing (``indexer_types``, GLM-5.2's IndexShare, arXiv:2603.12201): a "shared" layer has no indexer and reuses
+the top-k of the last "full" layer before it in the same forward (carried on the ``Step``). None = every layer full,
+GLM-5/5.1's setting.
+
+Training, DeepSeek-V3.2 §2.1 (``dsa_stage``; ``set_dsa_stage(model, stage)`` switches a model and freezes for it):
+* "warmup": dense attention (MLA's paths); only the indexers train (``set_dsa_stage`` freezes the rest), on
+  KL(p ‖ softmax(I)) over every visible key, p = the main attention summed over heads, L1-normalised.
+* "sparse" (the default, and what inference runs): top-k attention; the indexer loss covers the selected set only and
+  the indexer reads detached inputs, so the indexer learns from its loss alone and the model from the LM loss alone.
+A training forward sets ``aux_loss`` (``dsa_loss_coeff`` × the KL, named "dsa_indexer": ``train()`` adds it and keeps
+its curve) and ``aux_stats["dsa_recall"]``: the share of the true attention's top-k (by p over all visible keys) the
+indexer selected, over the queries that see more than k keys (``dsa_track_recall``; it costs the dense attention
+probabilities, O(T²·H) memory).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from glmkit.mixers import Step, register
+from glmkit.mixers.mla import MLA, MLAState
+from glmkit.ops.lightning_indexer import (
+    attention_target,
+    indexer_kl_loss,
+    indexer_topk,
+    lightning_indexer,
+    lightning_indexer_at,
+    visibility,
+)
+from glmkit.ops.rope import rope
+from glmkit.ops.sparse_mla import selected_mask, sparse_mla, sparse_mla_decode
+
+INDEXER_NORM_EPS = 1e-6  # transformers' nn.LayerNorm(index_head_dim, eps=1e-6) (DeepSeek's reference too)
+STAGES = ("warmup", "sparse")
+INDEXER_TYPES = ("full", "shared")
+
+
+class DSAState(MLAState):
+    """MLA's latent ``[B, T_max, R + P]`` plus the indexer's keys ``index_keys [B, T_max, D_I]`` (one per token, after
+    its LayerNorm and RoPE), both written at the cache's length."""
+
+    def __init__(self, batch_size, max_len, kv_lora_rank, rope_dim, index_dim, dtype, device):
+        super().__init__(batch_size, max_len, kv_lora_rank, rope_dim, dtype, device)
+        self.index_keys = torch.zeros(batch_size, max_len, index_dim, dtype=dtype, device=device)
+
+    def append_index_keys(self, k: torch.Tensor, start: int) -> torch.Tensor:
+        """Store k [B, T, D_I] at [start, start + T); return the view of [0, start + T)."""
+        end = start + k.shape[1]
+        self.index_keys[:, start:end] = k
+        return self.index_keys[:, :end]
+
+
+class Indexer(nn.Module):
+    """The lightning indexer's projections, under transformers' names (``self_attn.indexer.*``)."""
+
+    def __init__(self, hidden_size, q_lora_rank, n_heads, head_dim, rope_dim, pairing, theta):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim, self.pairing, self.theta = (
+            n_heads,
+            head_dim,
+            rope_dim,
+            pairing,
+            theta,
+        )
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(hidden_size, head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(head_dim, eps=INDEXER_NORM_EPS)
+        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
+
+    def forward(self, x: torch.Tensor, c_q: torch.Tensor, step: Step):
+        """x [B, T, d], c_Q [B, T, q_lora_rank] → q_I [B, T, H_I, D_I], k_I [B, T, D_I], w_I [B, T, H_I] fp32."""
+        q = rearrange(self.wq_b(c_q), "b t (h d) -> b h t d", h=self.n_heads)
+        k = self.k_norm(self.wk(x))[:, None]  # one key per token: a single head [B, 1, T, D_I]
+        cos, sin = step.rope(self.rope_dim, self.theta)
+        q, k = rope(q, k, cos, sin, self.rope_dim, self.pairing)  # the first rope_dim dims of each head
+        w = self.weights_proj(x).float() * self.n_heads**-0.5
+        return q.transpose(1, 2), k[:, 0], w
+
+
+def _option(cfg, name, check, want):
+    v = cfg.opt(name)
+    if not check(v):
+        raise ValueError(f"dsa option {name}={v!r} must be {want}")
+    return v
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+@register("dsa")
+class DSA(MLA):
+    """MLA (all its parameters and names) plus ``indexer`` (``wq_b``, ``wk``, ``k_norm``, ``weights_proj``) on
+    "full" layers."""
+
+    # MLA's options plus the indexer's (HF names; glmkit's own: dsa_stage, dsa_loss_coeff, dsa_track_recall). Defaults
+    # make a tiny working layer whose top-k bites from 17 tokens on (GLM-5: 32 heads × 128, k = 2048).
+    options: dict = {
+        **MLA.options,
+        "index_n_heads": 8,
+        "index_head_dim": 32,
+        "index_topk": 16,
+        "indexer_rope_interleave": True,
+        "indexer_types": None,  # list of "full"/"shared" per layer; None = all full (GLM-5/5.1)
+        "dsa_stage": "sparse",
+        "dsa_loss_coeff": 1.0,
+        "dsa_track_recall": True,
+    }
+    aux_name = "dsa_indexer"
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        if self.q_lora_rank is None:
+            raise ValueError("dsa needs q_lora_rank (its indexer projects MLA's query latent c_Q), got None")
+        self.index_heads = _option(cfg, "index_n_heads", _pos_int, "a positive int")
+        self.index_dim = _option(cfg, "index_head_dim", _pos_int, "a positive int")
+        if self.index_dim < self.rope_dim:
+            raise ValueError(
+                f"dsa option index_head_dim={self.index_dim} must be >= qk_rope_head_dim={self.rope_dim} (the "
+                "indexer rotates its first qk_rope_head_dim dims)"
+            )
+        self.topk = _option(cfg, "index_topk", _pos_int, "a positive int")
+        interleave = _option(cfg, "indexer_rope_interleave", lambda v: isinstance(v, bool), "True or False")
+        self.stage = _option(cfg, "dsa_stage", lambda v: v in STAGES, f"one of {STAGES}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        self.loss_coeff = float(_option(cfg, "dsa_loss_coeff", number, "a number >= 0"))
+        self.track_recall = bool(cfg.opt("dsa_track_recall"))
+        kinds = cfg.opt("indexer_types")
+        L = cfg.num_hidden_layers
+        if kinds is not None and (
+            not isinstance(kinds, (list, tuple)) or len(kinds) != L or any(k not in INDEXER_TYPES for k in kinds)
+        ):
+            raise ValueError(
+                f"dsa option indexer_types must be None or {L} entries from {INDEXER_TYPES}, got {kinds!r}"
+            )
+        self.full = kinds is None or layer_idx >= L or kinds[layer_idx] == "full"  # the MTP layer (idx L): its own
+        if not self.full and not any(cfg.layer_types[j] == "dsa" and kinds[j] == "full" for j in range(layer_idx)):
+            raise ValueError(
+                f"dsa layer {layer_idx} is 'shared' but no 'full' dsa layer comes before it to share top-k indices with"
+            )
+        if self.full:
+            pairing = "interleaved" if interleave else "half"
+            self.indexer = Indexer(
+                cfg.hidden_size, self.q_lora_rank, self.index_heads, self.index_dim, self.rope_dim, pairing, self.theta
+            )
+        self.aux_loss = None
+        self.aux_stats: dict[str, torch.Tensor] = {}
+
+    # -- the contract ----------------------------------------------------------------------------------------------
+    def new_state(self, batch_size: int, max_len: int, dtype, device) -> MLAState:
+        if not self.full:  # a shared layer keeps no index keys
+            return MLAState(batch_size, max_len, self.kv_lora_rank, self.rope_dim, dtype, device)
+        return DSAState(batch_size, max_len, self.kv_lora_rank, self.rope_dim, self.index_dim, dtype, device)
+
+    @staticmethod
+    def state_bytes(cfg, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of one full layer's cache for ``seq_len`` positions: MLA's latent plus the index key
+        (GLM-5, one token, bf16: (512 + 64 + 128) · 2 = 1408 bytes)."""
+        per_token = cfg.opt("kv_lora_rank") + cfg.opt("qk_rope_head_dim") + cfg.opt("index_head_dim")
+        return batch_size * seq_len * per_token * torch.empty((), dtype=dtype).element_size()
+
+    def forward(self, x: torch.Tensor, step: Step, state: MLAState | None) -> torch.Tensor:
+        self.aux_loss, self.aux_stats = None, {}
+        q_nope, q_rot, c_q = self.query(x, step)
+        c_kv, k_rot = self.latent_kv(x, step)
+        if state is not None:
+            c_kv, k_rot = state.append(c_kv, k_rot, step.offset)  # [B, L, R], [B, L, P]
+        key_mask = None if step.visible is None else step.visible[:, -1, :]  # real keys (left padding) [B, L]
+        training = self.training and torch.is_grad_enabled()
+        sparse = self.stage == "sparse"
+        if self.full:
+            detach = training and sparse  # the indexer learns from its own loss only
+            q_i, k_i, w_i = self.indexer(x.detach() if detach else x, c_q.detach() if detach else c_q, step)
+            if state is not None:
+                k_i = state.append_index_keys(k_i, step.offset)
+            idx = indexer_topk(q_i, k_i, w_i, self.topk, step.offset, key_mask) if sparse or training else None
+            step.dsa_topk = idx  # for the "shared" layers after this one
+        else:
+            idx = step.dsa_topk
+        if not sparse and not training:
+            out = self.attend(q_nope, q_rot, c_kv, k_rot, step)  # dense warm-up: MLA as it is
+        else:
+            w_uk, w_uv = self.absorbed_weights()
+            q_lat = torch.einsum("bhtn,hnr->bthr", q_nope, w_uk)  # MQA mode: W_UK folded into the query [B, T, H, R]
+            q_rope = q_rot.transpose(1, 2)  # [B, T, H, P]
+            if sparse:
+                attend = sparse_mla_decode if state is not None and step.offset > 0 else sparse_mla
+                o_lat = attend(q_lat, q_rope, c_kv, k_rot, idx, self.scale)
+                out = torch.einsum("bthr,hvr->bhtv", o_lat, w_uv)  # W_UV after the weighted sum
+            else:
+                out = self.attend(q_nope, q_rot, c_kv, k_rot, step)
+            if training and self.full:
+                self._indexer_loss(q_lat, q_rope, c_kv, k_rot, q_i, k_i, w_i, idx, step.offset, key_mask)
+        return self.o_proj(rearrange(out, "b h t v -> b t (h v)"))
+
+    # -- training ----------------------------------------------------------------------------------------------------
+    def _indexer_loss(self, q_lat, q_rope, c_kv, k_rot, q_i, k_i, w_i, idx, offset, key_mask) -> None:
+        """``aux_loss`` = coeff · KL(p ‖ softmax(I)) (dense: every visible key; sparse: the selected set) and
+        ``aux_stats["dsa_recall"]``; p comes from the main attention with no gradient."""
+        T, L = q_lat.shape[1], c_kv.shape[1]
+        q_abs = torch.cat((q_lat, q_rope), dim=-1).detach()  # every head against the shared latent rows
+        kv = torch.cat((c_kv, k_rot), dim=-1).detach()
+        vis = visibility(T, L, offset, key_mask, q_lat.device)
+        p_dense = None
+        if self.stage == "warmup":
+            p_dense = attention_target(q_abs, kv, self.scale, visible=vis)
+            loss = indexer_kl_loss(lightning_indexer(q_i, k_i, w_i, offset, key_mask), p_dense)
+        else:
+            p_sel = attention_target(q_abs, kv, self.scale, idx=idx)
+            loss = indexer_kl_loss(lightning_indexer_at(q_i, k_i, w_i, idx), p_sel)
+        self.aux_loss = self.loss_coeff * loss
+        if self.track_recall:
+            if p_dense is None:
+                p_dense = attention_target(q_abs, kv, self.scale, visible=vis)
+            self.aux_stats = {"dsa_recall": topk_recall(p_dense, vis, idx, self.topk)}
+
+
+def topk_recall(p: torch.Tensor, visible: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of the true top-k keys (largest p among the visible ones) that the indexer's idx [B, T, N] holds,
+    averaged over the queries that see more than k keys (1 when none does: then every key is selected)."""
+    p, L = p.detach(), p.shape[-1]
+    vis = visible.expand_as(p)
+    true_top = p.masked_fill(~vis, -1.0).topk(min(k, L), dim=-1).indices  # [B, T, k]
+    hit = selected_mask(idx, L).gather(-1, true_top).float().mean(-1)  # [B, T]
+    rows = (vis.sum(-1) > k).float()
+    return torch.where(rows.sum() > 0, (hit * rows).sum() / rows.sum().clamp_min(1.0), torch.ones((), device=p.device))
+
+
+def set_dsa_stage(model: nn.Module, stage: str) -> None:
+    """Switch every DSA layer of ``model`` to ``stage`` ("warmup" or "sparse") and record it in the config (a
+    checkpoint keeps it). "warmup" freezes every parameter but the indexers' (DeepSeek-V3.2's dense warm-up trains the
+    indexer alone; ``train()`` optimises the parameters that require a gradient); "sparse" unfreezes them all."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    layers = [m for m in model.modules() if isinstance(m, DSA)]
+    if not layers:
+        raise ValueError("this model has no dsa layer")
+    indexers = {id(p) for m in layers if m.full for p in m.indexer.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(stage == "sparse" or id(p) in indexers)
+    for m in layers:
+        m.stage = stage
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.extra = {**config.extra, "dsa_stage": stage}
