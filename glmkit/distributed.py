@@ -38,6 +38,7 @@ of those runs also uses.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from typing import Any
 
@@ -142,7 +143,10 @@ class DataParallel(Local):
             # for unused ones. Buffers (router biases, load counters) are kept equal by the trainer, not broadcast
             # by DDP at every forward.
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+            no_sync = {"broadcast_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # torch >= 2.13
+                no_sync = {"forward_sync_buffers": False}
+            return DistributedDataParallel(net, device_ids=ids, **no_sync)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from glmkit.data.hf_tokenizer import HFTokenizer  # noqa: E402
 from glmkit.data.python_corpus import stdlib_root  # noqa: E402
 from glmkit.data.tokenizer import ByteTokenizer  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 TOML = """
 out_dir = "{out}"
 preset = "cpu-small"
@@ -43,7 +45,9 @@ eval_batches = 1
 
 
 def _env(tmp_path):
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLMKIT_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLMKIT_CACHE": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)  # glmkit from here
+    return env
 
 
 def _cli(tmp_path, *args, timeout=240):

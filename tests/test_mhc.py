@@ -188,3 +188,47 @@ def test_config_fields_round_trip():
     cfg = get_config("cpu-small", hc_mult=2, hc_sinkhorn_iters=7, hc_eps=1e-5, swiglu_limit=10)
     back = DecoderConfig.from_dict(cfg.to_dict())
     assert back == cfg and back.swiglu_limit == 10.0 and isinstance(back.swiglu_limit, float)
+
+
+@pytest.mark.gpu
+def test_gpu_decoder_with_streams_bf16_kernels_no_sync():
+    """On the GPU with the Triton kernels: bf16 autocast close to fp32, gradients reach every mHC parameter, and a
+    training forward and a cached decode step make no host sync (after a warm-up: autotuning may sync)."""
+    model = _hc_model(swiglu_limit=7.0).cuda()
+    x = torch.randint(0, 264, (4, 64), device="cuda")
+    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+    with torch.no_grad():
+        want = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = model(x)
+    assert rel_err(want, got.float()) < 3e-2
+
+    def decode():
+        cache = model.new_cache(4, 80)
+        model(x, cache=cache)
+        return cache
+
+    model.train()
+    for checked in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if checked else 0)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        model.zero_grad()
+        loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "_hc." in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    model.eval()
+    with torch.no_grad():
+        for checked in (False, True):
+            cache = decode()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if checked else 0)
+            try:
+                step = model(x[:, :1], cache=cache)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    assert step.shape == (4, 1, 264) and torch.isfinite(step).all()
