@@ -214,6 +214,11 @@ def _indexer_types(hf: dict[str, Any], L: int) -> list[str] | None:
 
 def family_of(cfg: DecoderConfig) -> str:
     """The HF family a config belongs to, or an ``HFCheckpointError`` saying why none can express it."""
+    if cfg.hc_mult != 1 or cfg.swiglu_limit is not None:  # glm5_next's pieces: none of the families below has them
+        raise HFCheckpointError(
+            f"this model has no Hugging Face equivalent here: hc_mult={cfg.hc_mult} and swiglu_limit="
+            f"{cfg.swiglu_limit} are GLM-5.3-Flash's (glm5_next), which glmkit.hf does not save yet"
+        )
     if "dsa" in cfg.layer_types:
         want = dict(
             router="sigmoid",

@@ -232,3 +232,13 @@ def test_gpu_decoder_with_streams_bf16_kernels_no_sync():
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     assert step.shape == (4, 1, 264) and torch.isfinite(step).all()
+
+
+def test_hf_export_refuses_glm5_next_pieces():
+    """No HF family glmkit saves today has mHC or the clamped SwiGLU: saving says so rather than dropping them."""
+    from glmkit.hf import HFCheckpointError, family_of
+
+    assert family_of(get_config("cpu-moe")) == "glm4_moe"
+    for change in ({"hc_mult": 2}, {"swiglu_limit": 10.0}):
+        with pytest.raises(HFCheckpointError, match="glm5_next"):
+            family_of(get_config("cpu-moe", **change))
