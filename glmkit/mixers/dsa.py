@@ -91,7 +91,8 @@ class Indexer(nn.Module):
     def forward(self, x: torch.Tensor, c_q: torch.Tensor, step: Step):
         """x [B, T, d], c_Q [B, T, q_lora_rank] → q_I [B, T, H_I, D_I], k_I [B, T, D_I], w_I [B, T, H_I] fp32."""
         q = rearrange(self.wq_b(c_q), "b t (h d) -> b h t d", h=self.n_heads)
-        k = self.k_norm(self.wk(x))[:, None]  # one key per token: a single head [B, 1, T, D_I]
+        k = self.k_norm(self.wk(x)).to(q.dtype)[:, None]  # one key per token: one head [B, 1, T, D_I] (the cast:
+        # autocast runs LayerNorm in fp32)
         cos, sin = step.rope(self.rope_dim, self.theta)
         q, k = rope(q, k, cos, sin, self.rope_dim, self.pairing)  # the first rope_dim dims of each head
         w = self.weights_proj(x).float() * self.n_heads**-0.5
@@ -194,6 +195,7 @@ class DSA(MLA):
             q_i, k_i, w_i = self.indexer(x.detach() if detach else x, c_q.detach() if detach else c_q, step)
             if state is not None:
                 k_i = state.append_index_keys(k_i, step.offset)
+                q_i = q_i.to(k_i.dtype)  # under autocast the cache keeps the model's dtype
             idx = indexer_topk(q_i, k_i, w_i, self.topk, step.offset, key_mask) if sparse or training else None
             step.dsa_topk = idx  # for the "shared" layers after this one
         else:
@@ -202,8 +204,8 @@ class DSA(MLA):
             out = self.attend(q_nope, q_rot, c_kv, k_rot, step)  # dense warm-up: MLA as it is
         else:
             w_uk, w_uv = self.absorbed_weights()
-            q_lat = torch.einsum("bhtn,hnr->bthr", q_nope, w_uk)  # MQA mode: W_UK folded into the query [B, T, H, R]
-            q_rope = q_rot.transpose(1, 2)  # [B, T, H, P]
+            q_lat = torch.einsum("bhtn,hnr->bthr", q_nope, w_uk).to(c_kv.dtype)  # MQA mode: W_UK in the query
+            q_rope = q_rot.transpose(1, 2).to(c_kv.dtype)  # [B, T, H, P]; the cache's dtype under autocast
             if sparse:
                 attend = sparse_mla_decode if state is not None and step.offset > 0 else sparse_mla
                 o_lat = attend(q_lat, q_rope, c_kv, k_rot, idx, self.scale)
