@@ -433,7 +433,7 @@ def train(
                 history.grad_norms.append(grad_norm)
                 for name in aux:
                     history.aux.setdefault(name, []).append(metrics[name])
-                stats = _aux_stats(model)
+                stats = {name: par.mean(v) for name, v in _aux_stats(model).items()}  # over processes
                 metrics.update(stats)
                 for name, v in stats.items():
                     history.stats.setdefault(name, []).append(v)
