@@ -102,8 +102,8 @@ class KernelAudit:
     Ops recorded (each at the point where the implementation is chosen, once per call): "attention"
     (forward; its backward follows the forward's path), "attention_decode" (the explicit-mask torch math of
     a decode step or a padded batch), "rmsnorm", "swiglu", "rope", "moe_experts", "mla_decode", "delta_rule",
-    "delta_rule_step". ``paths(op)`` is the set of paths an op took; ``only_triton()`` is True when every
-    recorded op took "triton".
+    "delta_rule_step", "lightning_indexer", "sparse_mla", "sparse_mla_decode". ``paths(op)`` is the set of paths an
+    op took; ``only_triton()`` is True when every recorded op took "triton".
     """
 
     def __init__(self) -> None:

@@ -14,6 +14,8 @@ That has to happen before ``triton.jit`` decorates the kernels, which is why it 
     moe_align     lesson 04: token permutation (counts, padding to the block, sorted slot ids)
     moe_experts   lesson 04: grouped GEMMs gathering rows by token id, SwiGLU epilogue, combine; fwd+bwd
     mla_decode    lesson 05: absorbed MLA decode (all heads of a token on one latent row), split-K over the cache
+    lightning_indexer  lesson 06: DSA's fused causal index logits Σ_h w·ReLU(q·k) (fp32, for the top-k)
+    sparse_mla    lesson 06: MLA in MQA mode over per-token index sets, fwd+bwd; split decode + combine
     delta_rule    lesson 07: chunked (gated) delta rule, scalar or per-channel (KDA) decay, fwd+bwd; decode step
 Each kernel module ``kernels/<op>.py`` has its op in ``glmkit/ops/<op>.py`` (reference, dispatch, autograd) and its
 tests in ``tests/ops/test_<op>.py``.
