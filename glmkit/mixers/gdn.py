@@ -154,6 +154,13 @@ class DeltaRuleLayer(nn.Module):
         W = self.conv1d.weight.shape[-1]
         return DeltaRuleState(batch_size, self.Hv, self.dk, self.dv, sum(self.qkv_split), W, dtype, device)
 
+    @staticmethod
+    def bytes_of_state(Hk, Hv, dk, dv, W, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of one ``DeltaRuleState``: the fp32 memory B · H_v · d_k · d_v · 4 plus the conv tail
+        B · (W − 1) · (2 · H_k · d_k + H_v · d_v) in ``dtype``. Neither depends on the context length."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return batch_size * (Hv * dk * dv * 4 + (W - 1) * (2 * Hk * dk + Hv * dv) * itemsize)
+
     def forward(self, x: torch.Tensor, step: Step, state: DeltaRuleState | None) -> torch.Tensor:
         B, T, _ = x.shape
         real = real_tokens(step, T)
@@ -231,6 +238,12 @@ class GatedDeltaNet(DeltaRuleLayer):
                 f"DecoderConfig.linear_num_value_heads={Hv}: must be a multiple of linear_num_key_heads={Hk}"
             )
         return Hk, Hv, dk, dv, W
+
+    @staticmethod
+    def state_bytes(cfg, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of one layer's decoding state, the same for every ``seq_len`` (``DeltaRuleLayer.bytes_of_state``;
+        Qwen3-Next, one sequence, bf16 conv tail: 32 · 128 · 128 · 4 B = 2 MiB of memory + 48 KiB of tail)."""
+        return DeltaRuleLayer.bytes_of_state(*GatedDeltaNet.dims(cfg), batch_size=batch_size, dtype=dtype)
 
     def __init__(self, cfg, layer_idx: int):
         Hk, Hv, dk, dv, W = self.dims(cfg)

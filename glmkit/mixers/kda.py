@@ -51,6 +51,13 @@ class KimiDeltaAttention(DeltaRuleLayer):
         D = option_int(cfg, "linear_head_dim", cfg.head_dim, "head_dim")
         return H, D, option_int(cfg, "linear_conv_kernel_dim", 4, "4")
 
+    @staticmethod
+    def state_bytes(cfg, seq_len: int, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of one layer's decoding state, the same for every ``seq_len`` (``DeltaRuleLayer.bytes_of_state``;
+        GLM-5.3-Flash, one sequence, bf16 conv tail: 64 · 128 · 128 · 4 B = 4 MiB of memory + 144 KiB of tail)."""
+        H, D, W = KimiDeltaAttention.dims(cfg)
+        return DeltaRuleLayer.bytes_of_state(H, H, D, D, W, batch_size=batch_size, dtype=dtype)
+
     def __init__(self, cfg, layer_idx: int):
         H, D, W = self.dims(cfg)
         super().__init__(cfg, H, H, D, D, W)

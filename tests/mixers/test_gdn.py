@@ -92,6 +92,31 @@ def test_options_default_to_the_attention_shapes_and_errors_are_named():
             Decoder(get_config("cpu-small", num_hidden_layers=1, layer_types=["gdn"], extra=extra))
 
 
+def test_state_bytes_is_the_allocated_state_and_does_not_grow():
+    """``state_bytes`` of both mixers equals what ``new_cache`` allocates (grouped value heads, d_k ≠ d_v, a conv of
+    width 3, bf16 and fp32), for any context length; at the published shapes (Qwen3-Next: 16 key heads and 32 value
+    heads of 128; GLM-5.3-Flash's KDA: 64 heads of 128; conv width 4) the fp32 memory is 2 MiB and 4 MiB per layer
+    and sequence, plus a bf16 conv tail of 3 · (q, k, v channels) · 2 bytes."""
+    extra = {"linear_num_value_heads": 8, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 3}
+    for mixer, ex in (("gdn", extra), ("kda", {})):
+        cfg = get_config("cpu-small", num_hidden_layers=1, layer_types=[mixer], extra=ex)
+        model = Decoder(cfg)
+        for B, L, dtype in ((1, 10, torch.bfloat16), (3, 500, torch.float32)):
+            got = MIXERS[mixer].state_bytes(cfg, L, batch_size=B, dtype=dtype)
+            assert got == model.new_cache(B, L, dtype=dtype).nbytes, (mixer, B, L, dtype)
+    qwen = get_config(
+        "cpu-small",
+        num_hidden_layers=1,
+        layer_types=["gdn"],
+        extra={"linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128},
+    )
+    assert GatedDeltaNet.state_bytes(qwen, 1) == 32 * 128 * 128 * 4 + 3 * (2 * 16 * 128 + 32 * 128) * 2
+    glm = get_config(
+        "cpu-small", num_hidden_layers=1, layer_types=["kda"], extra={"linear_num_heads": 64, "linear_head_dim": 128}
+    )
+    assert MIXERS["kda"].state_bytes(glm, 10**6, batch_size=2) == 2 * (64 * 128 * 128 * 4 + 3 * 3 * 64 * 128 * 2)
+
+
 # ---- (b) the state, both mixers ----------------------------------------------------------------------------
 
 
