@@ -35,11 +35,42 @@ import torch
 @dataclass
 class GenerationOutput:
     """``tokens[b]``: the ids generated for prompt b (without the stop token); ``stop_reasons[b]``: "stop" or
-    "length"; ``sequences`` [B, P + n]: the left-padded prompts followed by what was generated."""
+    "length"; ``sequences`` [B, P + n]: the left-padded prompts followed by what was generated; ``speculation``:
+    acceptance and timing (``glmkit.speculative.SpeculativeStats``) when drafted with ``draft_tokens`` > 0."""
 
     tokens: list[list[int]]
     stop_reasons: list[str]
     sequences: torch.Tensor
+    speculation: Any = None
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def token_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The distribution ``sample_next`` draws from (temperature > 0), fp32 [..., V]: softmax(logits / temperature)
+    restricted to the top_k most likely tokens, then to the smallest set whose probability reaches top_p (the most
+    likely token always stays), renormalised. Speculative decoding needs it whole (``glmkit.speculative``)."""
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("token_probs needs temperature > 0 (temperature 0 is the argmax)")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k, dim=-1).values[..., -1:], float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
 
 
 def sample_next(
@@ -49,27 +80,13 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row from logits [B, V] → [B] int64. temperature 0: greedy (argmax). Otherwise softmax(logits /
-    temperature) restricted to the top_k most likely tokens, then to the smallest set whose probability reaches
-    top_p (the most likely token always stays), renormalised and sampled with ``generator``."""
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    logits = logits.float()
+    """One token per row from logits [B, V] → [B] int64. temperature 0: greedy (argmax). Otherwise a draw from
+    ``token_probs`` (temperature, then top_k, then top_p) with ``generator``."""
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        logits = logits.masked_fill(logits < torch.topk(logits, top_k, dim=-1).values[:, -1:], float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+        return logits.float().argmax(dim=-1)
+    probs = token_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 def _prompt_rows(prompts) -> list[list[int]]:
@@ -102,6 +119,7 @@ def generate(
     sep: int | Sequence[int] | None = None,
     position_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    draft_tokens: int = 0,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` after each prompt (a list of ids, a list of lists, or [B, T]).
 
@@ -109,8 +127,31 @@ def generate(
     pad_id: the filler for left padding and finished rows (masked out either way); sep: the bidirectional prefix
     length per prompt, in its own tokens (int for all; None = causal); position_ids: the prompts' positions,
     [B, P] or [B, 2, P] (GLM-2021), for prompts of equal length (default 0..n−1, block position 0);
-    use_cache: decode with the cache (True) or re-run the full sequence each step (False).
+    use_cache: decode with the cache (True) or re-run the full sequence each step (False);
+    draft_tokens: n > 0 drafts n tokens per step with the model's MTP modules and verifies them in one forward
+    (``glmkit.speculative.generate_speculative``: greedy gives these same tokens, sampling the same distribution).
     """
+    if draft_tokens:
+        from glmkit.speculative import generate_speculative
+
+        if not use_cache or sep is not None or position_ids is not None:
+            raise ValueError(
+                "draft_tokens > 0 decodes with the cache, causally, at positions 0..n-1: leave "
+                "use_cache, sep and position_ids at their defaults"
+            )
+        return generate_speculative(
+            model,
+            prompts,
+            max_new_tokens,
+            draft_tokens=draft_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            banned_tokens=banned_tokens,
+            pad_id=pad_id,
+            generator=generator,
+        )
     cfg = model.config
     rows = _prompt_rows(prompts)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
