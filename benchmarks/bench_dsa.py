@@ -174,6 +174,7 @@ def run_layer(ts, log):
             f"{fmt(index_tf, '.0f')} | {fmt(topk)} | {fmt(r.get('sparse'))} | {fmt(sparse_tf, '.0f')} | {fmt(total)} | "
             f"{ratio(total, r.get('dense'))} |"
         )
+        log(rows[-1])  # the row survives in the log if a later T runs out of time
         torch.cuda.empty_cache() if DEV == "cuda" else None
     return rows, found
 
