@@ -158,7 +158,7 @@ def test_decoder_with_streams_names_shapes_cache_and_checkpoint(tmp_path):
 
 def test_decoder_with_streams_traces_whole_and_trains():
     torch._dynamo.reset()
-    model = _hc_model(swiglu_limit=7.0)
+    model = _hc_model(swiglu_limit=7.0, hc_sinkhorn_iters=5)  # 5 rounds: a shorter trace, the same graph shape
     x = torch.randint(0, 264, (2, 12))
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     model.train()
