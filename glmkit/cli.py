@@ -223,7 +223,10 @@ def run_train(
         line = f"step {history.steps[-1]}: loss {history.losses[-1]:.4f}"
         if history.eval_losses:
             line += f", val loss {history.eval_losses[-1]:.4f}"
-        print(f"{line}; {len(done)} steps this run, {tok_s:,.0f} tokens/s; saved in {out_dir}", file=sys.stderr)
+        print(
+            f"{line}; {len(done)} steps this run, {tok_s:,.0f} tokens/s (wall clock); saved in {out_dir}",
+            file=sys.stderr,
+        )
     return history
 
 
