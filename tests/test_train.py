@@ -17,7 +17,16 @@ from glmkit.models.decoder import Decoder
 from glmkit.models.glm2021 import GLMModel
 from glmkit.models.glm2021 import get_config as glm2021_config
 from glmkit.models.presets import get_config
-from glmkit.train import BLANK_INFILLING, NEXT_TOKEN, History, TrainConfig, default_data, lr_at, train
+from glmkit.train import (
+    BLANK_INFILLING,
+    NEXT_TOKEN,
+    History,
+    TrainConfig,
+    default_data,
+    lr_at,
+    mtp_weight_at,
+    train,
+)
 
 SEQ = 48
 
@@ -292,3 +301,42 @@ def test_moe_resume_is_bitwise_with_the_routing_bias(tmp_path):
     assert h.max_violation == h_full.max_violation
     assert torch.equal(biases(resumed), biases(full)) and same_state(resumed, full)
     assert same_state(load_pretrained(tmp_path / "run"), full)
+
+
+# -- multi-token prediction -------------------------------------------------------------------------------------
+def test_mtp_weight_schedule():
+    cfg = TrainConfig(steps=30)  # λ = 0.3 for the first 0.67 · 30 = 20.1 steps, then 0.1 (DeepSeek-V3, GLM-4.5)
+    assert [mtp_weight_at(cfg, s) for s in range(30)] == [0.3] * 21 + [0.1] * 9
+    assert {mtp_weight_at(TrainConfig(steps=30, mtp_weight_switch=1.0), s) for s in range(30)} == {0.3}
+    for bad in (dict(mtp_weight=-0.1), dict(mtp_weight_switch=1.5), dict(mtp_weight_final=float("nan"))):
+        with pytest.raises(ValueError, match="mtp_weight"):
+            TrainConfig(**bad)
+
+
+def test_mtp_loss_enters_with_the_scheduled_weight():
+    """λ = 0 in step 1, then 0.5: the MTP module's own weights (which no other loss reaches) stay put in step 1 and
+    move in step 2. ``History.aux["mtp"]`` is the unweighted mean over the depths, here D = 2 with one module."""
+    cfg = TrainConfig(
+        steps=2,
+        batch_size=2,
+        seq_len=16,
+        warmup_steps=1,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        mtp_weight=0.0,
+        mtp_weight_final=0.5,
+        mtp_weight_switch=0.5,
+    )
+    torch.manual_seed(0)
+    model = Decoder(get_config(small_dense().config, num_nextn_predict_layers=1, mtp_depth=2))
+    data = LMData(batch_size=2, seq_len=16, seed=0)
+    b = data.batch(0)
+    with torch.no_grad():
+        want = model.mtp_losses(b.input_ids, b.targets, model.hidden_states(b.input_ids)).mean().item()
+    before = model.mtp[0].eh_proj.weight.detach().clone()
+    seen = []
+    h = train(
+        model, data, cfg, callback=lambda *a: seen.append(model.mtp[0].eh_proj.weight.detach().clone()), **quiet()
+    )
+    assert torch.equal(seen[0], before) and not torch.equal(seen[1], before)
+    assert list(h.aux) == ["mtp"] and len(h.aux["mtp"]) == 2 and abs(h.aux["mtp"][0] - want) < 1e-5
