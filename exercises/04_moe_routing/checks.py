@@ -346,3 +346,53 @@ def align_padding_and_tail(ctx):
     for _ in range(2):
         used = sorted(ctx.rng.sample(range(E), 3))
         compare_align(ctx, routing(ctx, ctx.rng.randint(5, 12), 1, E, experts=used), E, 16)
+
+
+# -- the routed experts on the blocks ------------------------------------------------------------------
+def compare_grouped(ctx, N, H, I, E, k, block_m, mode="uniform", experts=None):
+    from glmkit.ops.moe_align import moe_align_reference
+    from glmkit.ops.moe_experts import moe_experts_reference
+
+    topk_idx = routing(ctx, N, k, E, mode, experts)
+    w = torch.rand(N, k, generator=ctx.gen) + 0.1
+    x = torch.randn(N, H, generator=ctx.gen)
+    w_gate_up = torch.randn(E, 2 * I, H, generator=ctx.gen) / H**0.5
+    w_down = torch.randn(E, H, I, generator=ctx.gen) / I**0.5
+    sorted_ids, expert_ids, _, counts = moe_align_reference(topk_idx, E, block_m)
+    ctx.note_inputs(
+        f"x [{N}, {H}], k={k}, E={E}, I={I}, block_m={block_m}; slots per expert {counts.tolist()}, "
+        f"{int((expert_ids >= 0).sum())} used blocks of {expert_ids.numel()}"
+    )
+    want = moe_experts_reference(x, topk_idx, w, w_gate_up, w_down).float()
+    got = ctx.call("grouped_experts", x, w, w_gate_up, w_down, sorted_ids, expert_ids, block_m)
+    ctx.expect_tensor("grouped_experts(...)", got, want, tol=W_TOL * 10)
+
+
+@Check(
+    points=3,
+    timeout=40,
+    title="experts on blocks: forward",
+    message=(
+        "For each block with expert e >= 0: take its rows of sorted_token_ids, drop the sentinel S, map slot s to "
+        "token s // k and weight topk_weight.flatten()[s]; gate, up = the two halves of x[token] @ w_gate_up[e].T "
+        "(gate first); out = (silu(gate) * up) @ w_down[e].T; add weight * out to y[token] (index_add_, not "
+        "assignment: a token has k slots)."
+    ),
+)
+def grouped_forward(ctx):
+    compare_grouped(ctx, 12, 16, 8, 4, 2, 4)
+    compare_grouped(ctx, 9, 12, 6, 6, 3, 8)
+
+
+@Check(
+    points=2,
+    timeout=40,
+    title="experts on blocks: padding, idle experts",
+    message=(
+        "Padding rows (the sentinel S) carry no slot, blocks with expert -1 are skipped, an expert nobody picked "
+        "has no block at all, and one expert may own several blocks."
+    ),
+)
+def grouped_padding_and_idle(ctx):
+    compare_grouped(ctx, 10, 8, 4, 8, 2, 4, mode="zipf", experts=[1, 4, 6])  # 5 experts idle
+    compare_grouped(ctx, 3, 8, 4, 8, 1, 8)

@@ -30,6 +30,13 @@ listed expert by expert, each expert's run padded with the sentinel S up to a mu
 The buffers have the fixed length S_pad = ``padded_size(S, E, block_m)`` (the worst case: every used
 expert wastes block_m − 1 rows), so no one has to wait for the counts before allocating them.
 
+Part 4: the routed experts' forward on that layout, in plain torch — what the grouped GEMM does, block by
+block (lesson 04 wrote the loop over experts; this is the other way round: a loop over blocks of rows, each
+block one expert's). For block b with expert e = expert_ids[b] (−1: an empty block, skip it): its rows are the
+slots sorted_token_ids[b·block_m : (b+1)·block_m] (the sentinel S marks padding), slot s is token s // k with
+weight topk_weight.flatten()[s]; gather those tokens' rows of x, apply expert e (SwiGLU:
+``down_e(silu(gate) · up)``, gate = the FIRST half of ``gate_up_e(x)``), weight each row, add it to its token.
+
 The notebook ex04.ipynb walks through each part; write the functions here, then run ``self_check()``
 there (or ``python -m glmkit.grading check`` in this folder). Do not import ``glmkit.moe``,
 ``glmkit.ops.moe_align`` or ``glmkit.kernels.moe_align``: they are the references you are re-implementing, and
@@ -279,3 +286,44 @@ def moe_align(
     )
     # END SOLUTION
     return sorted_ids, expert_ids, num_tokens_post_pad, counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Part 4 — the routed experts on the permutation's blocks (plain torch)
+# ----------------------------------------------------------------------------------------------------
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    topk_weight: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    block_m: int,
+) -> torch.Tensor:
+    """y [N, H] = Σ over each token's k slots of weight · expert(x[token]), computed block by block.
+
+    x:           [N, H] float32; topk_weight [N, k] float32 (slot s = token·k + j has weight topk_weight[s // k, j]).
+    w_gate_up:   [E, 2I, H] (rows 0..I−1 the gate, I..2I−1 the up projection); w_down [E, H, I].
+    sorted_token_ids [S_pad] int32, expert_ids [S_pad // block_m] int32: ``moe_align``'s layout (S = N·k is the
+                 sentinel: a padding row that carries no slot; expert −1: a block past the used ones).
+    Returns y [N, H] float32. A token nobody routes anywhere (k = 0 never happens) would get 0.
+    """
+    # BEGIN SOLUTION
+    N, k = topk_weight.shape
+    S = N * k
+    flat_w = topk_weight.reshape(-1)
+    y = torch.zeros(N, x.shape[1], dtype=torch.float32)
+    for b in range(expert_ids.numel()):
+        e = int(expert_ids[b])
+        if e < 0:
+            continue
+        rows = sorted_token_ids[b * block_m : (b + 1) * block_m].long()
+        rows = rows[rows < S]  # drop the padding
+        tokens = rows // k
+        gate, up = (x[tokens] @ w_gate_up[e].T).chunk(2, dim=-1)
+        out = (torch.nn.functional.silu(gate) * up) @ w_down[e].T
+        y.index_add_(0, tokens, out * flat_w[rows, None])
+    return y
+    # END SOLUTION

@@ -151,3 +151,18 @@ def align_int32_and_single_token(ctx):
     public.compare_align(ctx, public.routing(ctx, 9, 2, 4).int(), 4, 16)
     public.compare_align(ctx, public.routing(ctx, 1, 1, 4), 4, 16)
     public.compare_align(ctx, public.routing(ctx, 1, 4, 4), 4, 16)
+
+
+@Check(
+    hidden=True,
+    points=2,
+    timeout=60,
+    message=(
+        "The block forward must work for one expert per token (k = 1), many experts and tokens, and blocks of a "
+        "single row; every slot's weight belongs to that slot, not to its token's first slot."
+    ),
+)
+def grouped_shapes(ctx):
+    public.compare_grouped(ctx, 7, 8, 4, 3, 1, 2)
+    public.compare_grouped(ctx, 40, 16, 8, 16, 4, 16)
+    public.compare_grouped(ctx, 6, 8, 4, 5, 2, 1)

@@ -95,7 +95,7 @@ LESSONS: tuple[Lesson, ...] = (
         modules="`ops.attention`, `ops.rope`, `mixers.attention`, `cache`",
         status="built",
         shipped="lesson, exercise, HF parity; kernels below some speed targets (see benchmarks)",
-        exercise="02_rope_attention",
+        exercise="02_rope_and_gqa",
     ),
     Lesson(
         "03",

@@ -1,4 +1,5 @@
-"""Exercise 04 (GLM-4.5's router, aux-loss-free balancing, the token permutation kernel) in the grading
+"""Exercise 04 (GLM-4.5's router, aux-loss-free balancing, the token permutation kernel, the experts on its
+blocks) in the grading
 system: the master passes every public and hidden check and the released stub fails them all with "not
 implemented yet"; the release ships exactly the learner's files; a typical mistake loses exactly the points
 of the checks that catch it (public and hidden), while other correct answers (another order of the experts
@@ -37,15 +38,15 @@ def exercise():
 
 
 def test_points_and_messages_are_consistent(exercise):
-    assert sum(c.points for c in exercise.checks) == exercise.points == 34
-    assert exercise.public_points == 21 and len(exercise.public) == 9 and len(exercise.hidden) == 7
+    assert sum(c.points for c in exercise.checks) == exercise.points == 41
+    assert exercise.public_points == 26 and len(exercise.public) == 11 and len(exercise.hidden) == 8
     assert all(c.message.strip() and c.timeout > 0 for c in exercise.checks)
 
 
 def test_master_passes_all_checks_and_stub_fails_all_with_not_implemented(released):
     _, log = released  # release validates first: master and stub
-    assert "master ex04.py: 34/34 points" in log
-    assert "stub: 0/34 points, 16/16 checks say 'not implemented yet'" in log
+    assert "master ex04.py: 41/41 points" in log
+    assert "stub: 0/41 points, 19/19 checks say 'not implemented yet'" in log
     assert "verified: no solution code, no hidden check" in log
 
 
@@ -64,9 +65,9 @@ def test_released_stub_self_check_says_not_implemented(released):
     log = io.StringIO()
     assert self_check(d, seed=1, out=log, limits=FAST) is False
     text = log.getvalue()
-    assert text.count("not implemented yet") == 9
-    assert "Public checks: 0 of 9 pass (0 of 21 points)." in text
-    assert "hidden checks worth 13 more points (34 in all) are run as well" in text
+    assert text.count("not implemented yet") == 11
+    assert "Public checks: 0 of 11 pass (0 of 26 points)." in text
+    assert "hidden checks worth 15 more points (41 in all) are run as well" in text
 
 
 # (what the master's line is replaced by, in ex04.py) -> the checks that must catch it, and only those
@@ -102,6 +103,16 @@ MISTAKES = {
             "align_many_slots_and_experts",
             "align_int32_and_single_token",
         },
+    ),
+    "gate and up swapped": (
+        "gate, up = (x[tokens] @ w_gate_up[e].T).chunk(2, dim=-1)",
+        "up, gate = (x[tokens] @ w_gate_up[e].T).chunk(2, dim=-1)",
+        {"grouped_forward", "grouped_padding_and_idle", "grouped_shapes"},
+    ),
+    "a slot's row read as its token": (
+        "tokens = rows // k",
+        "tokens = rows % N",
+        {"grouped_forward", "grouped_padding_and_idle", "grouped_shapes"},
     ),
     "no carry between scan steps": (
         "row += tl.sum(mine, axis=0)",
@@ -156,7 +167,7 @@ def test_self_check_teaches_and_shows_public_inputs(tmp_path):
     assert "Weighting by s + b is the classic mistake" in text and "inputs: logits [12, 16]" in text
     assert "FAIL  permutation: uniform routing, ragged runs" in text and "slots per expert = [" in text
     assert "PASS  permutation: counts per expert" in text
-    assert "Public checks: 5 of 9 pass (10 of 21 points)." in text
+    assert "Public checks: 7 of 11 pass (15 of 26 points)." in text
 
 
 @pytest.mark.parametrize("solved", [False, True], ids=["stub", "master"])
@@ -170,11 +181,11 @@ def test_the_notebook_runs_top_to_bottom(released, tmp_path, solved):
     nb = nbformat.read(d / "ex04.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=180, resources={"metadata": {"path": str(d)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "hidden checks worth 13 more points" in text
+    assert "hidden checks worth 15 more points" in text
     if solved:
-        assert "Public checks: 9 of 9 pass" in text and "(not written yet" not in text
+        assert "Public checks: 11 of 11 pass" in text and "(not written yet" not in text
         assert "chosen experts: [3, 0]" in text and "counts [3, 2, 3]" in text
-        assert "max |grouped - loop| = " in text
+        assert "max |grouped - loop| = " in text and "max |blocks - loop over experts| = " in text
     else:
-        assert "Public checks: 0 of 9 pass" in text and "(not written yet: ex04.sigmoid_route" in text
+        assert "Public checks: 0 of 11 pass" in text and "(not written yet: ex04.sigmoid_route" in text
         assert "(not written yet: ex04.moe_align" in text

@@ -82,3 +82,37 @@ def many_rows_mixed_dtypes(ctx):
     x = public.randn(ctx, m, n) * scales[:, None]
     public.compare(ctx, x, (public.randn(ctx, n, scale=0.5) + 1.0).to(torch.bfloat16), 1e-5)
     public.compare(ctx, x.to(torch.bfloat16), public.randn(ctx, n), 1e-5)
+
+
+@Check(
+    hidden=True,
+    points=2,
+    timeout=90,
+    message=(
+        "The backward must handle a single element per row (N = 1), a single row, rows of a few thousand "
+        "elements and rows of very different scales."
+    ),
+)
+def backward_edges(ctx):
+    public.compare_bwd(ctx, 4, 1, eps=0.5)  # N = 1 with a tiny eps: dx ≈ 0 by cancellation, ill-conditioned
+    public.compare_bwd(ctx, 1, public.ragged_n(ctx, 3, 100))
+    public.compare_bwd(ctx, 2, public.ragged_n(ctx, 2100, 5000))
+    public.compare_bwd(ctx, 6, public.ragged_n(ctx), scale=50.0, eps=1e-3)
+
+
+@Check(
+    hidden=True,
+    points=2,
+    timeout=30,
+    message=(
+        "The schedule past its end stays at lr·min_lr_ratio; without warm-up (warmup = 0) it is a pure cosine; "
+        "small gradients are not clipped; every hyper-parameter comes from the arguments."
+    ),
+)
+def training_step_settings(ctx):
+    for step, warmup in ((0, 0), (5, 0), (300, 20)):
+        want = public.reference_lr(step, 1e-2, warmup, 200, 0.05)
+        got = ctx.call("lr_at", step, 1e-2, warmup, 200, 0.05)
+        if not isinstance(got, float) or abs(got - want) > 1e-12:
+            ctx.fail("lr_at is wrong at the edges of the schedule", "")
+    public.compare_adamw(ctx, [(7, 3), (3,)], 3, grad_scale=1e-3, betas=(0.8, 0.99), eps=1e-6, max_norm=5.0)
