@@ -4,6 +4,7 @@ Commands (``python -m glmkit.grading <command> --help`` for each; ``glmkit.gradi
 
     validate   every master solution passes all its public and hidden checks; every stub fails them
     release    the student version (stubs, public checks, notebook) into a folder, verified leak-free
+    release-solutions   after the deadline (exercise.toml ``deadline``): the master solutions, never hidden checks
     check      a learner's self-check: the public checks, saying plainly that hidden ones come later
     autograde  a folder of submissions -> gradebook.csv + one feedback file per student
 

@@ -745,6 +745,17 @@ def _parser() -> argparse.ArgumentParser:
     add_common(r)
     r.add_argument("--out", type=Path, required=True, help="folder to write the release to")
     r.add_argument("--force", action="store_true", help="replace exercises already in a non-empty --out")
+    rs = sub.add_parser(
+        "release-solutions",
+        help="after the deadline: write the master solutions (never the hidden checks) to --out",
+        description="Write OUT/<exercise>/<module>_solution.py, the master without its solution markers, for "
+        "every chosen exercise whose exercise.toml deadline (a date-time with its time zone) has passed. "
+        "Refuses, writing nothing, while any deadline is ahead or missing (--before-deadline overrides).",
+    )
+    add_common(rs)
+    rs.add_argument("--out", type=Path, required=True, help="folder to write the solutions to")
+    rs.add_argument("--now", default=None, help="the time to compare with the deadlines (ISO, with time zone)")
+    rs.add_argument("--before-deadline", action="store_true", help="release even if a deadline is ahead or missing")
     c = sub.add_parser(
         "check",
         help="learner self-check: run the public checks on your saved file",
@@ -797,6 +808,16 @@ def main(argv=None) -> int:
             return 1 if validate(exdir, args.exercises, limits=limits) else 0
         if args.command == "release":
             return 1 if release(exdir, args.out, args.exercises, force=args.force, limits=limits) else 0
+        if args.command == "release-solutions":
+            import datetime as dt
+
+            from glmkit.grading.solutions import release_solutions
+
+            now = dt.datetime.fromisoformat(args.now) if args.now else None
+            if now is not None and now.tzinfo is None:
+                print("error: --now needs a time zone, e.g. 2026-12-16T09:00:00+01:00", file=sys.stderr)
+                return 2
+            return 1 if release_solutions(exdir, args.out, args.exercises, now=now, early=args.before_deadline) else 0
         if args.command == "autograde":
             autograde(
                 args.submissions,
