@@ -302,3 +302,27 @@ def test_greedy_agrees_with_transformers_generate_use_mtp(trained, tmp_path, mon
         out = generate(trained, x, 40, stop_tokens=(), draft_tokens=n_draft)
         assert out.tokens[0] == theirs, n_draft
         assert out.speculation.acceptance[0] > 0.5
+
+
+# -- CUDA (pytest -m gpu on the H200) -----------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_gpu_speculative_decoding_on_cuda(mixer):
+    """On the GPU (fp32, TF32 off, the torch path so that the plain and the verify forwards round alike): greedy
+    tokens identical for 1 and 3 drafts, batched and left-padded; seeded sampling repeats itself."""
+    from glmkit import backend
+
+    model = random_model(7, **LAYOUTS["all"](mixer)).cuda()
+    prompts = [torch.randint(0, V, (t,)).tolist() for t in (5, 11, 2)]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with backend.use_backend("torch"):
+            for n in (1, 3):
+                same_output(model, prompts, n, max_new_tokens=24, stop_tokens=())
+            kw = dict(temperature=1.0, stop_tokens=(), draft_tokens=2)
+            a = generate(model, prompts, 16, generator=torch.Generator().manual_seed(3), **kw)
+            b = generate(model, prompts, 16, generator=torch.Generator().manual_seed(3), **kw)
+            assert a.tokens == b.tokens and a.sequences.device.type == "cuda"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -61,6 +61,13 @@ EXPECTED = {
         "| P | hybrid ms/step | twin ms/step | hybrid/twin | hybrid cache MiB | twin cache MiB | memory twin/hybrid |",
         "- SMOKE RUN",
     ],
+    "bench_speculative.py": [
+        "| preset | parameters (main / MTP) | MTP | data | steps | batch × bytes | train s | loss (last 5%) ",
+        "| mode | draft tokens | tokens/s | ms/token | vs generate() | vs lean loop | identical tokens (bf16) ",
+        "| draft tokens | ms per round | tokens per round | prefill | draft | verify | accept | rollback | other |",
+        "| ratio | measured | target | met |",
+        "- SMOKE RUN",
+    ],
     "bench_mla.py": [
         "| T | B×H | pass | ours TFLOP/s | SDPA cuDNN | SDPA flash | ours D=128 (H·D same) | ours/cuDNN ",
         "| H | B | L | cache MiB | splits | ours µs | ours GB/s | of copy | composite µs | ours/composite ",
