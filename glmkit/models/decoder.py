@@ -6,7 +6,8 @@ residual`` with its mixer and FFN chosen per layer.
                       x = x + mixer(input_norm(x))          mixer: MIXERS[layer_types[i]]  (attention; next
                       x = x + mlp(pre_mlp_norm(x))          lessons: mla, dsa, gdn, kda); mlp: "dense" SwiGLU or
                                                             "sparse" (MoE) per mlp_layer_types[i]
-                    (+ an MTP layer predicting token i+2 from the last hidden state, when the checkpoint has one)
+                    (+ MTP modules: depth k = 1..D predicts token i+k+1 from the true token i+k and depth k−1's
+                     output, the last hidden state for k = 1; trained as an aux loss, drafting for glmkit.speculative)
 
 How the generations it covers differ (facts: shared/reference/glm-lineage.md §2–§5):
 * ChatGLM2/3, GLM-4-9B (HF ``glm``): RMSNorm pre-norm, GQA with 2 KV heads, bias on q/k/v, SwiGLU, partial RoPE
