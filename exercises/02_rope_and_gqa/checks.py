@@ -84,33 +84,26 @@ def compare_decode(ctx, B, P, chunks, d, H, Hkv, D, R, theta=1e4):
         k, v, t = k_all[:, :, : t + n], v_all[:, :, : t + n], t + n
 
 
-def expected_rows(H, Hkv, D, R):
-    """The row order half_to_interleaved must produce, written from the pairing rule: interleaved plane i is
-    (slot 2i, slot 2i+1) and must hold half-split plane i, (dim i, dim i + R/2)."""
-    order = []
-    for head in range(H + 2 * Hkv):
-        slots = list(range(D))
-        if head < H + Hkv:
-            for i in range(R // 2):
-                slots[2 * i], slots[2 * i + 1] = i, i + R // 2
-        order += [head * D + s for s in slots]
-    return torch.tensor(order)
-
-
 def compare_port(ctx, d, H, Hkv, D, R, theta=1e6):
+    """Judged by what the weights do: interleaved RoPE on the returned weights must give the half-split layer's
+    output; the v rows, and the rows past rotary_dim of every head, must not move."""
     w, b, wo = layer(ctx, d, H, Hkv, D)
     ctx.note_inputs(f"qkv_weight [{w.shape[0]}, {d}], H={H}, H_kv={Hkv}, D={D}, rotary_dim={R}")
     got = ctx.expect_tuple("half_to_interleaved(...)", ctx.call("half_to_interleaved", w, b, H, Hkv, R), 2)
+    ctx.expect_tensor("the returned qkv_weight's shape and dtype", got[0], w, tol=float("inf"))
+    ctx.expect_tensor("the returned qkv_bias's shape and dtype", got[1], b, tol=float("inf"))
+    v_rows = slice((H + Hkv) * D, None)
+    ctx.expect_tensor("the v rows of qkv_weight (they must not move)", got[0][v_rows], w[v_rows], tol=0.0)
+    kept = torch.tensor([h * D + r for h in range(H + Hkv) for r in range(R, D)], dtype=torch.long)
+    if len(kept):
+        ctx.expect_tensor(
+            "the rows past rotary_dim of each q/k head (they must not move)", got[0][kept], w[kept], tol=0.0
+        )
     x = torch.randn(2, 9, d, generator=ctx.gen)
     pos = torch.arange(9).expand(2, 9)
-    if isinstance(got[0], torch.Tensor) and isinstance(got[1], torch.Tensor) and got[0].shape == w.shape:
-        if got[1].shape == b.shape:
-            y_half = reference(x, w, b, wo, pos, H, Hkv, R, theta, "half")[0]
-            y_port = reference(x, got[0], got[1], wo, pos, H, Hkv, R, theta, "interleaved")[0]
-            ctx.expect_tensor("the layer's output with your weights and interleaved RoPE", y_port, y_half, tol=TOL)
-    idx = expected_rows(H, Hkv, D, R)
-    ctx.expect_tensor("the reordered qkv_weight", got[0], w[idx], tol=0.0)
-    ctx.expect_tensor("the reordered qkv_bias", got[1], b[idx], tol=0.0)
+    y_half = reference(x, w, b, wo, pos, H, Hkv, R, theta, "half")[0]
+    y_port = reference(x, got[0], got[1], wo, pos, H, Hkv, R, theta, "interleaved")[0]
+    ctx.expect_tensor("the layer's output with your weights and interleaved RoPE", y_port, y_half, tol=TOL)
 
 
 @Check(

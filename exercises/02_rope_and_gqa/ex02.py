@@ -104,15 +104,13 @@ def half_to_interleaved(
     rows move; the v rows, and the rows rotary_dim..D−1 of each head, stay where they are.
     """
     # BEGIN SOLUTION
-    D = qkv_weight.shape[0] // (num_heads + 2 * num_kv_heads)
-    R = rotary_dim
-    # interleaved slot 2i holds half-split dim i, slot 2i+1 holds dim i + R/2
-    within = [d for i in range(R // 2) for d in (i, i + R // 2)] + list(range(R, D))
-    rows = []
-    for head in range(num_heads + 2 * num_kv_heads):
-        base = head * D
-        rotated = head < num_heads + num_kv_heads  # q and k heads; v heads keep their order
-        rows += [base + d for d in (within if rotated else range(D))]
-    index = torch.tensor(rows)
+    n_heads = num_heads + 2 * num_kv_heads
+    D = qkv_weight.shape[0] // n_heads
+    half = rotary_dim // 2
+    order = torch.arange(n_heads * D).view(n_heads, D)  # row index of every (head, dim)
+    rotary = order[: num_heads + num_kv_heads, :rotary_dim]  # q and k heads only; v keeps its order
+    # the interleaved pair (2i, 2i+1) must hold the half-split pair (i, i + half)
+    order[: rotary.shape[0], :rotary_dim] = torch.stack((rotary[:, :half], rotary[:, half:]), -1).flatten(1)
+    index = order.flatten()
     return qkv_weight[index].clone(), qkv_bias[index].clone()
     # END SOLUTION

@@ -67,8 +67,13 @@ MISTAKES = {
         {"prefill", "prefill_positions", "decode", "head_groupings", "theta_and_long_cache"},
     ),
     "the v rows moved too": (
-        "rotated = head < num_heads + num_kv_heads",
-        "rotated = True",
+        "rotary = order[: num_heads + num_kv_heads, :rotary_dim]",
+        "rotary = order[:, :rotary_dim]",
+        {"port_half_split", "port_shapes"},
+    ),
+    "the pairs interleaved the wrong way round": (
+        "torch.stack((rotary[:, :half], rotary[:, half:]), -1)",
+        "torch.stack((rotary[:, half:], rotary[:, :half]), -1)",
         {"port_half_split", "port_shapes"},
     ),
 }
