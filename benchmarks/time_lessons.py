@@ -3,6 +3,7 @@
     python benchmarks/time_lessons.py                       # every lesson, default (full) run
     GLMKIT_FAST=1 python benchmarks/time_lessons.py 01 02   # the CI-sized run of lessons 01 and 02
     python benchmarks/time_lessons.py --smoke               # checks the script: times a one-cell notebook
+    python benchmarks/time_lessons.py 07 --save $OUT        # also writes the executed notebooks (outputs) there
 
 Each notebook runs in a fresh kernel (nbclient, kernel start included) from lessons/ as the working folder.
 A lesson with an error output is reported as failed, with the error, and its time is not a valid timing.
@@ -38,7 +39,7 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({platform.machine()})"
 
 
-def time_one(path: Path, timeout: int = 1800) -> tuple[float, list[str]]:
+def time_one(path: Path, timeout: int = 1800, save: Path | None = None) -> tuple[float, list[str]]:
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     client = NotebookClient(
@@ -48,6 +49,10 @@ def time_one(path: Path, timeout: int = 1800) -> tuple[float, list[str]]:
         client.execute()
     except Exception as exc:  # nbclient raises on the first failing cell
         return time.perf_counter() - start, [f"{type(exc).__name__}: {str(exc)[-400:]}"]
+    finally:
+        if save is not None:  # the executed notebook, outputs included (also when a cell failed)
+            save.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, save / path.name)
     errors = [
         f"{o.get('ename')}: {o.get('evalue')}"
         for c in nb.cells
@@ -72,6 +77,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("lessons", nargs="*", help="two-digit lesson numbers (default: all)")
     ap.add_argument("--smoke", action="store_true", help="time a one-cell notebook instead of the lessons")
+    ap.add_argument("--save", type=Path, help="write each executed notebook, with its outputs, into this folder")
     args = ap.parse_args(argv)
     run = "fast" if os.environ.get("GLMKIT_FAST") == "1" else "default"
     today = datetime.date.today().isoformat()
@@ -86,7 +92,7 @@ def main(argv: list[str]) -> int:
         print(HEADER, flush=True)
         for path in paths:
             load0 = os.getloadavg()[0]
-            seconds, errors = time_one(path)
+            seconds, errors = time_one(path, save=args.save)
             load1 = os.getloadavg()[0]
             status = "ok" if not errors else "FAILED: " + "; ".join(errors)
             failed += bool(errors)
