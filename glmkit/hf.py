@@ -27,6 +27,21 @@ shared/reference/glm-lineage.md §3, §4, §9):
   ``index_skip_topk_offset``) marks index-sharing layers. Both RoPE pairings follow ``rope_interleave`` and
   ``indexer_rope_interleave`` (GLM-5 configs: true for both; transformers' class always interleaves, so parity holds
   for those).
+* ``glm5_next`` (GLM-5.3-Flash, ``Glm5NextForConditionalGeneration``): a vision-language checkpoint whose language
+  model (``text_config``; tensors under ``model.language_model.``, the head at ``lm_head``) is the 3:1 hybrid —
+  ``layer_types`` "linear_attention" → the ``"kda"`` mixer, "indexed_attention" → ``"dsa"`` with NoPE MLA
+  (``qk_rope_head_dim`` 0, latent norms at ``rms_norm_eps``) and the KPool indexer (``index_kpool``,
+  ``index_kpool_always_select_tail``; ``self_attn.indexer.index_kpool_compress_{gate,ape}``), ``glm4_moe``'s MoE with
+  the clamped SwiGLU (``swiglu_limit``), and mHC around every branch (``hc_mult`` streams; the files store
+  ``hc_attn_{fn,base,scale}`` and ``hc_ffn_*``, KDA's q/k/v filters apart, ``f_a_proj``/``f_b_proj``/``dt_bias``/
+  ``A_log`` directly under ``self_attn.``; transformers' in-memory names — ``attn_hc.fn``, one ``conv1d``,
+  ``forget_gate.`` — and a flat ``model.layers.`` prefix are read too). transformers has no text-only class: its
+  oracle is the conditional-generation model run on text. ``load_hf`` skips the vision tower (``model.visual.*``)
+  with a warning, or keeps its tensors and config for ``save_hf`` (``keep_vision=True``); ``save_hf`` writes the
+  text weights with the kept tower, or with none (transformers then builds a tower of the small ``vision_config``
+  written here from random weights, and reports its tensors missing). glmkit's ``hc_mult`` = 1 is the plain
+  residual, which glm5_next cannot express (it always builds mHC modules): its checkpoints need ``hc_mult`` >= 2.
+  The MTP layer is ``model.language_model.layers.{N}`` (transformers ignores it), a KDA or DSA block by its tensors.
 
 Names map mechanically: the model's own state dict, built on the meta device from the config, converted to HF
 names, *is* the list of tensors (and shapes) a checkpoint must hold, so a mismatch is reported tensor by tensor.
@@ -38,6 +53,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +68,7 @@ ARCHITECTURES = {
     "glm4_moe": "Glm4MoeForCausalLM",
     "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
     "glm_moe_dsa": "GlmMoeDsaForCausalLM",
+    "glm5_next": "Glm5NextForConditionalGeneration",
 }
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # glm4_moe_lite
 DSA_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")  # glm_moe_dsa, beside MLA_FIELDS
@@ -62,6 +79,8 @@ _LAYER_NAMES = [
     ("pre_mlp_norm.", "post_attention_layernorm."),
     ("post_mixer_norm.", "post_self_attn_layernorm."),
     ("post_mlp_norm.", "post_mlp_layernorm."),
+    ("attn_hc.", "hc_attn_"),  # glm5_next's mHC (the files' names; transformers renames them on load)
+    ("ffn_hc.", "hc_ffn_"),
 ]
 _MTP_NAMES = [("shared_head_norm.", "shared_head.norm."), ("head.", "shared_head.head.")]
 
@@ -85,8 +104,10 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         raise HFCheckpointError(
             f"unsupported model_type {family!r} in config.json: glmkit.hf loads "
             f"{sorted(ARCHITECTURES)} (GLM-4-9B: glm, GLM-4-0414: glm4, GLM-4.5/4.6/4.7: glm4_moe, "
-            f"GLM-4.7-Flash: glm4_moe_lite, GLM-5/5.1: glm_moe_dsa)"
+            f"GLM-4.7-Flash: glm4_moe_lite, GLM-5/5.1: glm_moe_dsa, GLM-5.3-Flash: glm5_next)"
         )
+    if family == "glm5_next":
+        return _config_from_glm5_next(hf, overrides)
     dsa = family == "glm_moe_dsa"
     lite = family in ("glm4_moe_lite", "glm_moe_dsa")  # MLA
     moe = family in ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa")
@@ -193,6 +214,145 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         raise HFCheckpointError(f"config.json ({family}) contradicts itself: {e}") from None
 
 
+# glm5_next: transformers' Glm5NextTextConfig defaults (= GLM-5.3-Flash) for the fields a config.json may leave out
+G5N_DEFAULTS = dict(
+    n_shared_experts=1,
+    routed_scaling_factor=2.5,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    max_position_embeddings=1048576,
+    initializer_range=0.02,
+    rms_norm_eps=1e-5,
+    attention_bias=False,
+    swiglu_limit=10.0,
+    linear_head_dim=128,
+    linear_num_heads=64,
+    linear_conv_kernel_dim=4,
+    linear_lower_bound=-5.0,
+    hc_mult=4,
+    hc_eps=1e-6,
+    hc_sinkhorn_iters=20,
+    index_kpool=16,
+    index_kpool_always_select_tail=True,
+)
+G5N_LAYERS = {"linear_attention": "kda", "indexed_attention": "dsa", "full_attention": "dsa"}  # HF → our mixers
+KDA_FIELDS = ("linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim", "linear_lower_bound")
+KPOOL_FIELDS = ("index_kpool", "index_kpool_always_select_tail")
+G5N_PREFIX = "model.language_model."  # the text model's tensors in a glm5_next checkpoint
+G5N_VISION = "model.visual."
+
+
+def _g5n_text(hf: dict[str, Any]) -> dict[str, Any]:
+    """The language model's fields of a glm5_next config.json: ``text_config`` (flat text-only configs keep them at
+    the top level), transformers' defaults filled in, ``linear_attn_config`` (the original checkpoints' spelling of
+    the KDA fields) unpacked as transformers does."""
+    text = dict(hf.get("text_config") or hf)
+    if "tie_word_embeddings" in hf and "tie_word_embeddings" not in text:
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    linear = text.get("linear_attn_config") or {}
+    for ours, theirs in (
+        ("linear_head_dim", "head_dim"),
+        ("linear_num_heads", "num_heads"),
+        ("linear_conv_kernel_dim", "short_conv_kernel_size"),
+        ("linear_lower_bound", "gate_lower_bound"),
+    ):
+        if theirs in linear:
+            text[ours] = linear[theirs]
+    if linear and linear.get("safe_gate", True) and text.get("linear_lower_bound", -5.0) is None:
+        text["linear_lower_bound"] = -5.0  # transformers: a safe gate without its bound gets -5
+    return {**G5N_DEFAULTS, **text}
+
+
+def _config_from_glm5_next(hf: dict[str, Any], overrides: dict[str, Any]) -> DecoderConfig:
+    """glm5_next's language model as a ``DecoderConfig`` (module docstring); ``overrides`` as ``config_from_hf``."""
+    text = _g5n_text(hf)
+    need = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
+    need += ["moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", *MLA_FIELDS, *DSA_FIELDS]
+    missing = [k for k in need if k not in text]
+    if missing:
+        raise HFCheckpointError(f"config.json (glm5_next) lacks required fields {missing}")
+    if text.get("hidden_act", "silu") != "silu":
+        raise HFCheckpointError(f"config.json: hidden_act={text['hidden_act']!r}, but glm5_next uses SwiGLU ('silu')")
+    bad = [
+        k
+        for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", *DSA_FIELDS)
+        if not _positive(text[k])
+    ]
+    if bad:
+        raise HFCheckpointError(f"config.json (glm5_next): {bad[0]}={text[bad[0]]!r} must be a positive int")
+    if text["qk_rope_head_dim"] != 0:
+        raise HFCheckpointError(
+            f"config.json (glm5_next): qk_rope_head_dim={text['qk_rope_head_dim']!r}, but glm5_next's MLA is NoPE "
+            "(transformers refuses a RoPE slice too)"
+        )
+    if text.get("num_key_value_heads", text["num_attention_heads"]) != text["num_attention_heads"]:
+        raise HFCheckpointError(
+            f"config.json (glm5_next): num_key_value_heads={text['num_key_value_heads']} must equal "
+            f"num_attention_heads={text['num_attention_heads']} (MLA expands keys and values for every head)"
+        )
+    L = text["num_hidden_layers"]
+    kinds = text.get("layer_types") or ["linear_attention" if i % 4 != 3 else "indexed_attention" for i in range(L)]
+    if len(kinds) != L or any(k not in G5N_LAYERS for k in kinds):
+        raise HFCheckpointError(
+            f"config.json (glm5_next): layer_types must list {L} of {sorted(G5N_LAYERS)}, got {kinds}"
+        )
+    layer_types = [G5N_LAYERS[k] for k in kinds]
+    if not (_positive(text["hc_mult"]) and text["hc_mult"] >= 2):
+        raise HFCheckpointError(
+            f"config.json (glm5_next): hc_mult={text['hc_mult']!r}; glmkit reads glm5_next with hc_mult >= 2 "
+            "(its hc_mult = 1 is the plain residual, while transformers builds mHC modules for one stream too)"
+        )
+    mtp_type = overrides.pop("mtp_layer_type", "dsa")
+    vocab = text["vocab_size"]
+    ok = lambda t: t if t is not None and 0 <= t < vocab else None  # noqa: E731  (tiny test configs)
+    eos = text.get("eos_token_id")
+    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    extra: dict[str, Any] = {}
+    if "dsa" in layer_types + [mtp_type]:
+        extra.update({k: text[k] for k in (*MLA_FIELDS, *DSA_FIELDS, *KPOOL_FIELDS)})
+        extra.update(latent_norm_eps=float(text["rms_norm_eps"]), indexer_types=_indexer_types(text, L))
+    if "kda" in layer_types + [mtp_type]:
+        extra.update({k: text[k] for k in KDA_FIELDS})
+    n_dense = min(3, L)
+    mlp_types = list(text.get("mlp_layer_types") or ["dense"] * n_dense + ["sparse"] * (L - n_dense))
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=text["hidden_size"],
+        num_hidden_layers=L,
+        num_attention_heads=text["num_attention_heads"],
+        num_key_value_heads=text["num_attention_heads"],
+        head_dim=text["qk_nope_head_dim"],  # glmkit's head_dim is the q·k head: nope + rope, rope = 0
+        intermediate_size=text["intermediate_size"],
+        max_position_embeddings=text["max_position_embeddings"],
+        attention_bias=bool(text["attention_bias"]),
+        partial_rotary_factor=0.0,  # nothing rotates: KDA has no RoPE and the MLA is NoPE
+        rms_norm_eps=float(text["rms_norm_eps"]),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+        initializer_range=float(text["initializer_range"]),
+        pad_token_id=ok(text.get("pad_token_id")),
+        bos_token_id=ok(text.get("bos_token_id")),
+        eos_token_id=tuple(t for t in eos if ok(t) is not None),
+        layer_types=layer_types,
+        mlp_layer_types=mlp_types,
+        first_k_dense_replace=(mlp_types + ["sparse"]).index("sparse"),
+        **{k: text[k] for k in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")},
+        **{k: text[k] for k in ("n_shared_experts", "n_group", "topk_group", "hc_mult", "hc_sinkhorn_iters")},
+        norm_topk_prob=bool(text["norm_topk_prob"]),
+        routed_scaling_factor=float(text["routed_scaling_factor"]),
+        swiglu_limit=text["swiglu_limit"],
+        hc_eps=float(text["hc_eps"]),
+        num_nextn_predict_layers=min(int(text.get("num_nextn_predict_layers", 0) or 0), 1),
+        mtp_layer_type=mtp_type,
+        extra=extra,
+    )
+    fields.update(overrides)
+    try:
+        return DecoderConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise HFCheckpointError(f"config.json (glm5_next) contradicts itself: {e}") from None
+
+
 def _indexer_types(hf: dict[str, Any], L: int) -> list[str] | None:
     """glm_moe_dsa's per-layer "full"/"shared" indexers: ``indexer_types``, else transformers' rule from
     ``index_topk_pattern`` (F/S letters) or ``index_topk_freq``/``index_skip_topk_offset`` (defaults 1, 2: all full).
@@ -212,13 +372,46 @@ def _indexer_types(hf: dict[str, Any], L: int) -> list[str] | None:
     return None if all(k == "full" for k in kinds) else kinds
 
 
+def _is_glm5_next(cfg: DecoderConfig) -> bool:
+    """Whether only glm5_next could hold this model (its pieces: mHC, the clamped SwiGLU, KDA layers)."""
+    return cfg.hc_mult != 1 or cfg.swiglu_limit is not None or "kda" in cfg.layer_types
+
+
+def _glm5_next_problems(cfg: DecoderConfig) -> list[str]:
+    """What keeps ``cfg`` from being a glm5_next language model (empty: nothing)."""
+    problems = [
+        f"{k}={getattr(cfg, k)!r} (glm5_next needs {v})"
+        for k, v, ok in (
+            ("hc_mult", ">= 2 (mHC)", cfg.hc_mult >= 2),
+            ("swiglu_limit", "a number (the clamped SwiGLU)", cfg.swiglu_limit is not None),
+            ("layer_types", "'kda' and 'dsa' layers", set(cfg.layer_types) <= {"kda", "dsa"}),
+            ("mtp_layer_type", "'kda' or 'dsa'", cfg.mtp_layer_type in ("kda", "dsa")),
+            ("router", "'sigmoid'", cfg.router == "sigmoid"),
+            ("sandwich_norms", "False", not cfg.sandwich_norms),
+            ("use_qk_norm", "False", not cfg.use_qk_norm),
+            ("num_key_value_heads", "num_attention_heads", cfg.num_key_value_heads == cfg.num_attention_heads),
+        )
+        if not ok
+    ]
+    if "dsa" in cfg.layer_types + [cfg.mtp_layer_type]:
+        for k, v, ok in (
+            ("qk_rope_head_dim", "0 (NoPE)", cfg.opt("qk_rope_head_dim") == 0),
+            ("q_lora_rank", "an int (the indexer reads c_Q)", cfg.opt("q_lora_rank") is not None),
+            ("index_kpool", "an int (KPool; 1 scores single tokens)", cfg.opt("index_kpool") is not None),
+            ("latent_norm_eps", f"rms_norm_eps={cfg.rms_norm_eps}", cfg.opt("latent_norm_eps") == cfg.rms_norm_eps),
+        ):
+            if not ok:
+                problems.append(f"{k}={cfg.opt(k)!r} (glm5_next needs {v})")
+    return problems
+
+
 def family_of(cfg: DecoderConfig) -> str:
     """The HF family a config belongs to, or an ``HFCheckpointError`` saying why none can express it."""
-    if cfg.hc_mult != 1 or cfg.swiglu_limit is not None:  # glm5_next's pieces: none of the families below has them
-        raise HFCheckpointError(
-            f"this model has no Hugging Face equivalent here: hc_mult={cfg.hc_mult} and swiglu_limit="
-            f"{cfg.swiglu_limit} are GLM-5.3-Flash's (glm5_next), which glmkit.hf does not save yet"
-        )
+    if _is_glm5_next(cfg):  # mHC, the clamped SwiGLU or KDA: none of the other families has them
+        problems = _glm5_next_problems(cfg)
+        if problems:
+            raise HFCheckpointError("this model has no Hugging Face equivalent (glm5_next): " + "; ".join(problems))
+        return "glm5_next"
     if "dsa" in cfg.layer_types:
         want = dict(
             router="sigmoid",
@@ -278,6 +471,8 @@ def family_of(cfg: DecoderConfig) -> str:
 def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The config.json dict of a model HF can express (``family_of``)."""
     family = family_of(cfg)
+    if family == "glm5_next":
+        return _glm5_next_config(cfg, dtype)
     eos = list(cfg.eos_token_id)
     out = {
         "architectures": [ARCHITECTURES[family]],
@@ -340,6 +535,79 @@ def hf_config_from(cfg: DecoderConfig, dtype: torch.dtype | None = None) -> dict
     return out
 
 
+def _glm5_next_config(cfg: DecoderConfig, dtype: torch.dtype | None) -> dict[str, Any]:
+    """glm5_next's nested config.json: the language model in ``text_config`` (transformers' field names), a small
+    ``vision_config`` (``save_hf`` replaces it by a kept tower's)."""
+    eos = list(cfg.eos_token_id)
+    kinds = {v: k for k, v in G5N_LAYERS.items() if k != "full_attention"}  # ours → HF
+    L = cfg.num_hidden_layers
+    text = {
+        "model_type": "glm5_next_text",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": L,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_attention_heads,
+        "hidden_act": "silu",
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "use_cache": True,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "layer_types": [kinds[t] for t in cfg.layer_types],
+        "mlp_layer_types": list(cfg.mlp_layer_types),
+        "swiglu_limit": cfg.swiglu_limit,
+        "hc_mult": cfg.hc_mult,
+        "hc_eps": cfg.hc_eps,
+        "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
+        "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "moe_intermediate_size",
+                "n_routed_experts",
+                "num_experts_per_tok",
+                "n_shared_experts",
+                "n_group",
+                "topk_group",
+                "norm_topk_prob",
+                "routed_scaling_factor",
+            )
+        },
+    }
+    types = set(cfg.layer_types) | {cfg.mtp_layer_type}
+    if "dsa" in types:
+        kinds_i = cfg.opt("indexer_types")
+        text.update({k: cfg.opt(k) for k in (*MLA_FIELDS, *DSA_FIELDS, *KPOOL_FIELDS)})
+        text["indexer_types"] = list(kinds_i) if kinds_i is not None else ["full"] * L
+    if "kda" in types:
+        text["linear_num_heads"], text["linear_head_dim"], text["linear_conv_kernel_dim"] = MIXERS["kda"].dims(cfg)
+        text["linear_lower_bound"] = cfg.opt("linear_lower_bound")
+    out = {
+        "architectures": [ARCHITECTURES["glm5_next"]],
+        "model_type": "glm5_next",
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "text_config": text,
+        "vision_config": {  # the smallest tower transformers builds; the language model never calls it on text
+            "depth": 1,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "intermediate_size": 32,
+            "out_hidden_size": cfg.hidden_size,
+            "projection_intermediate_size": 32,
+        },
+    }
+    if dtype is not None:
+        out["dtype"] = text["dtype"] = str(dtype).removeprefix("torch.")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tensor names
 # ----------------------------------------------------------------------------------------------------
@@ -362,7 +630,7 @@ def _layer(sd: dict, cfg: DecoderConfig, mixer_type: str, to_hf: bool) -> dict:
     hook = getattr(mixer_cls, "ours_to_hf" if to_hf else "hf_to_ours", None)
     mixer = _sub(sd, src_mixer)
     out = {dst_mixer + k: v for k, v in (hook(mixer, cfg) if hook else mixer).items()}
-    split_mlp = cfg.n_routed_experts > 0  # glm4_moe stores gate and up apart (glm/glm4: fused)
+    split_mlp = cfg.n_routed_experts > 0 or _is_glm5_next(cfg)  # glm4_moe/glm5_next store gate and up apart
     for name, t in sd.items():
         if name.startswith(src_mixer):
             continue
@@ -430,11 +698,17 @@ def to_hf_names(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, to
                 }
             )
         out.update({f"model.layers.{i}.{k}": v for k, v in hf.items()})
+    if _is_glm5_next(cfg):  # the language model inside the conditional-generation checkpoint
+        out = {G5N_PREFIX + k.removeprefix("model.") if k.startswith("model.") else k: v for k, v in out.items()}
     return out
 
 
 def from_hf_names(tensors: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """The inverse of ``to_hf_names``: HF tensors under our names (zero-size shared experts dropped)."""
+    if _is_glm5_next(cfg):
+        tensors = {
+            "model." + k.removeprefix(G5N_PREFIX) if k.startswith(G5N_PREFIX) else k: v for k, v in tensors.items()
+        }
     out = {
         "embed_tokens.weight": tensors["model.embed_tokens.weight"],
         "final_norm.weight": tensors["model.norm.weight"],
@@ -534,19 +808,43 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _glm5_next_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A glm5_next checkpoint's tensors as ``save_hf`` names them (the files' names under ``G5N_PREFIX``), whichever
+    spelling it used (transformers' in-memory names, a flat text-only ``model.layers.`` prefix), and its vision
+    tower's apart: (text tensors, vision tensors)."""
+    text, vision = {}, {}
+    for name, t in tensors.items():
+        if name.startswith(G5N_VISION):
+            vision[name] = t
+            continue
+        if name.startswith("model.") and not name.startswith(G5N_PREFIX):
+            name = G5N_PREFIX + name.removeprefix("model.")
+        name = re.sub(r"\.(attn|ffn)_hc\.(fn|base|scale)$", r".hc_\1_\2", name)
+        name = name.replace(".self_attn.forget_gate.", ".self_attn.")
+        if name.endswith(".self_attn.conv1d.weight"):  # one depthwise filter over [q | k | v] channels
+            for part, w in zip(("q", "k", "v"), t.chunk(3)):
+                text[name.replace(".conv1d.", f".{part}_conv1d.")] = w
+            continue
+        text[name] = t
+    return text, vision
+
+
 def load_hf(
     folder: str | os.PathLike,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    keep_vision: bool = False,
     **config_overrides: Any,
 ) -> Decoder:
-    """Load a ``glm``/``glm4``/``glm4_moe``/``glm4_moe_lite``/``glm_moe_dsa`` checkpoint folder into a ``Decoder``, in
-    eval mode.
+    """Load a ``glm``/``glm4``/``glm4_moe``/``glm4_moe_lite``/``glm_moe_dsa``/``glm5_next`` checkpoint folder into a
+    ``Decoder``, in eval mode.
 
     dtype: convert the weights (default: as stored; the routing bias stays fp32); device: default CPU.
     ``config_overrides`` change config fields after reading config.json. ``glm4_moe(_lite)``: the MTP layer is loaded
     when the files hold it (checkpoints written by transformers do not, whatever ``num_nextn_predict_layers``
     says), sharing the main embedding and head when its stored copies equal them (``mtp_tied``).
+    ``glm5_next``: the language model; its vision tower is skipped with a warning, or with ``keep_vision`` kept as
+    ``model.hf_vision`` (its config and tensors, on the CPU as stored) for ``save_hf`` to write back.
     """
     folder = Path(folder)
     try:
@@ -556,21 +854,42 @@ def load_hf(
     except json.JSONDecodeError as e:
         raise HFCheckpointError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
     tensors = _stack_to_per_expert({k: v for k, v in _read_tensors(folder).items() if not _IGNORED.match(k)})
+    g5n, vision = hf.get("model_type") == "glm5_next", None
+    text_hf, p = (_g5n_text(hf), G5N_PREFIX) if g5n else (hf, "model.")
+    if g5n:
+        tensors, vision = _glm5_next_tensors(tensors)
+        if vision:
+            n_params = sum(t.numel() for t in vision.values())
+            warnings.warn(
+                f"{folder}: a glm5_next checkpoint; loaded its language model only and "
+                + (
+                    "kept the vision tower for save_hf (model.hf_vision)"
+                    if keep_vision
+                    else f"skipped the vision tower ({len(vision)} tensors under {G5N_VISION}, {n_params / 1e6:.1f}M "
+                    "parameters; load_hf(..., keep_vision=True) keeps it for save_hf)"
+                ),
+                stacklevel=2,
+            )
+        n = int(text_hf.get("num_hidden_layers", 0))
+        if "mtp_layer_type" not in config_overrides and f"{p}layers.{n}.self_attn.q_proj.weight" in tensors:
+            config_overrides["mtp_layer_type"] = "kda"  # a KDA block (a DSA block has q_a_proj: the default)
     if (
-        hf.get("model_type") in ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa")
+        hf.get("model_type") in ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm5_next")
         and "num_nextn_predict_layers" not in config_overrides
     ):
-        n = int(hf.get("num_hidden_layers", 0))
-        stored = any(k.startswith(f"model.layers.{n}.") for k in tensors)
-        config_overrides["num_nextn_predict_layers"] = min(int(hf.get("num_nextn_predict_layers", 0) or 0), 1) * stored
+        n = int(text_hf.get("num_hidden_layers", 0))
+        stored = any(k.startswith(f"{p}layers.{n}.") for k in tensors)
+        config_overrides["num_nextn_predict_layers"] = (
+            min(int(text_hf.get("num_nextn_predict_layers", 0) or 0), 1) * stored
+        )
         if stored and "mtp_tied" not in config_overrides:
             main = (
-                tensors.get("model.embed_tokens.weight"),
-                tensors.get("lm_head.weight", tensors.get("model.embed_tokens.weight")),
+                tensors.get(f"{p}embed_tokens.weight"),
+                tensors.get("lm_head.weight", tensors.get(f"{p}embed_tokens.weight")),
             )
             own = (
-                tensors.get(f"model.layers.{n}.embed_tokens.weight"),
-                tensors.get(f"model.layers.{n}.shared_head.head.weight"),
+                tensors.get(f"{p}layers.{n}.embed_tokens.weight"),
+                tensors.get(f"{p}layers.{n}.shared_head.head.weight"),
             )
             config_overrides["mtp_tied"] = all(
                 a is not None and b is not None and a.shape == b.shape and torch.equal(a, b) for a, b in zip(main, own)
@@ -588,6 +907,8 @@ def load_hf(
         for name, buf in module.named_buffers(recurse=False):
             if buf.is_meta:
                 setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype))
+    if g5n and keep_vision and vision:
+        model.hf_vision = {"config": hf.get("vision_config"), "tensors": vision}
     return model.to(device=device or "cpu", dtype=dtype).eval()
 
 
@@ -603,7 +924,8 @@ def _parse_size(size: int | str) -> int:
 
 def save_hf(model: Decoder, folder: str | os.PathLike, max_shard_size: int | str | None = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint: config.json and model.safetensors, or shards of at most
-    ``max_shard_size`` bytes (a bigger tensor gets a shard of its own) with model.safetensors.index.json."""
+    ``max_shard_size`` bytes (a bigger tensor gets a shard of its own) with model.safetensors.index.json.
+    glm5_next: the vision tower ``load_hf(..., keep_vision=True)`` kept is written back with its config."""
     from safetensors.torch import save_file
 
     if type(model) is not Decoder:
@@ -615,6 +937,10 @@ def save_hf(model: Decoder, folder: str | os.PathLike, max_shard_size: int | str
     tensors = {
         k: v.detach().to("cpu").clone().contiguous() for k, v in to_hf_names(model.state_dict(), model.config).items()
     }
+    vision = getattr(model, "hf_vision", None)
+    if vision and config["model_type"] == "glm5_next":
+        config["vision_config"] = vision["config"]
+        tensors.update({k: v.detach().to("cpu").clone().contiguous() for k, v in vision["tensors"].items()})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for stale in [*folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
         stale.unlink()

@@ -30,6 +30,12 @@ Two inference paths, one result (``options["mla_absorb"]`` picks; ``attend`` tak
 ``"auto"`` (default) takes the naive path for a plain prefill and the absorbed one whenever there is an explicit mask
 (a decode step against the cache, a left-padded batch).
 
+NoPE (``qk_rope_head_dim = 0``, GLM-5.3-Flash's MLA layers): no rotary slice at all. The q·k head is the nope head
+(256 there), the cache row is c_KV alone (512 values), and the layer sees no position: order reaches it only through
+the causal mask and the layers around it (GLM-5.3-Flash's KDA layers, whose recurrence is ordered). The absorbed
+kernels take a rotary part of at least one column, so one zero column stands in for it there (``rope_columns``:
+it adds 0 to every score).
+
 For DSA (lesson 06) the pieces are public: ``query`` (also returns the query latent c_Q), ``latent_kv``, ``attend``
 (with an optional per-query set of key indices ``keys`` [B, T, K], as DSA's top-k selection gives it), ``expand``,
 ``absorbed_weights`` and ``MLAState``.
@@ -51,7 +57,8 @@ from glmkit.ops.mla_decode import mla_decode
 from glmkit.ops.rope import rope
 
 # transformers' Glm4MoeLiteAttention and DeepSeek's reference build q_a_layernorm and kv_a_layernorm with the RMSNorm
-# class default, not the config's rms_norm_eps; so does this mixer, for parity.
+# class default, not the config's rms_norm_eps; so does this mixer by default, for parity (glm5_next uses the config's:
+# the option latent_norm_eps).
 LATENT_NORM_EPS = 1e-6
 ABSORB = ("auto", "always", "never")
 
@@ -73,13 +80,22 @@ class MLAState:
         return self.latent[:, :end, : self.rank], self.latent[:, :end, self.rank :]
 
 
-def _positive_int(cfg, name: str, allow_none: bool = False):
+def _positive_int(cfg, name: str, allow_none: bool = False, allow_zero: bool = False):
     v = cfg.opt(name)
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"mla option {name}={v!r} must be a positive int" + (" or None" if allow_none else ""))
+    if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+        want = "an int >= 0" if allow_zero else "a positive int"
+        raise ValueError(f"mla option {name}={v!r} must be {want}" + (" or None" if allow_none else ""))
     return v
+
+
+def rope_columns(q_rope: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary parts as the absorbed ops take them (q [..., P], k [..., P] with P >= 1). NoPE (P = 0): one zero
+    column each, which adds 0 to every score and costs one masked column in the kernels."""
+    if q_rope.shape[-1]:
+        return q_rope, k_rope
+    return q_rope.new_zeros(*q_rope.shape[:-1], 1), k_rope.new_zeros(*k_rope.shape[:-1], 1)
 
 
 @register("mla")
@@ -98,6 +114,7 @@ class MLA(nn.Module):
         "qk_rope_head_dim": 16,
         "v_head_dim": 32,
         "mla_absorb": "auto",  # glmkit's: "auto" | "always" | "never" (module docstring)
+        "latent_norm_eps": LATENT_NORM_EPS,  # glmkit's: eps of q_a_layernorm / kv_a_layernorm (glm5_next: rms_norm_eps)
     }
 
     def __init__(self, cfg, layer_idx: int):
@@ -107,7 +124,7 @@ class MLA(nn.Module):
         self.q_lora_rank = _positive_int(cfg, "q_lora_rank", allow_none=True)
         self.kv_lora_rank = R = _positive_int(cfg, "kv_lora_rank")
         self.nope = _positive_int(cfg, "qk_nope_head_dim")
-        self.rope_dim = P = _positive_int(cfg, "qk_rope_head_dim")
+        self.rope_dim = P = _positive_int(cfg, "qk_rope_head_dim", allow_zero=True)  # 0: NoPE (GLM-5.3-Flash)
         self.v_dim = _positive_int(cfg, "v_head_dim")
         if P % 2:
             raise ValueError(f"mla option qk_rope_head_dim={P} must be even (RoPE rotates pairs)")
@@ -116,14 +133,17 @@ class MLA(nn.Module):
             raise ValueError(f"mla option mla_absorb={self.absorb!r} must be one of {ABSORB}")
         self.qk_dim = self.nope + P
         bias = cfg.attention_bias
+        eps = cfg.opt("latent_norm_eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"mla option latent_norm_eps={eps!r} must be a number > 0")
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(d, H * self.qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, R + P, bias=bias)
-        self.kv_a_layernorm = RMSNorm(R, LATENT_NORM_EPS)
+        self.kv_a_layernorm = RMSNorm(R, eps)
         self.kv_b_proj = nn.Linear(R, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, d, bias=bias)
         self.pairing = "interleaved" if cfg.rope_interleave else "half"
@@ -160,16 +180,18 @@ class MLA(nn.Module):
             q = self.q_b_proj(c_q)
         q = rearrange(q, "b t (h d) -> b h t d", h=self.H)
         q_nope, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
-        cos, sin = step.rope(self.rope_dim, self.theta)
-        q_rot, _ = rope(q_rot, None, cos, sin, self.rope_dim, self.pairing)
+        if self.rope_dim:  # NoPE: q_rot is [B, H, T, 0]
+            cos, sin = step.rope(self.rope_dim, self.theta)
+            q_rot, _ = rope(q_rot, None, cos, sin, self.rope_dim, self.pairing)
         return q_nope, q_rot, c_q
 
     def latent_kv(self, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, d] → what the cache keeps: c_KV [B, T, R] (normalised) and k_rot [B, T, P] (rotated)."""
         c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        cos, sin = step.rope(self.rope_dim, self.theta)
-        k_rot, _ = rope(k_rot[:, None], None, cos, sin, self.rope_dim, self.pairing)  # as one head [B, 1, T, P]
-        return self.kv_a_layernorm(c_kv), k_rot[:, 0]
+        if self.rope_dim:  # NoPE: k_rot is [B, T, 0]
+            cos, sin = step.rope(self.rope_dim, self.theta)
+            k_rot = rope(k_rot[:, None], None, cos, sin, self.rope_dim, self.pairing)[0][:, 0]  # as one head
+        return self.kv_a_layernorm(c_kv), k_rot
 
     def expand(self, c_kv: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The naive path's keys and values from the latents: c_kv [B, L, R], k_rot [B, L, P] →
@@ -215,5 +237,6 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bhtn,hnr->bthr", q_nope, w_uk)  # W_UK folded into the query: [B, T, H, R]
         dt = c_kv.dtype  # the cache's (autocast may give q another): cast the small queries, never the cache
-        o_lat = mla_decode(q_lat.to(dt), q_rot.transpose(1, 2).to(dt), c_kv, k_rot.to(dt), self.scale, visible=visible)
+        q_rope, k_rope = rope_columns(q_rot.transpose(1, 2).to(dt), k_rot.to(dt))
+        o_lat = mla_decode(q_lat.to(dt), q_rope, c_kv, k_rope, self.scale, visible=visible)
         return torch.einsum("bthr,hvr->bhtv", o_lat, w_uv)  # W_UV applied after the weighted sum

@@ -20,6 +20,15 @@ Published sizes the presets are checked against (tests/models/test_presets.py, w
                  743.91B (−0.01 %; routing-bias buffers not counted, DSA indexers counted); active without embedding
                  and head 39.88B (−0.3 %): every attention weight with its indexer, the 3 dense FFNs, 8 routed + 1
                  shared experts in each of the 75 MoE layers, routers and norms (tests/test_hf_dsa.py).
+  glm-5.3-flash  320B total / 18B active: the GLM-5.3-Flash card (glm-lineage.md §5.7); the preset is transformers'
+                 Glm5NextTextConfig defaults (no config.json of the checkpoint was available). The card counts the
+                 whole checkpoint: the language model 313.33B + its MTP layer 7.43B + the vision tower 0.46B
+                 (``GLM_5_3_FLASH_VISION``) = 321.22B (+0.4 %); active per token: 16.11B in the language model
+                 (KDA and MLA-DSA weights with the indexers, mHC, 3 dense FFNs, 8 routed + 1 shared experts in each of
+                 42 MoE layers) + embedding and head 1.27B + the (dense) vision tower 0.46B = 17.84B (−0.9 %). The
+                 conventions of the presets above miss: 313.33B (−2.1 %) without the MTP layer, 16.11B (−10.5 %)
+                 active without embedding and head, 17.38B (−3.5 %) with them but without the tower
+                 (tests/test_hf_glm5_next.py).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ PUBLISHED = {
     "glm-4.5-air": (106 * B, 12 * B),
     "glm-4.7-flash": (30 * B, 3 * B),
     "glm-5": (744 * B, 40 * B),
+    "glm-5.3-flash": (320 * B, 18 * B),
 }
 
 _GLM4 = dict(
@@ -291,6 +301,131 @@ PRESETS["gpu-dsa"] = dataclasses.replace(
 # linear layer. Every other field is cpu-small's / gpu-small's, so those two are the full-attention twins.
 PRESETS["cpu-hybrid"] = dataclasses.replace(PRESETS["cpu-small"], layer_types=["kda", "kda", "kda", "attention"])
 PRESETS["gpu-hybrid"] = dataclasses.replace(PRESETS["gpu-small"], layer_types=["kda", "kda", "kda", "attention"] * 2)
+# GLM-5.3-Flash (HF `glm5_next`; transformers' Glm5NextTextConfig defaults, glm-lineage.md §5.7): 45 layers, KDA where
+# i % 4 != 3 (34) and NoPE MLA-DSA with the KPool indexer at i % 4 == 3 (11): MLA of 64 heads (q_lora 1536, kv_lora
+# 512, q·k 256 + 0, v 256), indexer 32 heads × 128, top-2048 in pools of 16 with the tail; KDA 64 heads × 128, conv 4,
+# safe gate −5; 3 dense FFNs of 12288 then 42 MoE layers of 288 experts of 2048 (top-8 + 1 shared, ×2.5), clamped
+# SwiGLU (10); mHC with 4 streams, 20 Sinkhorn rounds. One MTP layer (layer 45, which transformers ignores; its mixer
+# is not documented: a DSA block here, as GLM-5's).
+_G5N_DSA = dict(
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=256,
+    qk_rope_head_dim=0,
+    v_head_dim=256,
+    latent_norm_eps=1e-5,
+    index_n_heads=32,
+    index_head_dim=128,
+    index_topk=2048,
+    index_kpool=16,
+    index_kpool_always_select_tail=True,
+)
+GLM_5_3_FLASH_VISION = 460_072_448  # transformers' Glm5NextVisionModel at its config defaults, on the meta device
+PRESETS["glm-5.3-flash"] = DecoderConfig(
+    vocab_size=154880,
+    hidden_size=4096,
+    num_hidden_layers=45,
+    num_attention_heads=64,
+    head_dim=256,
+    intermediate_size=12288,
+    max_position_embeddings=1048576,
+    partial_rotary_factor=0.0,
+    layer_types=["kda" if i % 4 != 3 else "dsa" for i in range(45)],
+    mtp_layer_type="dsa",
+    n_routed_experts=288,
+    num_experts_per_tok=8,
+    moe_intermediate_size=2048,
+    n_shared_experts=1,
+    first_k_dense_replace=3,
+    routed_scaling_factor=2.5,
+    swiglu_limit=10.0,
+    hc_mult=4,
+    num_nextn_predict_layers=1,
+    pad_token_id=154820,
+    extra=dict(
+        **_G5N_DSA,
+        linear_num_heads=64,
+        linear_head_dim=128,
+        linear_conv_kernel_dim=4,
+        linear_lower_bound=-5.0,
+    ),
+)
+# The capstone (lesson 09): GLM-5.3-Flash's architecture at a size one H200 trains from random init to code-like
+# samples in minutes, on the python-stdlib corpus with its 8192-token BPE (glmkit.data.python_corpus). 8 layers,
+# d = 768: KDA, KDA, KDA, DSA twice (KDA 6 heads × 128; NoPE MLA 6 heads, q_lora 384, kv_lora 256, q·k 128, v 128;
+# KPool indexer 8 heads × 64, top-512 = 32 pools of 16, with the tail); layer 0 dense (2048), then 7 MoE layers of 32
+# experts of 256 (top-4 + 1 shared, ×2.5); clamped SwiGLU (10); mHC with 4 streams; one MTP layer (a DSA block).
+# 175.7M parameters (198.6M with the MTP layer), 47.5M active without embedding and head (60.1M with them); trained
+# at T = 1024 (configs/capstone_h200.toml; its FLOPs per token: benchmarks/bench_capstone.py).
+PRESETS["capstone"] = DecoderConfig(
+    vocab_size=8192,
+    hidden_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=6,
+    head_dim=128,
+    intermediate_size=2048,
+    max_position_embeddings=2048,
+    partial_rotary_factor=0.0,
+    layer_types=["kda", "kda", "kda", "dsa"] * 2,
+    mtp_layer_type="dsa",
+    n_routed_experts=32,
+    num_experts_per_tok=4,
+    moe_intermediate_size=256,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    swiglu_limit=10.0,
+    hc_mult=4,
+    num_nextn_predict_layers=1,
+    extra=dict(
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=0,
+        v_head_dim=128,
+        latent_norm_eps=1e-5,
+        index_n_heads=8,
+        index_head_dim=64,
+        index_topk=512,
+        index_kpool=16,
+        linear_num_heads=6,
+        linear_head_dim=128,
+    ),
+)
+# Its CPU twin (lesson 09 on 2 cores): the same pattern at d = 128, 4 layers (KDA ×3, DSA), KDA 4 heads × 32, NoPE MLA
+# 4 heads (q_lora 64, kv_lora 64, q·k 32, v 32), KPool 8 heads × 32, top-64 in pools of 8; layer 0 dense (384), 3 MoE
+# layers of 8 experts of 128 (top-2 + 1 shared); mHC 4 streams; one MTP layer. 1.98M parameters (2.57M with the MTP
+# layer), 1.03M active, on the byte vocabulary (the python corpus's BPE replaces it: configs/capstone_cpu.toml).
+PRESETS["cpu-capstone"] = dataclasses.replace(
+    PRESETS["capstone"],
+    vocab_size=BYTE_VOCAB,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=32,
+    intermediate_size=384,
+    max_position_embeddings=512,
+    layer_types=["kda", "kda", "kda", "dsa"],
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    mlp_layer_types=None,
+    extra=dict(
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=0,
+        v_head_dim=32,
+        latent_norm_eps=1e-5,
+        index_n_heads=8,
+        index_head_dim=32,
+        index_topk=64,
+        index_kpool=8,
+        linear_num_heads=4,
+        linear_head_dim=32,
+    ),
+)
 
 
 def preset(cls: type, presets: dict, name, overrides: dict[str, Any]):
