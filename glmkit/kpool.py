@@ -154,6 +154,7 @@ def pooled_attention_target(
     allowed: torch.Tensor | None = None,
     pools: torch.Tensor | None = None,
     recall_k: int | None = None,
+    selected: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The indexer's training signal over pools: the main attention (MQA form: q [B, T, H, D] against the shared rows
     kv [B, L, D]), summed over heads and L1-normalised (``attention_target``), summed over each pool's tokens.
@@ -161,8 +162,9 @@ def pooled_attention_target(
     visible [B or 1, T, L]: the keys each query sees. ``allowed`` [B, T, L] (the sparse stage: the selected tokens)
     restricts the softmax to a set; ``pools`` [B, T, P] bool keeps the target on those pools only (renormalised over
     them; a row with no mass there is 0). Returns (target [B, T, P], recall or None): with ``recall_k``, the share of
-    the true top-``recall_k`` keys (by the attention over all visible keys) that ``allowed`` holds, over the queries
-    that see more than recall_k keys (1 when none does), as ``glmkit.mixers.dsa.topk_recall`` defines it."""
+    the true top-``recall_k`` keys (by the attention over all visible keys) that ``selected`` [B, T, L] (default:
+    ``allowed``) holds, over the queries that see more than recall_k keys (1 when none does), as
+    ``glmkit.mixers.dsa.topk_recall`` defines it."""
     B, T, H, _ = q.shape
     L = kv.shape[1]
     at = tokens.clamp_min(0).flatten(1)  # [B, P·K]
@@ -183,7 +185,8 @@ def pooled_attention_target(
         if recall_k is not None:
             dense = p if allowed is None else attention_target(q[:, t0:t1], kv, scale, visible=vis)
             top = dense.masked_fill(~vis, -1.0).topk(min(recall_k, L), dim=-1).indices
-            hit = sel.gather(-1, top).float().mean(-1)  # [B, tc]
+            chosen = sel if selected is None else vis & selected[:, t0:t1]
+            hit = chosen.gather(-1, top).float().mean(-1)  # [B, tc]
             many = (vis.sum(-1) > recall_k).float()
             hits, rows = hits + (hit * many).sum(), rows + many.sum()
     recall = None

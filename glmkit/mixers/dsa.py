@@ -331,9 +331,10 @@ class DSA(MLA):
         logits = pool_logits(q_i, pool_keys(k_i, g_i, self.indexer.index_kpool_compress_ape, tokens), w_i)
         # dense stage: every candidate pool, the attention over every visible key; sparse: the chosen pools, the
         # attention over the selected tokens (the chosen pools' and the tail's)
-        pools, allowed = (cand, None) if self.stage == "warmup" else (chosen, selected_mask(idx, L))
+        selected = selected_mask(idx, L)
+        pools, allowed = (cand, None) if self.stage == "warmup" else (chosen, selected)
         recall_k = self.topk if self.track_recall else None
-        target, recall = pooled_attention_target(q_abs, kv, self.scale, vis, tokens, allowed, pools, recall_k)
+        target, recall = pooled_attention_target(q_abs, kv, self.scale, vis, tokens, allowed, pools, recall_k, selected)
         self.aux_loss = self.loss_coeff * indexer_kl_loss(logits.masked_fill(~pools, float("-inf")), target)
         if recall is not None:
             self.aux_stats = {"dsa_recall": recall}
