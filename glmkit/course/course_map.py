@@ -147,6 +147,11 @@ LESSONS: tuple[Lesson, ...] = (
         "the delta rule, recurrent and chunkwise (WY) forms, gating, KDA, a linear/full hybrid stack",
         "chunkwise gated delta rule",
         "07_deltanet_hybrid.ipynb",
+        modules="`ops.delta_rule`, `mixers.gdn`, `mixers.kda`, `models.presets` (`cpu-hybrid`)",
+        status="built",
+        shipped="lesson, exercise (recurrence, UT transform, chunked forward, a graded Triton decode kernel), "
+        "HF `qwen3_next` / `glm5_next` layer parity",
+        exercise="07_delta_rule",
     ),
     Lesson(
         "08",
