@@ -15,9 +15,9 @@ functions, passed in), the state sizes come from each mixer's ``state_bytes``.
     plot_chunk_schedule(T, C)       the recurrent schedule (T steps) against the chunked one (T / C steps)
     layer_pattern(n, every)         mixer names with one full-attention layer in every ``every`` (0: none)
     stack_state_bytes(cfg, types)   the decoding state of a stack of layers, from each mixer's ``state_bytes``
-    glm_5_3_flash_cache_config()    GLM-5.3-Flash's KDA and MLA shapes (glm-lineage §5.7), for state sizes only
     plot_memory(cfg, stacks)        state bytes against context length, log-log
     MemoryExplorer(cfg)             ipywidgets: full-attention share, context length, batch → memory per stack
+                                    (default: the ``glm-5.3-flash`` preset's KDA and DSA layers)
 
 How it differs from before: lessons 03 and 04 keep their helpers in ``viz_blocks`` and ``viz_moe``; this is the same
 for lesson 07, so that its cells say what is computed and this file says how it is drawn.
@@ -295,7 +295,7 @@ def plot_chunk_schedule(T: int = 16, C: int = 4, ax=None):
 # ----------------------------------------------------------------------------------------------------
 
 
-def layer_pattern(n_layers: int, every: int, linear: str = "kda", full: str = "mla") -> list[str]:
+def layer_pattern(n_layers: int, every: int, linear: str = "kda", full: str = "dsa") -> list[str]:
     """Mixer names of a stack: layer i is ``full`` when i % every == every − 1 (GLM-5.3-Flash and Qwen3-Next with
     every = 4: three linear layers, then one full), else ``linear``; every = 1: all full; every = 0: all linear."""
     if every == 0:
@@ -309,19 +309,6 @@ def stack_state_bytes(cfg, layer_types: Sequence[str], seq_len: int, batch_size:
     from glmkit.mixers import MIXERS
 
     return sum(MIXERS[t].state_bytes(cfg, seq_len, batch_size=batch_size, dtype=dtype) for t in layer_types)
-
-
-def glm_5_3_flash_cache_config():
-    """A DecoderConfig with GLM-5.3-Flash's per-layer state shapes (glm-lineage §5.7, transformers ``glm5_next``):
-    45 layers; KDA of 64 heads × 128 with a conv of width 4; MLA with NoPE (kv_lora_rank 512, no RoPE key, so 512
-    cached values per token). Only for state sizes: the rest is GLM-4.7-Flash's preset. (The DSA indexer's own
-    small key cache, 128 values per token in each full layer, is not counted.)"""
-    from glmkit.models.presets import get_config
-
-    base = get_config("glm-4.7-flash")
-    extra = dict(base.extra, qk_rope_head_dim=0, qk_nope_head_dim=256, v_head_dim=256, q_lora_rank=1536)
-    extra.update(linear_num_heads=64, linear_head_dim=128, linear_conv_kernel_dim=4)
-    return get_config(base, num_hidden_layers=45, layer_types=layer_pattern(45, 4), extra=extra)
 
 
 def human_bytes(n: float) -> str:
@@ -365,7 +352,11 @@ class MemoryExplorer:
     def __init__(self, cfg=None, ratio: str = "3 : 1 (GLM-5.3-Flash)", log2_len: int = 17, batch: int = 1):
         import ipywidgets as W
 
-        self.cfg = glm_5_3_flash_cache_config() if cfg is None else cfg
+        if cfg is None:
+            from glmkit.models.presets import get_config
+
+            cfg = get_config("glm-5.3-flash")
+        self.cfg = cfg
         style = dict(continuous_update=False, style={"description_width": "initial"})
         self.ratio = W.Dropdown(options=list(EVERY), value=ratio, description="linear : full")
         self.log2_len = W.IntSlider(value=log2_len, min=10, max=20, description="context = 2^", **style)
@@ -387,13 +378,13 @@ class MemoryExplorer:
 
         n, L, B = self.cfg.num_hidden_layers, 2 ** int(self.log2_len.value), int(self.batch.value)
         chosen = layer_pattern(n, EVERY[self.ratio.value])
-        stacks = {self.ratio.value: chosen, "all full attention (MLA)": layer_pattern(n, 1)}
+        stacks = {self.ratio.value: chosen, "all full attention (DSA)": layer_pattern(n, 1)}
         self.result = {name: stack_state_bytes(self.cfg, types, L, B) for name, types in stacks.items()}
         fig = Figure(figsize=(8, 3.6), layout="constrained")
         plot_memory(self.cfg, stacks, batch_size=B, ax=fig.add_subplot(), mark=L)
         self.image.value = _png(fig)
-        mine, full = self.result[self.ratio.value], self.result["all full attention (MLA)"]
-        n_lin = sum(t != "mla" for t in chosen)
+        mine, full = self.result[self.ratio.value], self.result["all full attention (DSA)"]
+        n_lin = sum(t == "kda" for t in chosen)
         self.status.value = (
             f"{n_lin} linear + {n - n_lin} full layers, {L:,} tokens, batch {B}: <b>{human_bytes(mine)}</b> against "
             f"{human_bytes(full)} for all full attention ({full / mine:.1f}× less)."
@@ -415,7 +406,6 @@ __all__ = [
     "plot_chunk_schedule",
     "layer_pattern",
     "stack_state_bytes",
-    "glm_5_3_flash_cache_config",
     "human_bytes",
     "plot_memory",
     "EVERY",

@@ -12,6 +12,7 @@ import torch
 
 from glmkit.course import viz_delta as vd
 from glmkit.mixers import MIXERS
+from glmkit.models.presets import get_config
 
 matplotlib.use("Agg")
 
@@ -75,14 +76,16 @@ def test_context_switch_layout():
 
 
 def test_state_sizes_at_glm_5_3_flash_shapes():
-    cfg = vd.glm_5_3_flash_cache_config()
+    cfg = get_config("glm-5.3-flash")
     hybrid = vd.layer_pattern(45, 4)
-    assert hybrid.count("kda") == 34 and [i for i, t in enumerate(hybrid) if t == "mla"] == list(range(3, 45, 4))
-    assert set(vd.layer_pattern(8, 1)) == {"mla"} and set(vd.layer_pattern(8, 0)) == {"kda"}
-    assert MIXERS["mla"].state_bytes(cfg, 1) == 512 * 2  # NoPE: kv_lora_rank 512 bf16 values per token
+    assert hybrid == cfg.layer_types  # the preset's own 3:1 pattern
+    assert hybrid.count("kda") == 34 and [i for i, t in enumerate(hybrid) if t == "dsa"] == list(range(3, 45, 4))
+    assert set(vd.layer_pattern(8, 1)) == {"dsa"} and set(vd.layer_pattern(8, 0)) == {"kda"}
+    # NoPE latent 512 + the indexer's key 128 + KPool's gate scores 128, bf16, per token
+    assert MIXERS["dsa"].state_bytes(cfg, 1) == (512 + 128 + 128) * 2
     assert MIXERS["kda"].state_bytes(cfg, 1) == 64 * 128 * 128 * 4 + 3 * 3 * 64 * 128 * 2
     L = 2**20
-    want = 34 * MIXERS["kda"].state_bytes(cfg, L) + 11 * MIXERS["mla"].state_bytes(cfg, L)
+    want = 34 * MIXERS["kda"].state_bytes(cfg, L) + 11 * MIXERS["dsa"].state_bytes(cfg, L)
     assert vd.stack_state_bytes(cfg, hybrid, L) == want
     ratio = vd.stack_state_bytes(cfg, vd.layer_pattern(45, 1), L) / want
     assert 4.0 < ratio < 45 / 11
@@ -97,7 +100,7 @@ def test_pictures_and_explorers():
     rec.updates.value = 1
     assert rec.result["DeltaNet"] == rec.result["linear attention"] == (1.0, 0.0)
     mem = vd.MemoryExplorer(log2_len=20)
-    assert 4.0 < mem.result["all full attention (MLA)"] / mem.result["3 : 1 (GLM-5.3-Flash)"] < 4.1
+    assert 4.0 < mem.result["all full attention (DSA)"] / mem.result["3 : 1 (GLM-5.3-Flash)"] < 4.1
     mem.ratio.value = "all linear (KDA)"
     fixed = mem.result["all linear (KDA)"]
     mem.log2_len.value = 10
