@@ -127,10 +127,16 @@ LESSONS: tuple[Lesson, ...] = (
     Lesson(
         "05",
         "Multi-head latent attention (MLA)",
-        "GLM-5",
-        "low-rank KV compression, decoupled RoPE, the absorbed decode path",
-        "MLA decode attention",
+        "GLM-4.7-Flash / GLM-5",
+        "low-rank KV compression, decoupled RoPE, the absorbed decode path; the MLA layer written in the lesson "
+        "and matched to glmkit and transformers",
+        "MLA decode attention (all heads on one tile, split-K)",
         "05_latent_attention.ipynb",
+        modules="`mixers.mla`, `ops.mla_decode`, `ops.attention`, `hf` (`glm4_moe_lite`), `course.viz_mla`",
+        status="built",
+        shipped="lesson, exercise (weight absorption, folded projections, a graded split-K Triton decode kernel), "
+        "HF `glm4_moe_lite` parity",
+        exercise="05_mla",
     ),
     Lesson(
         "06",

@@ -231,13 +231,13 @@ def plot_decode_bytes(
     context: int, batch: int = 1, names: Sequence[str] | None = None, dtype=torch.bfloat16, ax=None, chosen=None
 ):
     """Bytes per generated token at ``context`` and ``batch``: the weights' share and the cache's, stacked, one bar
-    per model (MiB, from zero); ``chosen`` is outlined."""
+    per model (GiB, from zero); ``chosen`` is outlined."""
     ax = _axes(ax, figsize=(7, 3.2))
     names = [m.name for m in MODELS] if names is None else list(names)
     rows = [decode_bytes(n, context, batch, dtype) for n in names]
     y = np.arange(len(names))
-    w = np.array([r["weights"] for r in rows]) / MiB
-    c = np.array([r["cache"] for r in rows]) / MiB
+    w = np.array([r["weights"] for r in rows]) / GiB
+    c = np.array([r["cache"] for r in rows]) / GiB
     ax.barh(y, w, color="#9aa5b1", label="weights (the step's, shared by the batch)")
     bars = ax.barh(y, c, left=w, color=[_colour(n) for n in names], label="this sequence's cache")
     for i, n in enumerate(names):
@@ -247,7 +247,7 @@ def plot_decode_bytes(
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, None)
-    ax.set_xlabel("MiB read per generated token")
+    ax.set_xlabel("GiB read per generated token")
     ax.set_title(f"context {context:,} tokens, batch {batch}", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return ax
@@ -281,7 +281,8 @@ def plot_splits(lengths: Sequence[int], chunk: int, num_splits: int, ax=None):
     for s in range(1, num_splits):
         ax.axvline(s * chunk - 0.5, color="k", lw=1)
     empty = int((ranges[..., 1] <= ranges[..., 0]).sum())
-    ax.set_yticks(range(len(lengths)), [f"row {b}: {n} keys" for b, n in enumerate(lengths)], fontsize=8)
+    labels = [f"row {b}: {n} key{'' if n == 1 else 's'}" for b, n in enumerate(lengths)]
+    ax.set_yticks(range(len(lengths)), labels, fontsize=8)
     ax.set_xlabel("key position in the cache")
     ax.set_title(
         f"{num_splits} splits of {chunk} keys: colour = the program that reads the key; "

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+import glmkit.kernels  # noqa: F401  (TRITON_INTERPRET=1 without CUDA, before anything imports triton)
 from glmkit.course import viz_mla as vm
 from glmkit.models.decoder import Decoder
 from glmkit.models.presets import get_config
@@ -92,6 +92,8 @@ def test_at_long_context_mla_reads_far_less_cache_than_gqa():
 @pytest.mark.parametrize("heads,queries", [(20, 1), (64, 1), (64, 2)])
 def test_arithmetic_intensity_is_what_the_flop_counter_sees(heads, queries):
     """FLOPs of the absorbed attention (glmkit's reference, on the meta device) over the cache's bytes."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton: after glmkit.kernels
+
     B, L, R, P = 1, 4096, 512, 64
     t = dict(device="meta", dtype=torch.bfloat16)
     q_lat, q_rope = torch.empty(B, queries, heads, R, **t), torch.empty(B, queries, heads, P, **t)
@@ -136,8 +138,8 @@ def test_decode_bars_stack_weights_and_cache():
     bars = ax.patches
     for i, n in enumerate(names):
         d = vm.decode_bytes(n, 8192, 4)
-        assert bars[i].get_width() * 2**20 == pytest.approx(d["weights"])
-        assert bars[len(names) + i].get_width() * 2**20 == pytest.approx(d["cache"])
+        assert bars[i].get_width() * 2**30 == pytest.approx(d["weights"])
+        assert bars[len(names) + i].get_width() * 2**30 == pytest.approx(d["cache"])
     assert bars[len(names) + 1].get_linewidth() == 2
 
 
