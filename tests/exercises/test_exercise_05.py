@@ -203,3 +203,31 @@ def test_the_notebook_runs_top_to_bottom(released, tmp_path, solved):
     else:
         assert "Public checks: 0 of 11 pass" in text and "(not written yet: ex05.split_kv_b" in text
         assert "(not written yet: ex05.latent_decode" in text and "(not written yet: ex05.fold_weights" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,R,P", [(5, 48, 16), (20, 512, 64)], ids=["small", "glm-4.7-flash"])
+def test_the_master_kernel_compiles_and_runs_natively(H, R, P):
+    """The master's latent_decode_kernel (what a learner writes) compiled for the GPU, not interpreted: ragged
+    lengths, one split and several, against glmkit's reference (fp32 inputs; tl.dot may use TF32 on the GPU)."""
+    import importlib.util
+
+    import torch
+
+    from glmkit.ops.mla_decode import mla_decode_reference
+    from glmkit.testing import rel_err
+
+    spec = importlib.util.spec_from_file_location("ex05_master_gpu", EX05 / "ex05.py")
+    ex05 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex05)
+    g = torch.Generator().manual_seed(0)
+    B, L = 4, 1000
+    q_lat, q_rot = torch.randn(B, H, R, generator=g), torch.randn(B, H, P, generator=g)
+    c_kv, k_rot = torch.randn(B, L, R, generator=g), torch.randn(B, L, P, generator=g)
+    lengths = torch.tensor([L, 777, 16, 1])
+    scale = 1 / R**0.5
+    want = mla_decode_reference(q_lat[:, None], q_rot[:, None], c_kv, k_rot, scale, lengths)[:, 0]
+    args = [t.cuda() for t in (q_lat, q_rot, c_kv, k_rot)]
+    for splits in (1, 5):
+        got = ex05.latent_decode(*args, scale, lengths.cuda(), splits)
+        assert got.is_cuda and rel_err(want, got.cpu()) < 5e-3, (splits, rel_err(want, got.cpu()))
