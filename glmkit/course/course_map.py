@@ -163,9 +163,14 @@ LESSONS: tuple[Lesson, ...] = (
         "08",
         "Multi-token prediction (MTP) and speculative decoding",
         "GLM-4.5 / GLM-5",
-        "the MTP module, its loss weight, speculative decoding with it",
-        "MTP draft-and-verify step",
+        "the MTP module, its loss weight, speculative decoding with it (draft, verify, accept, roll back)",
+        "greedy acceptance of a verify's drafts in one kernel",
         "08_multi_token_prediction.ipynb",
+        modules="`models.decoder` (MTP), `train` (λ), `speculative`, `cache` (rollback)",
+        status="built",
+        shipped="lesson, exercise (greedy and rejection-sampling acceptance, the rollback of a recurrent state, a "
+        "graded Triton acceptance kernel), HF `glm4_moe` `generate(use_mtp=True)` parity",
+        exercise="08_speculative",
     ),
     Lesson(
         "09",
