@@ -299,11 +299,12 @@ def plot_predicted_vs_measured(points: Sequence[dict], ax=None, title: str = "th
     ax = _axes(ax, figsize=(4.5, 4.5))
     top = max([2.0, *(max(p["predicted"], p["measured"]) * 1.15 for p in points)])
     ax.plot([0, top], [0, top], color="k", lw=1, ls="--", label="predicted = measured")
-    for p in points:
-        ax.plot(p["predicted"], p["measured"], "o", color=p.get("colour", "C0"), ms=7)
-        ax.annotate(
-            p["label"], (p["predicted"], p["measured"]), textcoords="offset points", xytext=(5, -11), fontsize=8
-        )
+    for i, p in enumerate(points):
+        colour = p.get("colour", "C0")
+        ax.plot(p["predicted"], p["measured"], "o", color=colour, ms=7)
+        offset = (8, 10 - 11 * (i % 4))  # labels of nearby points stacked one line apart
+        xy = (p["predicted"], p["measured"])
+        ax.annotate(p["label"], xy, textcoords="offset points", xytext=offset, fontsize=8, color=colour)
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_aspect("equal")
