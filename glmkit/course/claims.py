@@ -57,8 +57,9 @@ class Claim:
 RECORDED: list[Claim] = []  # every claim made in this process, in order (what the tests read)
 
 
-def claim(text: str, holds, detail: str = "", full_only: bool = False) -> Claim:
-    """Print ``text`` (a stated result of the lesson) with its verdict for this run and return the ``Claim``.
+def claim(text: str, holds, detail: str = "", full_only: bool = False) -> None:
+    """Print ``text`` (a stated result of the lesson) with its verdict for this run; the ``Claim`` is appended to
+    ``RECORDED`` (nothing is returned, so a claim ending a cell is not displayed twice).
     ``holds``: a bool, or a zero-argument callable (not called in a fast run when ``full_only``)."""
     if full_only and fast_mode():
         c = Claim(text, None, detail)
@@ -67,7 +68,6 @@ def claim(text: str, holds, detail: str = "", full_only: bool = False) -> Claim:
         c = Claim(text, bool(value), detail)
     RECORDED.append(c)
     print(str(c))
-    return c
 
 
 def failed_claims(text: str) -> list[str]:

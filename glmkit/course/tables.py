@@ -136,7 +136,7 @@ def show_benchmark(name: str, sections: Sequence[str] = ("",), first_table_only:
     """Display a committed benchmark result: its title, where and when it ran, and the tables of ``sections``
     (headings, or their beginnings; "" = the part before the first heading). ``plot="ratios"`` draws the
     "Ratios vs targets" table as bars (lesson 04). Says so, and returns None, when the file is not in this
-    checkout; else returns the ``Benchmark``."""
+    checkout; else returns the ``Benchmark`` (end a cell with ``;`` to keep Jupyter from printing it)."""
     from IPython.display import Markdown, display
 
     path = _results_path(name)

@@ -5,8 +5,9 @@ Nothing here defines a position scheme: every rotation is ``glmkit.ops.rope``'s 
 
 The schemes, in lineage order (shared/reference/glm-lineage.md §1.6, §2.2, §3, §9):
 
-    "GLM-2021: learned 2D"            no rotation; positions are added to the token embedding, so q·k
-                                      has no built-in dependence on distance (the curve is flat)
+    "GLM-2021: learned 2D"            no rotation: the curve is flat because nothing turns. Positions are added
+                                      to the token embedding, so they do reach q·k, but as whatever function of
+                                      the two absolute positions the tables learn, not a built-in one of distance
     "ChatGLM-6B: 2D RoPE"             first D/2 dims rotated by the position, last D/2 by the block
                                       position (half-split pairs inside each half); in Part A the block
                                       position is 0, so only the first half turns with distance
@@ -161,7 +162,7 @@ def plot_rope(
 
     _check(kind, head_dim, fraction, pairing, theta)
     if fig is None:
-        fig = plt.figure(figsize=(12, 3.6))
+        fig = plt.figure(figsize=(13, 4.4))
     ax1, ax2, ax3 = (fig.add_subplot(1, 3, i + 1) for i in range(3))
     color = _COLORS[pairing]
     R = head_dim // 2 if kind == "rope2d" else (0 if kind == "learned" else rotary_dim_for(head_dim, fraction))
@@ -181,15 +182,15 @@ def plot_rope(
                     arrowprops=dict(arrowstyle="->", color=c, alpha=0.25 + 0.75 * p / 8),
                 )
             ax1.plot([], [], color=c, label=f"plane {i}: {freq:.2g} rad/token")
-        ax1.legend(fontsize=7, loc="lower left")
+        ax1.legend(fontsize=9, loc="lower left")
     else:
-        ax1.text(0, 0, "no rotation:\npositions are added\nto the embedding", ha="center", va="center", fontsize=9)
+        ax1.text(0, 0, "no rotation:\npositions are added\nto the embedding", ha="center", va="center", fontsize=11)
     ax1.set_aspect("equal")
     ax1.set_xlim(-1.15, 1.15)
     ax1.set_ylim(-1.15, 1.15)
     ax1.set_xticks([])
     ax1.set_yticks([])
-    ax1.set_title("one vector at positions 0..8", fontsize=9)
+    ax1.set_title("one vector at positions 0..8", fontsize=11)
 
     # (2) the dims: colour = plane index, grey = passes through
     lay = dims_layout(head_dim, kind, fraction, pairing)
@@ -197,12 +198,12 @@ def plot_rope(
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     ax2.imshow(img, aspect="auto", cmap=cmap, interpolation="nearest")
     ax2.set_yticks([])
-    ax2.set_xlabel("dim of the head (grey: not rotated)", fontsize=8)
+    ax2.set_xlabel("dim of the head (grey: not rotated)", fontsize=10)
     if kind == "rope2d":
         ax2.axvline(head_dim / 2 - 0.5, color="white", lw=2)
-        ax2.set_title("2D: position | block position", fontsize=9)
+        ax2.set_title("2D: position | block position", fontsize=11)
     else:
-        ax2.set_title(f"rotary_dim = {R} of {head_dim}, pairs: {pairing if R else '—'}", fontsize=9)
+        ax2.set_title(f"rotary_dim = {R} of {head_dim}, pairs: {pairing if R else '—'}", fontsize=11)
 
     # (3) q·k over relative distance
     xs = _example_vectors(head_dim)
@@ -217,21 +218,21 @@ def plot_rope(
         ax3.plot(d, wrong, color=_COLORS[other], lw=0.8, ls="--", label=f"same vector, {other} pairs")
     ax3.axhline(0, color="#999", lw=0.5)
     ax3.set_ylim(-1.05, 1.05)
-    ax3.set_xlabel("relative distance Δ (tokens)", fontsize=8)
-    ax3.set_ylabel("q·k / |q||k|", fontsize=8)
-    ax3.legend(fontsize=7, loc="lower right")
-    ax3.set_title(f"θ = {theta:.3g}", fontsize=9)
+    ax3.set_xlabel("relative distance Δ (tokens)", fontsize=10)
+    ax3.set_ylabel("q·k / |q||k|", fontsize=10)
+    ax3.legend(fontsize=9, loc="lower right")
+    ax3.set_title(f"q·k over distance, θ = {theta:.3g}", fontsize=11)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return fig
 
 
-def rope_png(dpi: int = 72, **kwargs) -> bytes:
+def rope_png(dpi: int = 80, **kwargs) -> bytes:
     """``plot_rope(**kwargs)`` rendered to PNG bytes (for widgets.Image; no display needed)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 3.6), dpi=dpi)
+    fig = Figure(figsize=(13, 4.4), dpi=dpi)
     plot_rope(fig=fig, **kwargs)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -272,7 +273,7 @@ class RopeExplorer:
         )
         self.pairing = W.Dropdown(options=["interleaved", "half"], value=pairing, description="pairing")
         self.status = W.HTML()
-        self.image = W.Image(format="png", layout=W.Layout(width="900px"))
+        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1100px"))
         self.image.add_class("rope-image")
         self.widget = W.VBox(
             [W.HBox([self.scheme, self.pairing]), W.HBox([self.theta, self.fraction]), self.status, self.image]

@@ -42,8 +42,10 @@ def test_the_committed_benchmarks_read():
 
 def test_claims_verdicts(monkeypatch, capsys):
     monkeypatch.delenv("GLMKIT_FAST", raising=False)
-    assert claims.claim("it holds", True).holds is True
-    assert claims.claim("it fails", lambda: False, "3 > 2").holds is False
+    claims.claim("it holds", True)
+    assert claims.RECORDED[-1].holds is True
+    claims.claim("it fails", lambda: False, "3 > 2")
+    assert claims.RECORDED[-1].holds is False
     out = capsys.readouterr().out
     assert "[holds] it holds" in out and "[DOES NOT HOLD] it fails (3 > 2)" in out
     assert claims.failed_claims(out) == ["[DOES NOT HOLD] it fails (3 > 2)"]
@@ -52,7 +54,9 @@ def test_claims_verdicts(monkeypatch, capsys):
     def boom():
         raise AssertionError("a full_only claim must not be evaluated in a fast run")
 
-    assert claims.claim("needs a full run", boom, full_only=True).holds is None
-    assert claims.claim("checked in fast runs too", False).holds is False
+    claims.claim("needs a full run", boom, full_only=True)
+    assert claims.RECORDED[-1].holds is None
+    claims.claim("checked in fast runs too", False)
+    assert claims.RECORDED[-1].holds is False
     out = capsys.readouterr().out
     assert "[not checked in a fast run] needs a full run" in out and claims.failed_claims(out)
