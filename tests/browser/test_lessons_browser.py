@@ -7,9 +7,12 @@ Cells), wait until the kernel is idle and every code cell has an execution count
   * every widget output rendered (no "Loading widget..." / "Error displaying widget");
   * an explorer (`.glm-explorer`, required in lesson 01) reacts: typing new spans into its "spans"
     text box changes its mask picture;
+  * every result the lesson states and checks in the run (`course.claim`) holds: a "[DOES NOT HOLD]" line
+    in any output fails the test, so a screenshot never shows a run that contradicts its lesson's text;
 and save a screenshot of the whole notebook to GLMKIT_SCREENSHOTS (default build/screenshots/).
-The lessons run with GLMKIT_FAST=1 and are never saved (autosave is off; the test checks the files
-are byte-for-byte unchanged afterwards).
+The lessons run with GLMKIT_FAST=1 (claims that need a full run then say "[not checked in a fast run]"),
+or in full with GLMKIT_BROWSER_FULL=1 (how docs/screenshots is made: every claim is then checked); they are
+never saved (autosave is off; the test checks the files are byte-for-byte unchanged afterwards).
 
 Run:  .ci/browser-setup.sh && .venv/bin/python -m pytest -m browser tests/browser -v
 """
@@ -28,8 +31,12 @@ from browser_support import discover_lessons, screenshots_dir
 
 pytestmark = pytest.mark.browser
 
-LESSON_TIMEOUT_S = float(os.environ.get("GLMKIT_BROWSER_TIMEOUT", "420"))
+FULL = os.environ.get("GLMKIT_BROWSER_FULL") == "1"
+LESSON_TIMEOUT_S = float(os.environ.get("GLMKIT_BROWSER_TIMEOUT", "900" if FULL else "420"))
+FAILED_CLAIM = "[DOES NOT HOLD]"  # glmkit.course.claims.FAILS
+HELD_CLAIM = "[holds]"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+FAILED_CLAIM_JS, HELD_CLAIM_JS = "[DOES NOT HOLD]", "[holds]"  # glmkit.course.claims' verdicts
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # --- JavaScript run in the page (window.jupyterapp exists because of LabApp.expose_app_in_browser) ---
@@ -78,7 +85,7 @@ JS_STATE = (
   const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
   const cells = panel.content.model.cells;
   const st = {kernel: kernel ? kernel.status : 'none', code: 0, executed: 0, running: 0,
-              unexecuted: [], errors: [], widgetOutputs: 0,
+              unexecuted: [], errors: [], widgetOutputs: 0, claimLines: [],
               iopubErrors: window.__glmkitErrors || []};
   for (let i = 0; i < cells.length; i++) {
     const c = cells.get(i);
@@ -89,6 +96,18 @@ JS_STATE = (
     if (c.executionState === 'running') st.running++;
     for (let j = 0; j < c.outputs.length; j++) {
       const o = c.outputs.get(j);
+      if (o.type === 'stream') {
+        const text = [].concat(o.toJSON().text || []).join('');
+        for (const line of text.split('\\n')) {
+          if (line.includes('"""
+    + FAILED_CLAIM_JS
+    + """') || line.includes('"""
+    + HELD_CLAIM_JS
+    + """')) {
+            st.claimLines.push({cell: i, line: line.trim()});
+          }
+        }
+      }
       if (o.type === 'error') {
         const e = o.toJSON();
         st.errors.push({cell: i, ename: e.ename, evalue: e.evalue, traceback: (e.traceback || []).join('\\n')});
@@ -350,6 +369,14 @@ def test_lesson_runs_in_jupyterlab(lesson: Path, chromium, lab_server):
         report["run_s"] = round(time.monotonic() - t_open, 1)
         _check(not state["errors"], f"{rel}: error output:\n" + _fmt_errors(state["errors"]))
         _check(not state["iopubErrors"], f"{rel}: the kernel reported errors:\n" + _fmt_errors(state["iopubErrors"]))
+        failed = [c for c in state["claimLines"] if FAILED_CLAIM in c["line"]]
+        report["claims"] = [c["line"] for c in state["claimLines"]]
+        report["mode"] = "full" if FULL else "fast"
+        _check(
+            not failed,
+            f"{rel}: stated results that do not hold in this run:\n"
+            + "\n".join(f"cell {c['cell']}: {c['line']}" for c in failed),
+        )
         _check(
             state["executed"] == state["code"],
             (
