@@ -23,9 +23,16 @@ train CONFIG (a .toml or .json file; every key below but ``out_dir`` is optional
 
 The model is built from ``train.seed`` (the same on every process), trained by ``glmkit.train.train`` with a tqdm
 bar, checkpointed every ``ckpt_every`` steps into ``out_dir`` and resumed from there when run again (on any number
-of processes: ``glmkit.distributed``). ``out_dir`` also gets ``run.json`` (the resolved configs) and, for the python
-corpus, the tokenizer (``tokenizer.json``, ``tokenizer_config.json``). Under ``torchrun --nproc_per_node N`` the same
-command runs data parallel: NCCL on GPUs, gloo on CPUs.
+of processes: ``glmkit.distributed``). ``out_dir`` also gets ``run.json`` (the resolved configs), ``history.json``
+(``glmkit.train.History.to_dict()`` at the end: losses, eval losses, aux losses, stats such as the indexer's recall,
+expert loads) and, for the python corpus, the tokenizer (``tokenizer.json``, ``tokenizer_config.json``). Under
+``torchrun --nproc_per_node N`` the same command runs data parallel: NCCL on GPUs, gloo on CPUs.
+
+``--time-budget S`` trains for a wall-clock budget instead of a step count: after ``FIT_AFTER`` steps (compilation
+and autotuning) the next ``FIT_STEPS`` are timed, and ``train.steps`` is cut to the steps that fit in 95 % of what is
+left of S (the rest for evaluations and checkpoints to come), so warm-up and the cosine decay end inside the budget;
+the run also stops, checkpointed, once S has passed. Meant for a fresh run: the checkpoints record the shortened
+schedule.
 
 generate CHECKPOINT (a training folder: its latest checkpoint; a step folder; or a model folder) samples from the
 model with the tokenizer found in the folder or its parents: ``--prompt`` (repeatable), ``--max-new-tokens``,
@@ -45,6 +52,9 @@ from typing import Any
 import torch
 
 RUN_NAME = "run.json"
+HISTORY_NAME = "history.json"
+FIT_AFTER, FIT_STEPS = 3, 10  # --time-budget: steps left untimed (compile, autotune), then steps timed
+FIT_MARGIN = 0.95  # of the time left: evaluations and checkpoints to come
 TOP_KEYS = {"out_dir", "preset", "parallel", "device", "model", "data", "train"}
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 BYTE_CORPORA = ("stories", "stdlib", "default")
@@ -173,9 +183,11 @@ def run_train(
     resume: bool = True,
     progress: bool = True,
     callback=None,
+    time_budget: float | None = None,
 ):
     """Train as ``config`` says (a dict or a config file); returns the ``History``. ``max_steps`` stops after that
-    many steps in total (a checkpoint is written), ``callback`` as in ``glmkit.train.train``."""
+    many steps in total (a checkpoint is written), ``callback`` as in ``glmkit.train.train``, ``time_budget``
+    seconds of training (the module docstring's ``--time-budget``)."""
     import torch.distributed as dist
 
     from glmkit.models.decoder import Decoder
@@ -204,6 +216,8 @@ def run_train(
         n = model.num_parameters()
         print(f"model: {n / 1e6:.2f}M parameters ({model.extra_repr()}); {par!r}; device {device}", file=sys.stderr)
     t0 = time.perf_counter()
+    if time_budget is not None:
+        callback = _fit_to_budget(cfg, time_budget, t0, par, callback)
     history = train(
         model,
         make_data(cfg, "train"),
@@ -217,6 +231,8 @@ def run_train(
         device=device,
         parallel=par,
     )
+    if par.is_main:
+        (out_dir / HISTORY_NAME).write_text(json.dumps(history.to_dict()) + "\n", encoding="utf-8")
     if par.is_main and history.steps:
         done = [s for s in history.steps if history.resumed_from is None or s > history.resumed_from]
         tok_s = len(done) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t0, 1e-9)
@@ -230,6 +246,29 @@ def run_train(
     return history
 
 
+def _fit_to_budget(cfg, seconds: float, t0: float, par, inner=None):
+    """A ``train`` callback that shortens ``cfg.steps`` (the schedule reads it at every step) to what fits in
+    ``seconds`` from ``t0``, timed over the FIT_STEPS steps after the first FIT_AFTER of this call, and stops the run
+    once the budget has passed. Processes agree through ``par.mean`` (the mean fit; any process over budget)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"time_budget must be a positive number of seconds, got {seconds!r}")
+    clock: list[float] = []
+
+    def fit(step, metrics, history):
+        clock.append(time.perf_counter())
+        if len(clock) == FIT_AFTER + FIT_STEPS + 1:
+            per_step = (clock[-1] - clock[FIT_AFTER]) / FIT_STEPS
+            fitted = par.mean(step + FIT_MARGIN * max(seconds - (clock[-1] - t0), 0.0) / per_step)
+            cfg.steps = max(step, min(cfg.steps, int(fitted)))
+            if par.is_main:
+                print(f"\ntime budget {seconds:g} s: {per_step * 1e3:.1f} ms/step, {cfg.steps} steps", file=sys.stderr)
+        over = par.mean(float(clock[-1] - t0 >= seconds)) > 0
+        stop = inner is not None and inner(step, metrics, history) is True
+        return stop or over or step >= cfg.steps
+
+    return fit
+
+
 def train_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m glmkit train", description="Train a glmkit decoder from a run config (see glmkit.cli)."
@@ -238,11 +277,18 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (checkpointed)")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if out_dir holds checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds: fit train.steps to this wall-clock budget")
     args = p.parse_args(argv)
     from glmkit import distributed
 
     try:
-        run_train(args.config, max_steps=args.max_steps, resume=not args.no_resume, progress=not args.quiet)
+        run_train(
+            args.config,
+            max_steps=args.max_steps,
+            resume=not args.no_resume,
+            progress=not args.quiet,
+            time_budget=args.time_budget,
+        )
     finally:
         distributed.shutdown()
     return 0

@@ -135,3 +135,72 @@ def test_main_lists_the_commands():
 
     text = _parser().format_help()
     assert all(c in text for c in ("doctor", "grade", "train", "generate"))
+
+
+# ---- the capstone's configs (configs/capstone_*.toml) and --time-budget --------------------------------------------
+def test_capstone_cpu_config_trains_and_generates_from_the_command_line(tmp_path):
+    """configs/capstone_cpu.toml as lesson 09 runs it (its out_dir relative to the working directory), stopped after 2
+    steps, then sampled; the corpus is the shared cache's (built on first use)."""
+    env = {k: v for k, v in _env(tmp_path).items() if k != "GLMKIT_CACHE"}
+    if "GLMKIT_CACHE" in os.environ:
+        env["GLMKIT_CACHE"] = os.environ["GLMKIT_CACHE"]
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "glmkit", *a], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    done = run("train", str(REPO / "configs" / "capstone_cpu.toml"), "--max-steps", "2", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "runs" / "capstone-cpu"
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["preset"] == "cpu-capstone" and saved["model"]["vocab_size"] == 8192
+    assert saved["model"]["layer_types"] == ["kda", "kda", "kda", "dsa"] and saved["model"]["hc_mult"] == 4
+    history = json.loads((out / "history.json").read_text())
+    assert history["steps"] == [1, 2] and {"mtp", "dsa_indexer"} <= set(history["aux"])
+    assert "dsa_recall" in history["stats"] and len(history["expert_loads"]) == 1  # the last step's snapshot
+    shown = run("generate", str(out), "--prompt", "def ", "--max-new-tokens", "5", "--temperature", "0")
+    assert shown.returncode == 0 and shown.stdout.startswith("def "), shown.stderr[-3000:]
+
+
+def test_capstone_h200_config_resolves_to_the_capstone_preset():
+    from glmkit.cli import _model_config, read_config
+    from glmkit.models.presets import get_config
+    from glmkit.train import TrainConfig
+
+    raw = read_config(REPO / "configs" / "capstone_h200.toml")
+    assert raw["preset"] == "capstone" and raw["device"] == "cuda"
+    assert raw["data"] == {"corpus": "python", "vocab_size": 8192}
+    cfg = _model_config(raw, 8192, eos_id=3)
+    assert cfg == get_config("capstone", eos_token_id=[3], pad_token_id=3)
+    train = TrainConfig.from_dict(raw["train"])
+    assert train.seq_len == 1024 > cfg.opt("index_topk") and train.seq_len <= cfg.max_position_embeddings
+    assert cfg.num_nextn_predict_layers == 1 and train.mtp_weight > 0 and train.eval_every > 0 and train.ckpt_every > 0
+    cpu = read_config(REPO / "configs" / "capstone_cpu.toml")
+    cpu_train = TrainConfig.from_dict(cpu["train"])
+    assert cpu["preset"] == "cpu-capstone" and cpu_train.seq_len > get_config("cpu-capstone").opt("index_topk")
+
+
+def test_time_budget_fits_the_schedule(tmp_path):
+    """--time-budget: after 13 steps the schedule is cut to what fits, so the run ends (checkpointed, history.json
+    written) with its cosine finished, long before the configured 5000 steps."""
+    from glmkit.checkpoint import latest_checkpoint
+    from glmkit.cli import FIT_AFTER, FIT_STEPS
+
+    out = tmp_path / "budget"
+    config = {
+        "out_dir": str(out),
+        "preset": "cpu-small",
+        "device": "cpu",
+        "model": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
+        "data": {"corpus": "stories"},
+        "train": {"steps": 5000, "batch_size": 1, "seq_len": 8, "warmup_steps": 2, "ckpt_every": 0},
+    }
+    with pytest.raises(ValueError, match="time_budget"):
+        run_train(config, progress=False, time_budget=0)
+    history = run_train(config, progress=False, time_budget=4.0)
+    last = history.steps[-1]
+    assert FIT_AFTER + FIT_STEPS + 1 <= last < 5000 and history.elapsed_s < 8.0
+    assert json.loads((out / "history.json").read_text())["steps"] == history.steps
+    saved = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    fitted = saved["extra"]["train_config"]["steps"]
+    assert saved["step"] == last <= fitted < 5000  # the checkpoint records the shortened schedule
+    if fitted == last:  # stopped where the fitted schedule ends (not by the clock): the cosine reached its floor
+        assert history.lrs[-1] < 0.15 * max(history.lrs)

@@ -68,6 +68,13 @@ EXPECTED = {
         "| ratio | measured | target | met |",
         "- SMOKE RUN",
     ],
+    "bench_capstone.py": [
+        "| component | fwd MFLOP/token | train MFLOP/token | share |",
+        "| path | B | ms/step | tokens/s | TFLOP/s (model FLOPs) | MFU | peak memory GiB |",
+        "| B | draft tokens | tokens/s | ms per step | vs plain | acceptance by draft position | mean accepted ",
+        "| ratio | measured | target | met |",
+        "- SMOKE RUN",
+    ],
     "bench_mla.py": [
         "| T | B×H | pass | ours TFLOP/s | SDPA cuDNN | SDPA flash | ours D=128 (H·D same) | ours/cuDNN ",
         "| H | B | L | cache MiB | splits | ours µs | ours GB/s | of copy | composite µs | ours/composite ",
