@@ -92,8 +92,11 @@ def autocast():
     return torch.autocast("cuda", dtype=torch.bfloat16) if DEV == "cuda" else contextlib.nullcontext()
 
 
-def config(**changes):
-    return get_config(PRESET, max_position_embeddings=max(SEQ, PROMPT + NEW + max(DRAFTS) + 1), **changes)
+def config():
+    """The preset, its positions raised if the shapes here need more (they do not at the real sizes)."""
+    base = get_config(PRESET)
+    need = max(SEQ, PROMPT + NEW + max(DRAFTS) + 1)
+    return base if need <= base.max_position_embeddings else get_config(base, max_position_embeddings=need)
 
 
 # ---- the FLOP model ----------------------------------------------------------------------------------------------
