@@ -260,14 +260,15 @@ def run_train(log, results):
                 f"{fmt(mem, '.1f')} |"
             )
             log(rows[-1])
-            del model, optimizer
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             common.reraise_if_smoke()
             log(f"train {path} B={B} failed: {e!r}")
             traceback.print_exc()
             rows.append(f"| {path} | {B} | failed: {type(e).__name__} | | | | |")
+        finally:
+            model = optimizer = batch = None  # the next run gets the memory back, also after a failure
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
