@@ -179,6 +179,11 @@ LESSONS: tuple[Lesson, ...] = (
         "assembling the hybrid GLM, training and generating on a GPU, scaling out with torchrun",
         "—",
         "09_capstone.ipynb",
+        modules="`mhc`, `kpool`, `models.presets` (`glm-5.3-flash`, `capstone`), `data.python_corpus`, `cli`, "
+        "`distributed`, `hf` (`glm5_next`), `course.viz_capstone`",
+        status="built",
+        shipped="lesson (no exercise), HF `glm5_next` parity, `python -m glmkit train/generate`, DDP/FSDP2 "
+        "under torchrun",
     ),
 )
 
