@@ -142,9 +142,15 @@ LESSONS: tuple[Lesson, ...] = (
         "06",
         "DeepSeek sparse attention (DSA)",
         "GLM-5",
-        "the lightning indexer, top-k token selection, the indexer's KL warm-up",
+        "the lightning indexer, top-k token selection, the indexer's KL warm-up; the indexer, its top-k and the "
+        "sparse attention written in the lesson and matched to glmkit",
         "indexer scores and sparse attention over selected tokens",
         "06_sparse_attention.ipynb",
+        modules="`ops.lightning_indexer`, `ops.sparse_mla`, `mixers.dsa`, `hf` (`glm_moe_dsa`), `course.viz_dsa`",
+        status="built",
+        shipped="lesson, exercise (index scores, top-k with empty slots, the warm-up's KL target and loss, a graded "
+        "Triton score kernel), HF `glm_moe_dsa` parity",
+        exercise="06_dsa_indexer",
     ),
     Lesson(
         "07",
