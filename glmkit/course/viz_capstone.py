@@ -19,8 +19,11 @@ from a notebook; the committed H200 results of the capstone when they exist.
     torchrun(config, nproc, workdir)    ``python -m torch.distributed.run --nproc_per_node N -m glmkit train`` on a
                                         run config (a dict), as a subprocess; ``final_losses(out_dir)`` reads the
                                         losses of a training folder's latest checkpoint
-    h200_results()                      the committed capstone results (benchmarks/results/capstone_h200.json and
-                                        capstone_train_h200/), or None when they are not in this checkout
+    plot_history(history), plot_expert_load(history)   a training run's loss / MTP loss, indexer recall, MoE
+                                        imbalance, and its last expert-load snapshot
+    h200_results()                      the committed capstone results (benchmarks/results/capstone_h200.json, .md
+                                        and capstone_run_h200/: formats in benchmarks/README.md), or None when they
+                                        are not in this checkout; ``train_rows``, ``against_anchors`` tabulate them
 
 How it differs from the lessons before it: lessons 02-08 each look inside one part; this module looks at the model
 those parts make. Nothing here re-implements a part: the diagram reads ``DecoderConfig``, the counts read the
@@ -36,6 +39,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from glmkit.mhc import HyperConnection, sinkhorn
@@ -283,7 +287,6 @@ def plot_depth_norms(results: dict[str, list[dict]], key: str = "stream_rms", ax
     """``results[kind]`` = a list of ``depth_norms`` dicts (one per seed): the median over seeds as a line, the
     range as a band, one colour per kind. Returns the axes."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -388,21 +391,120 @@ def final_losses(out_dir: str | os.PathLike) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The H200 run
+# A training run's curves
 # ----------------------------------------------------------------------------------------------------
 
 
+def plot_history(history, vocab_size: int | None = None, axes=None, title: str = ""):
+    """Three panels from one ``glmkit.train.History``: the training loss (smoothed), the held-out loss and the MTP
+    loss; the DSA indexer's recall (``stats["dsa_recall"]``); the MoE imbalance per step. ``vocab_size`` draws the
+    uniform guess's loss, ln V. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    ax = axes[0]
+    ax.plot(history.steps, history.smoothed(), label="train (smoothed)")
+    if history.eval_losses:
+        ax.plot(history.eval_steps, history.eval_losses, "o-", label="held-out")
+    if "mtp" in history.aux:
+        ax.plot(history.steps, history.smoothed(values=history.aux["mtp"]), label="MTP (token after next)")
+    if vocab_size:
+        ax.axhline(float(np.log(vocab_size)), color="k", ls=":", lw=1, label=f"uniform guess, ln {vocab_size}")
+    ax.set(xlabel="step", ylabel="cross entropy (nats per token)", ylim=(0, None), title=f"{title}loss".strip())
+    ax.legend(fontsize=8)
+    rec = history.stats.get("dsa_recall", [])
+    axes[1].plot(history.steps[: len(rec)], history.smoothed(values=rec) if rec else [], color="C2")
+    axes[1].set(xlabel="step", ylabel="recall of the dense top-k", ylim=(0, 1.02), title="DSA indexer recall")
+    axes[2].plot(history.steps[: len(history.max_violation)], history.max_violation, color="C3", lw=0.8)
+    axes[2].set(xlabel="step", ylabel="max load / mean load − 1", ylim=(0, None), title="MoE imbalance (0 = balanced)")
+    for a in axes:
+        a.set_xlim(0, None)
+    return axes
+
+
+def plot_expert_load(history, moe_layers: list[int] | None = None, ax=None):
+    """The last expert-load snapshot of a run as a heat map: one row per MoE layer (labelled with ``moe_layers``,
+    the layers' indices), one column per expert, the share of the layer's routed slots. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    loads = np.array(history.expert_loads[-1])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.5 + 0.55 * len(loads)))
+    im = ax.imshow(loads, vmin=0, cmap="viridis", aspect="auto")
+    ax.figure.colorbar(im, ax=ax, label="share of slots")
+    labels = moe_layers if moe_layers is not None else list(range(len(loads)))
+    ax.set_yticks(range(len(loads)), [str(i) for i in labels])
+    ax.set(xlabel="expert", ylabel="layer", title=f"expert load at step {history.load_steps[-1]}")
+    return ax
+
+
+# ----------------------------------------------------------------------------------------------------
+# The H200 run
+# ----------------------------------------------------------------------------------------------------
+
+RUN_DIRS = ("capstone_run_h200", "capstone_train_h200")  # benchmarks/README.md's name first
+
+
+def _json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def h200_results(root: str | os.PathLike | None = None) -> dict | None:
-    """The committed capstone results: ``{"json": <capstone_h200.json or None>, "md": <path or None>,
-    "train_dir": <capstone_train_h200/ or None>, "files": [names in train_dir]}``, or None when none of them is
-    in this checkout (``root``: the results folder, default benchmarks/results)."""
+    """The committed capstone results (formats: benchmarks/README.md, "The capstone"), or None when none is in this
+    checkout (``root``: the results folder, default benchmarks/results). Keys: ``bench`` (capstone_h200.json),
+    ``md`` (the path of capstone_h200.md), ``run_dir`` (capstone_run_h200/), ``run`` (its run.json), ``history``
+    (its history.json as a ``glmkit.train.History``), ``samples`` (samples.txt), ``files`` (the folder's file names);
+    each None (``files``: []) when absent."""
+    from glmkit.train import History
+
     root = Path(root) if root is not None else REPO / "benchmarks" / "results"
-    js, md, tr = root / "capstone_h200.json", root / "capstone_h200.md", root / "capstone_train_h200"
-    if not (js.is_file() or md.is_file() or tr.is_dir()):
+    js, md = root / "capstone_h200.json", root / "capstone_h200.md"
+    run_dir = next((root / d for d in RUN_DIRS if (root / d).is_dir()), None)
+    if not (js.is_file() or md.is_file() or run_dir is not None):
         return None
-    return {
-        "json": json.loads(js.read_text(encoding="utf-8")) if js.is_file() else None,
-        "md": md if md.is_file() else None,
-        "train_dir": tr if tr.is_dir() else None,
-        "files": sorted(p.name for p in tr.iterdir()) if tr.is_dir() else [],
-    }
+    out = {"bench": _json(js), "md": md if md.is_file() else None, "run_dir": run_dir, "run": None}
+    out.update(history=None, samples=None, files=[])
+    if run_dir is not None:
+        out["files"] = sorted(p.name for p in run_dir.iterdir())
+        out["run"] = _json(run_dir / "run.json")
+        hist = _json(run_dir / "history.json")
+        out["history"] = History.from_dict(hist) if hist is not None else None
+        if (run_dir / "samples.txt").is_file():
+            out["samples"] = (run_dir / "samples.txt").read_text(encoding="utf-8")
+    return out
+
+
+def train_rows(bench: dict) -> list[tuple]:
+    """capstone_h200.json's training rows: (path, batch, T, ms per step, tokens/s, TFLOP/s, MFU %, peak GiB)."""
+    path = {"triton": "our kernels", "torch": "torch path"}
+    return [
+        (path.get(r["backend"], r["backend"]), r["batch"], r["seq_len"], r["ms"], r["tokens_per_s"], r["tflops"],
+         100 * r["mfu"], r["peak_mem_gib"])
+        for r in bench.get("train", [])
+    ]  # fmt: skip
+
+
+def against_anchors(bench: dict) -> list[tuple[str, str, str]]:
+    """(figure, measured on the H200, anchor or target) rows: the best MFU on our kernels against the issue's 30%
+    (stretch 35%) and the anchors of perf-anchors §5/§8; the speed-up over the torch path at the torch path's batch
+    against 2×; the best tokens/s. Figures the file lacks read "not measured"."""
+    rows = bench.get("train", [])
+    kern = [r for r in rows if r["backend"] == "triton"]
+    torch_rows = [r for r in rows if r["backend"] == "torch"]
+    best = max(kern, key=lambda r: r["mfu"]) if kern else None
+    speedup = None
+    for t in torch_rows:
+        same = [r for r in kern if r["batch"] == t["batch"] and r["seq_len"] == t["seq_len"]]
+        if same:
+            speedup = same[0]["tokens_per_s"] / t["tokens_per_s"]
+    nm = "not measured"
+    return [
+        ("MFU, our kernels (best batch)", f"{100 * best['mfu']:.1f}% at B = {best['batch']}" if best else nm,
+         "target ≥ 30% (stretch 35%); small MoE on one node 20-30%; 124M dense GPT ≈ 40%"),
+        ("speed-up over the torch path (same batch)", f"{speedup:.2f}×" if speedup else nm, "target ≥ 2×"),
+        ("tokens/s, our kernels (best batch)", f"{best['tokens_per_s']:,.0f}" if best else nm,
+         "124M dense GPT (llm.c): ≈ 463K per H100"),
+        ("peak memory, our kernels (that batch)", f"{best['peak_mem_gib']:.1f} GiB" if best else nm,
+         "141 GB on an H200"),
+    ]  # fmt: skip

@@ -111,13 +111,69 @@ def test_sinkhorn_explorer():
     assert "sinkhorn-explorer" in ex.widget._dom_classes
 
 
+def _history(steps=20, layers=3, experts=8):
+    from glmkit.train import History
+
+    h = History(steps=list(range(1, steps + 1)), losses=[9.0 - 0.1 * i for i in range(steps)])
+    h.eval_steps, h.eval_losses = [10, 20], [8.5, 7.5]
+    h.aux = {"mtp": [9.2 - 0.1 * i for i in range(steps)]}
+    h.stats = {"dsa_recall": [0.5 + 0.01 * i for i in range(steps)]}
+    h.max_violation = [1.0] * steps
+    h.load_steps = [10, 20]
+    h.expert_loads = [[[1 / experts] * experts] * layers] * 2
+    return h
+
+
+def test_plot_history_and_expert_load():
+    import matplotlib.pyplot as plt
+
+    h = _history()
+    axes = vc.plot_history(h, vocab_size=8192)
+    assert len(axes[0].lines) == 4 and axes[0].get_ylim()[0] == 0  # train, held-out, MTP, ln V
+    assert axes[0].lines[-1].get_ydata()[0] == pytest.approx(9.0109, abs=1e-3)
+    ax = vc.plot_expert_load(h, moe_layers=[1, 2, 3])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2", "3"]
+    plt.close("all")
+
+
+# the formats of benchmarks/README.md's "The capstone" section
+BENCH = {
+    "date": "2026-12-03",
+    "gpu": "NVIDIA H200",
+    "train": [
+        {"backend": "triton", "batch": 8, "seq_len": 1024, "ms": 100.0, "tokens_per_s": 81920.0, "tflops": 250.0,
+         "mfu": 0.25, "peak_mem_gib": 30.0},
+        {"backend": "triton", "batch": 32, "seq_len": 1024, "ms": 300.0, "tokens_per_s": 109226.7, "tflops": 330.0,
+         "mfu": 0.33, "peak_mem_gib": 90.0},
+        {"backend": "torch", "batch": 8, "seq_len": 1024, "ms": 250.0, "tokens_per_s": 32768.0, "tflops": 100.0,
+         "mfu": 0.1, "peak_mem_gib": 60.0},
+    ],
+}  # fmt: skip
+
+
 def test_h200_results(tmp_path):
     assert vc.h200_results(tmp_path) is None
-    (tmp_path / "capstone_h200.json").write_text(json.dumps({"mfu": 0.3}))
-    (tmp_path / "capstone_train_h200").mkdir()
-    (tmp_path / "capstone_train_h200" / "samples.txt").write_text("def f():\n")
+    (tmp_path / "capstone_h200.json").write_text(json.dumps(BENCH))
     got = vc.h200_results(tmp_path)
-    assert got["json"] == {"mfu": 0.3} and got["md"] is None and got["files"] == ["samples.txt"]
+    assert got["bench"] == BENCH and got["md"] is None and got["run_dir"] is None and got["history"] is None
+    run = tmp_path / "capstone_run_h200"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"time_budget_s": 220}))
+    (run / "history.json").write_text(json.dumps(_history().to_dict()))
+    (run / "samples.txt").write_text("def f():\n")
+    got = vc.h200_results(tmp_path)
+    assert got["run"] == {"time_budget_s": 220} and got["samples"] == "def f():\n"
+    assert got["history"].losses == _history().losses and got["files"] == ["history.json", "run.json", "samples.txt"]
+
+
+def test_train_rows_and_anchors():
+    rows = vc.train_rows(BENCH)
+    assert rows[0][0] == "our kernels" and rows[2][0] == "torch path" and rows[1][6] == pytest.approx(33.0)
+    anchors = {name: measured for name, measured, _ in vc.against_anchors(BENCH)}
+    assert anchors["MFU, our kernels (best batch)"] == "33.0% at B = 32"
+    assert anchors["speed-up over the torch path (same batch)"] == "2.50×"  # B = 8: 81920 / 32768
+    empty = vc.against_anchors({"train": []})
+    assert all(measured == "not measured" for _, measured, _ in empty)
 
 
 TINY = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
