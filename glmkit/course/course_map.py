@@ -188,8 +188,9 @@ LESSONS: tuple[Lesson, ...] = (
         modules="`mhc`, `kpool`, `models.presets` (`glm-5.3-flash`, `capstone`), `data.python_corpus`, `cli`, "
         "`distributed`, `hf` (`glm5_next`), `course.viz_capstone`",
         status="built",
-        shipped="lesson (no exercise), HF `glm5_next` parity, `python -m glmkit train/generate`, DDP/FSDP2 "
-        "under torchrun",
+        shipped="lesson, exercise (Sinkhorn, one hyper-connection, the residual path of streams, a graded Triton "
+        "pre-mix kernel), HF `glm5_next` parity, `python -m glmkit train/generate`, DDP/FSDP2 under torchrun",
+        exercise="09_mhc",
     ),
 )
 
