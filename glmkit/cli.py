@@ -338,7 +338,7 @@ def run_generate(
         if eos is None:
             raise ValueError("an empty prompt needs a tokenizer with an end-of-text token to start from")
         ids = [row or [eos] for row in ids]
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same samples on any device
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
         out = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     return [tokenizer.decode(row) for row in out.tokens]

@@ -129,8 +129,14 @@ def generate(
     [B, P] or [B, 2, P] (GLM-2021), for prompts of equal length (default 0..n−1, block position 0);
     use_cache: decode with the cache (True) or re-run the full sequence each step (False);
     draft_tokens: n > 0 drafts n tokens per step with the model's MTP modules and verifies them in one forward
-    (``glmkit.speculative.generate_speculative``: greedy gives these same tokens, sampling the same distribution).
+    (``glmkit.speculative.generate_speculative``: greedy gives these same tokens, sampling the same distribution);
+    generator: a CPU ``torch.Generator`` (tokens are drawn on the CPU, so a seed gives the same text on any device).
     """
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"generator is on {generator.device}: pass a CPU torch.Generator (tokens are drawn on the CPU, so that "
+            "a seed samples the same text on every device)"
+        )
     if draft_tokens:
         from glmkit.speculative import generate_speculative
 

@@ -268,3 +268,11 @@ def test_word_recipe_fills_blanks_better_than_chance():
     trained = fill_accuracy(model, tok, val_text, n=50, seed=0)
     assert trained["accuracy"] > trained["baseline"] + 0.2, (trained["accuracy"], trained["baseline"])
     assert trained["accuracy"] >= untrained["accuracy"] + 0.3 and trained["finished"] > 0.5
+
+
+@pytest.mark.gpu
+def test_a_cuda_generator_is_refused_with_a_clear_error():
+    """The capstone run on the H200 passed torch.Generator(device="cuda") and failed deep in torch.multinomial."""
+    model = Decoder(get_config("cpu-small", num_hidden_layers=1)).cuda()
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        generate(model, [[1, 2]], 2, temperature=1.0, generator=torch.Generator(device="cuda"))

@@ -253,7 +253,7 @@ def _small_capstone(**changes):
     top-64, so that T = 160 goes past k."""
     base = get_config("capstone")
     extra = {**base.extra, "index_topk": 64}
-    return Decoder(get_config(base, num_hidden_layers=4, extra=extra, **changes))
+    return Decoder(get_config(base, num_hidden_layers=4, layer_types=base.layer_types[:4], extra=extra, **changes))
 
 
 @pytest.mark.gpu

@@ -75,11 +75,14 @@ def test_hybrid_forward_has_no_host_sync():
 
 
 # ---- GPU (B = 4 everywhere: the kernels' autotune key includes B·H, so the tests share their compiles) -------
+ONE_PERIOD = ["kda", "kda", "kda", "attention"]  # gpu-hybrid cut to 4 layers: one period of its pattern
+
+
 @pytest.mark.gpu
 def test_gpu_hybrid_forward_backward_on_the_kernels():
     """fp32 against the torch path (loss and every gradient), then bf16 autocast: every op on the Triton kernels."""
     torch.manual_seed(7)
-    model = Decoder(get_config("gpu-hybrid", num_hidden_layers=4)).cuda()
+    model = Decoder(get_config("gpu-hybrid", num_hidden_layers=4, layer_types=ONE_PERIOD)).cuda()
     x = torch.randint(0, 264, (4, 333), device="cuda")
     batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
     with backend.use_backend("torch"):
@@ -119,7 +122,7 @@ def test_gpu_hybrid_trains_and_decodes_with_the_cache(tmp_path):
 @pytest.mark.gpu
 def test_gpu_hybrid_forward_is_sync_free():
     torch.manual_seed(9)
-    model = Decoder(get_config("gpu-hybrid", num_hidden_layers=4)).cuda()
+    model = Decoder(get_config("gpu-hybrid", num_hidden_layers=4, layer_types=ONE_PERIOD)).cuda()
     x = torch.randint(0, 264, (4, 256), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model.loss({"input_ids": x, "targets": x}).backward()  # warm-up: autotuning may sync, the checked run not
