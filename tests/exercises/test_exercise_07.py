@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from exercise_meta import assert_loses_exactly, with_mistake  # tests/exercises/exercise_meta.py
 
 from glmkit.grading.commands import release, self_check
 from glmkit.grading.exercise import load_exercise
@@ -112,12 +113,7 @@ MISTAKES = {
 def test_a_typical_mistake_loses_exactly_the_points_of_the_checks_that_catch_it(exercise, name):
     old, new, catching = MISTAKES[name]
     master = (EX07 / "ex07.py").read_text()
-    assert master.count(old) == 1, old
-    res = run_checks(exercise, master.replace(old, new), exercise.checks, seed="test-07")
-    failed = {c.name for c in res.checks if c.status != "passed"}
-    assert failed == catching, [(c.name, c.status, c.summary) for c in res.checks if c.status != "passed"]
-    assert all(c.status == "failed" for c in res.checks if c.name in failed)  # wrong answers, not crashes
-    assert res.points == exercise.points - sum(c.points for c in exercise.checks if c.name in catching)
+    assert_loses_exactly(exercise, with_mistake(master, old, new), catching, seed="test-07")
 
 
 def test_other_correct_answers_keep_full_marks(exercise):
