@@ -412,38 +412,22 @@ def family_of(cfg: DecoderConfig) -> str:
         if problems:
             raise HFCheckpointError("this model has no Hugging Face equivalent (glm5_next): " + "; ".join(problems))
         return "glm5_next"
-    if "dsa" in cfg.layer_types:
+    for mixer, family in (("dsa", "glm_moe_dsa"), ("mla", "glm4_moe_lite")):  # MLA-based, MoE only, one mixer
+        if mixer not in cfg.layer_types:
+            continue
         want = dict(
             router="sigmoid",
-            layer_types=["dsa"] * cfg.num_hidden_layers,
-            mtp_layer_type="dsa",
+            layer_types=[mixer] * cfg.num_hidden_layers,
+            mtp_layer_type=mixer,
             sandwich_norms=False,
             use_qk_norm=False,
         )
-        problems = [
-            f"{k}={getattr(cfg, k)!r} (glm_moe_dsa needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v
-        ]
+        problems = [f"{k}={getattr(cfg, k)!r} ({family} needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v]
         if not cfg.n_routed_experts:
-            problems.append("n_routed_experts=0 (glm_moe_dsa stores MoE layers)")
+            problems.append(f"n_routed_experts=0 ({family} stores MoE layers)")
         if problems:
             raise HFCheckpointError("this model has no Hugging Face equivalent: " + "; ".join(problems))
-        return "glm_moe_dsa"
-    if "mla" in cfg.layer_types:
-        want = dict(
-            router="sigmoid",
-            layer_types=["mla"] * cfg.num_hidden_layers,
-            mtp_layer_type="mla",
-            sandwich_norms=False,
-            use_qk_norm=False,
-        )
-        problems = [
-            f"{k}={getattr(cfg, k)!r} (glm4_moe_lite needs {v!r})" for k, v in want.items() if getattr(cfg, k) != v
-        ]
-        if not cfg.n_routed_experts:
-            problems.append("n_routed_experts=0 (glm4_moe_lite stores MoE layers)")
-        if problems:
-            raise HFCheckpointError("this model has no Hugging Face equivalent: " + "; ".join(problems))
-        return "glm4_moe_lite"
+        return family
     moe = cfg.n_routed_experts > 0
     family = "glm4_moe" if moe else "glm4" if cfg.sandwich_norms else "glm"
     want = dict(
