@@ -130,21 +130,23 @@ def sinkhorn_matches(ctx):
     timeout=20,
     title="Sinkhorn: doubly stochastic after enough rounds",
     message=(
-        "After 30 rounds every row and every column of the result should sum to 1 (within 1e-3) and every entry "
+        "After 200 rounds every row and every column of the result should sum to 1 (within 1e-3) and every entry "
         "should be >= 0: the result must be doubly stochastic, whatever N (here 4 and 5)."
     ),
 )
 def sinkhorn_doubly_stochastic(ctx):
     for n in (4, 5):
         m = positive(ctx, (3, 2), n, temperature=1.5)
-        ctx.note_inputs(f"m [3, 2, {n}, {n}], iters=30")
-        got = ctx.call("sinkhorn", m, 30, 1e-6)
+        ctx.note_inputs(f"m [3, 2, {n}, {n}], iters=200")
+        # 200, not 30: over 6000 random inputs of this kind, 30 rounds left a row sum off by up to 1.4e-2 (the check
+        # failed the master for some seeds); 200 rounds leave at most 1.8e-6
+        got = ctx.call("sinkhorn", m, 200, 1e-6)
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(m.shape):
-            ctx.fail("sinkhorn(m, 30) should return a tensor of m's shape", f"got {type(got).__name__}")
+            ctx.fail("sinkhorn(m, 200) should return a tensor of m's shape", f"got {type(got).__name__}")
         rows, cols = (got.sum(-1) - 1).abs().max().item(), (got.sum(-2) - 1).abs().max().item()
         if not (rows <= 1e-3 and cols <= 1e-3 and bool((got >= 0).all())):
             ctx.fail(
-                "sinkhorn(m, 30) is not doubly stochastic",
+                "sinkhorn(m, 200) is not doubly stochastic",
                 f"largest |row sum − 1| = {rows:.2e}, |column sum − 1| = {cols:.2e}, min entry {got.min().item():.2e}",
             )
 
