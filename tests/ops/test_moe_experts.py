@@ -74,7 +74,7 @@ def gemm_reference(a, w, topk_idx, top_k, swiglu=False):
     return out
 
 
-def experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down, limit=None):
+def experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down, limit=None, round_to=None):
     """y[t] = Σ_j w[t, j] · down_e(silu(gate_e x_t) · up_e x_t): a loop over experts, differentiable. ``limit`` L:
     glm5_next's clamped SwiGLU, silu(min(gate, L)) · clamp(up, -L, L)."""
     y = torch.zeros_like(x)
@@ -83,11 +83,35 @@ def experts_reference(x, topk_idx, topk_weight, w_gate_up, w_down, limit=None):
         if t.numel() == 0:
             continue
         gate, up = (x[t] @ w_gate_up[e].T).chunk(2, -1)
+        if round_to is not None:  # h as stored in round_to (the clamp's kink sits on the rounded value, as in torch)
+            gate, up = gate.to(round_to).to(x.dtype), up.to(round_to).to(x.dtype)
         if limit is not None:
             gate, up = torch.clamp(gate, max=limit), torch.clamp(up, -limit, limit)
         z = (F.silu(gate) * up) @ w_down[e].T
         y = y.index_add(0, t, z * topk_weight[t, j, None])
     return y
+
+
+def clear_limit(x, topk_idx, w_gate_up, dtype, delta=4e-6):
+    """A clamp limit L near 0.5 whose kink no routed pre-activation h comes within ``delta`` of, after rounding h to
+    ``dtype``: the clamp's gradient jumps at L, so an h that fp32 accumulation order (a few 1e-7) could move across
+    it would make any two correct implementations disagree by a whole element's gradient."""
+    xd, wd = x.detach().double().cpu(), w_gate_up.detach().double().cpu()
+    hs = []
+    for e in range(wd.shape[0]):
+        t = (topk_idx.cpu() == e).any(1).nonzero(as_tuple=True)[0]
+        hs.append(xd[t] @ wd[e].T)
+    gate, up = torch.cat(hs).chunk(2, -1)
+
+    def kept(h, lim, both):
+        r = h.to(dtype).double()
+        return (r <= lim) & (r >= -lim) if both else r <= lim
+
+    for lim in [0.5 + 0.005 * j for j in range(60)]:  # 1 %-steps: a new rounding threshold each, even in bf16
+        halves = ((gate, False), (up, True))
+        if all(torch.equal(kept(h - delta, lim, both), kept(h + delta, lim, both)) for h, both in halves):
+            return lim
+    raise AssertionError("no clamp limit in [0.5, 0.8) is clear of the pre-activations")
 
 
 def _weights(E, H, I, dtype, g, device=DEV):
@@ -174,6 +198,7 @@ def _check_experts(N, k, E, H, I, mode, dtype, device=DEV, key=(), limit=None):
     w = torch.softmax(torch.randn(N, k, generator=g), -1).to(device).requires_grad_()
     w_gate_up, w_down = (t.requires_grad_() for t in _weights(E, H, I, dtype, g, device))
     if limit is not None:  # the clamp must bite on both halves: pre-activations have std ~1
+        limit = clear_limit(x, idx, w_gate_up, dtype)
         h = (x.detach().float() @ w_gate_up.detach().float().flatten(0, 1).T).abs()
         assert 0.1 < (h > limit).float().mean() < 0.9
     with backend.audit() as a:
@@ -183,7 +208,7 @@ def _check_experts(N, k, E, H, I, mode, dtype, device=DEV, key=(), limit=None):
     dy = torch.randn(N, H, generator=g).to(device, dtype)
     grads = torch.autograd.grad(y, (x, w, w_gate_up, w_down), dy)
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, w_gate_up, w_down)]
-    y_ref = experts_reference(leaves[0], idx.cpu(), *leaves[1:], limit=limit)
+    y_ref = experts_reference(leaves[0], idx.cpu(), *leaves[1:], limit=limit, round_to=dtype if limit else None)
     ref_grads = torch.autograd.grad(y_ref, leaves, dy.double().cpu())
     assert_close("moe_experts forward", y_ref, y)
     with torch.no_grad():  # the inference path: no pre-activation kept, no autograd
@@ -214,7 +239,7 @@ def test_triton_forward_backward(N, k, E, H, I, mode, dtype, poison):
 @pytest.mark.parametrize("N,k,E,H,I,mode,dtype", [EXPERT_CASES[1], EXPERT_CASES[4]])
 def test_triton_clamped_swiglu(N, k, E, H, I, mode, dtype, poison):
     """glm5_next's clamped SwiGLU in the kernels' epilogues: forward and all four gradients against the loop written
-    here with the clamp (limit 0.5: a third to a half of the pre-activations clamped)."""
+    here with the clamp (a limit near 0.5, from ``clear_limit``: a third to a half of the pre-activations clamped)."""
     _check_experts(N, k, E, H, I, mode, dtype, key="clamp", limit=0.5)
 
 
