@@ -16,6 +16,9 @@ from a notebook; the committed H200 results of the capstone when they exist.
     plot_depth_norms(results)           those curves, one band per kind over seeds
     SinkhornExplorer()                  ipywidgets: a random positive matrix, the Sinkhorn rounds and the logit
                                         scale → the matrix, its row and column sums and its largest singular value
+    toy_indexer(L), kpool_query(...)    random inputs of a KPool indexer; for one query, the dense indexer's top-k
+                                        tokens next to the pools and tail KPool selects (``glmkit.kpool``);
+                                        ``plot_kpool_query`` draws it, ``kpool_overlap`` measures it over queries
     torchrun(config, nproc, workdir)    ``python -m torch.distributed.run --nproc_per_node N -m glmkit train`` on a
                                         run config (a dict), as a subprocess; ``final_losses(out_dir)`` reads the
                                         losses of a training folder's latest checkpoint
@@ -27,7 +30,8 @@ from a notebook; the committed H200 results of the capstone when they exist.
 
 How it differs from the lessons before it: lessons 02-08 each look inside one part; this module looks at the model
 those parts make. Nothing here re-implements a part: the diagram reads ``DecoderConfig``, the counts read the
-``Decoder`` built on the meta device, the mHC stack runs ``glmkit.mhc``.
+``Decoder`` built on the meta device, the mHC stack runs ``glmkit.mhc``, the KPool views
+run ``glmkit.kpool``.
 """
 
 from __future__ import annotations
@@ -360,6 +364,136 @@ class SinkhornExplorer:
             f"rows and columns sum to 1 within <b>{worst:.1e}</b>; largest singular value <b>{sigma:.3f}</b> "
             f"({'≤ 1: mixing cannot amplify' if sigma <= 1 + 1e-6 else '> 1: mixing can amplify'})"
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# KPool: what the pooled indexer selects
+# ----------------------------------------------------------------------------------------------------
+
+
+def toy_indexer(
+    length: int, pool: int = 16, hidden: int = 64, heads: int = 4, dim: int = 32, smooth: int = 8, seed: int = 0
+) -> dict:
+    """Random inputs of a KPool indexer over ``length`` tokens (batch 1, float32): ``x`` [1, L, hidden] (the hidden
+    states), ``q`` [1, L, heads, dim] (index queries), ``k`` [1, L, dim] (per-token index keys: the LayerNorm of a
+    random projection of x, as the indexer's ``k_norm(wk(x))``), ``w`` [1, L, heads] (head weights, scaled by
+    heads^-½ as the indexer's), ``gate_weight`` [dim, hidden] (``index_kpool_compress_gate``) and ``ape`` [pool, dim]
+    (``index_kpool_compress_ape``). The gate and the offsets are drawn larger than at initialisation, so that the
+    weights inside a pool are far from uniform. With ``smooth`` > 1 every x is the mean of ``smooth`` consecutive
+    noise vectors (rescaled to unit variance): neighbouring tokens are alike; 1 = independent tokens."""
+    if not all(isinstance(v, int) and v >= 1 for v in (length, pool, hidden, heads, dim, smooth)):
+        raise ValueError("length, pool, hidden, heads, dim and smooth must be positive ints")
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, length + smooth - 1, hidden, generator=g)
+    x = noise.unfold(1, smooth, 1).mean(-1) * smooth**0.5  # [1, L, hidden]
+    wk = torch.randn(dim, hidden, generator=g) / hidden**0.5
+    k = torch.nn.functional.layer_norm(x @ wk.T, (dim,), eps=1e-6)
+    return {
+        "x": x,
+        "q": torch.randn(1, length, heads, dim, generator=g),
+        "k": k,
+        "w": torch.randn(1, length, heads, generator=g) * heads**-0.5,
+        "gate_weight": torch.randn(dim, hidden, generator=g) / hidden**0.5,
+        "ape": 0.5 * torch.randn(pool, dim, generator=g),
+    }
+
+
+def _gate(ind: dict) -> torch.Tensor:
+    return torch.nn.functional.linear(ind["x"], ind["gate_weight"])  # the per-token gate scores [1, L, dim]
+
+
+def kpool_query(ind: dict, topk: int, t: int) -> dict:
+    """One query t of ``toy_indexer``'s inputs, both ways: ``token_scores`` [t + 1] (the lightning indexer over every
+    token up to t, lesson 06) and ``dense`` (its top-``topk`` tokens, sorted); ``pool_scores`` [P] (KPool's scores,
+    NaN for the pools not complete by t), ``pools`` (the chosen pools), ``tail`` (the tokens after the last complete
+    pool) and ``kpool`` (every token KPool selects, sorted), all from ``glmkit.kpool``; ``pool``, ``t``, ``topk``."""
+    from glmkit.kpool import first_real, kpool_topk, pool_candidates, pool_keys, pool_layout, pool_logits
+    from glmkit.ops.lightning_indexer import lightning_indexer_reference
+
+    q, k, w, ape = ind["q"], ind["k"], ind["w"], ind["ape"]
+    L, K = k.shape[1], ape.shape[0]
+    if not 0 <= t < L:
+        raise ValueError(f"t must be in [0, {L}), got {t}")
+    gate = _gate(ind)
+    qt, wt = q[:, t : t + 1], w[:, t : t + 1]
+    token = lightning_indexer_reference(qt, k[:, : t + 1], wt, offset=t)[0, 0]
+    dense = token.topk(min(topk, t + 1)).indices.sort().values
+    tokens, complete, ends = pool_layout(first_real(None, 1, L, q.device), L, K)
+    scores = pool_logits(qt, pool_keys(k, gate, ape, tokens), wt)[0, 0]
+    cand = pool_candidates(ends, complete, t, 1)[0, 0]
+    idx, chosen = kpool_topk(qt, k, gate, wt, ape, topk, offset=t)
+    sel = idx[0, 0].long()
+    n_tail = (t + 1) % K
+    return {
+        "token_scores": token,
+        "dense": dense,
+        "pool_scores": scores.masked_fill(~cand, float("nan")),
+        "pools": chosen[0, 0].nonzero().flatten(),
+        "tail": torch.arange(t + 1 - n_tail, t + 1),
+        "kpool": sel[sel >= 0].sort().values,
+        "pool": K,
+        "t": t,
+        "topk": topk,
+    }
+
+
+def plot_kpool_query(view: dict, axes=None):
+    """``kpool_query``'s view as two panels over the key positions 0 … t: the per-token index scores with the dense
+    top-k marked (top), KPool's pool scores as one bar per pool, the chosen pools coloured (bottom); the chosen pools
+    and the tail are shaded in both. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(2, 1, figsize=(13, 5), sharex=True)
+    t, K = view["t"], view["pool"]
+    token = view["token_scores"].numpy()
+    dense = view["dense"].numpy()
+    pools = set(view["pools"].tolist())
+    for ax in axes:
+        for i, p in enumerate(sorted(pools)):
+            ax.axvspan(p * K - 0.5, p * K + K - 0.5, color="C0", alpha=0.12, lw=0,
+                       label="a pool KPool selects" if i == 0 else None)  # fmt: skip
+        if len(view["tail"]):
+            ax.axvspan(view["tail"][0] - 0.5, t + 0.5, color="C2", alpha=0.3, lw=0, label="the tail (always kept)")
+    axes[0].plot(np.arange(t + 1), token, color="0.5", lw=0.8, label="index score of each token")
+    axes[0].plot(dense, token[dense], "o", color="C3", ms=3.5, label=f"dense top-{view['topk']} (lesson 06)")
+    axes[0].set(ylabel="I[t, s]", title=f"query t = {t}: the lightning indexer scores every token")
+    axes[0].legend(fontsize=8, loc="upper left", ncols=4)
+    scores = view["pool_scores"].numpy()
+    ok = ~np.isnan(scores)
+    starts = np.arange(len(scores)) * K - 0.5
+    colours = ["C0" if p in pools else "0.75" for p in range(len(scores))]
+    axes[1].bar(starts[ok], scores[ok], width=K, align="edge", color=np.array(colours)[ok], edgecolor="white", lw=0.5)
+    n = len(pools)
+    axes[1].set(xlabel="key position s", ylabel="I[t, pool]", xlim=(-0.5, t + 0.5),
+                title=f"KPool scores one key per pool of {K} and keeps the best {n} pools ({n * K} tokens) and "
+                f"the tail ({len(view['tail'])} tokens)")  # fmt: skip
+    axes[1].legend(fontsize=8, loc="upper left")
+    return axes
+
+
+def kpool_overlap(ind: dict, topk: int) -> dict:
+    """How much of the dense indexer's choice KPool keeps, over the queries where both must choose (t + 1 ≥ topk +
+    K: more complete pools than KPool selects): ``overlap``, the mean share of the dense top-``topk`` tokens (per-token
+    keys, ``glmkit.ops.lightning_indexer.indexer_topk``) that KPool's selection (``glmkit.kpool.kpool_topk``, same
+    queries and weights) holds; ``chance``, the mean share a random set of KPool's size would hold (its size / t + 1);
+    ``queries``, how many queries were counted."""
+    from glmkit.kpool import kpool_topk
+    from glmkit.ops.lightning_indexer import indexer_topk
+    from glmkit.ops.sparse_mla import selected_mask
+
+    q, k, w, ape = ind["q"], ind["k"], ind["w"], ind["ape"]
+    L, K = k.shape[1], ape.shape[0]
+    dense = indexer_topk(q, k, w, topk)[0].long()  # [L, topk]
+    idx, _ = kpool_topk(q, k, _gate(ind), w, ape, topk)
+    sel = selected_mask(idx, L)[0]  # [L, L]
+    hit = sel.gather(-1, dense.clamp_min(0)) & (dense >= 0)
+    share = hit.sum(-1) / (dense >= 0).sum(-1)
+    size = sel.sum(-1) / torch.arange(1, L + 1)
+    rows = torch.arange(L) + 1 >= topk + K
+    if not rows.any():
+        raise ValueError(f"no query chooses: length {L} < topk + pool = {topk + K}")
+    return {"overlap": float(share[rows].mean()), "chance": float(size[rows].mean()), "queries": int(rows.sum())}
 
 
 # ----------------------------------------------------------------------------------------------------

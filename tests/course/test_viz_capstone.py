@@ -111,6 +111,66 @@ def test_sinkhorn_explorer():
     assert "sinkhorn-explorer" in ex.widget._dom_classes
 
 
+def test_toy_indexer_shapes_seed_and_smoothing():
+    ind = vc.toy_indexer(40, pool=8, hidden=16, heads=2, dim=8, smooth=4, seed=1)
+    shapes = {name: tuple(t.shape) for name, t in ind.items()}
+    assert shapes == {"x": (1, 40, 16), "q": (1, 40, 2, 8), "k": (1, 40, 8), "w": (1, 40, 2),
+                      "gate_weight": (8, 16), "ape": (8, 8)}  # fmt: skip
+    again = vc.toy_indexer(40, pool=8, hidden=16, heads=2, dim=8, smooth=4, seed=1)
+    assert all(torch.equal(ind[n], again[n]) for n in ind)
+    assert torch.allclose(ind["k"].mean(-1), torch.zeros(1, 40), atol=1e-5)  # LayerNorm'd keys
+
+    def neighbour_corr(x):
+        return float(torch.nn.functional.cosine_similarity(x[0, 1:], x[0, :-1], dim=-1).mean())
+
+    smooth = vc.toy_indexer(400, smooth=8)["x"]
+    iid = vc.toy_indexer(400, smooth=1)["x"]
+    assert neighbour_corr(smooth) > 0.7 and abs(neighbour_corr(iid)) < 0.1
+    assert 0.8 < float(smooth.std()) < 1.2 and 0.8 < float(iid.std()) < 1.2  # unit variance either way
+    with pytest.raises(ValueError):
+        vc.toy_indexer(0)
+
+
+def test_kpool_query_against_its_definition():
+    ind = vc.toy_indexer(100, pool=8, hidden=16, heads=2, dim=8, seed=2)
+    v = vc.kpool_query(ind, topk=16, t=61)
+    assert v["token_scores"].shape == (62,) and v["pool"] == 8 and v["t"] == 61
+    assert torch.equal(v["dense"], v["token_scores"].topk(16).indices.sort().values)
+    scores = v["pool_scores"]
+    assert scores.shape == (13,)  # ceil(100 / 8) pools
+    assert not scores[:7].isnan().any() and scores[7:].isnan().all()  # pools 0-6 end by token 55 <= 61
+    assert set(v["pools"].tolist()) == set(scores[:7].topk(2).indices.tolist())  # 16 / 8 = 2 pools
+    assert v["tail"].tolist() == list(range(56, 62))  # 62 = 7 * 8 + 6
+    want = sorted({p * 8 + j for p in v["pools"].tolist() for j in range(8)} | set(range(56, 62)))
+    assert v["kpool"].tolist() == want
+    with pytest.raises(ValueError, match="t must be"):
+        vc.kpool_query(ind, topk=16, t=100)
+
+
+def test_kpool_with_pools_of_one_token_is_the_dense_indexer():
+    ind = vc.toy_indexer(60, pool=1, hidden=16, heads=2, dim=8, seed=3)
+    v = vc.kpool_query(ind, topk=10, t=50)
+    assert torch.equal(v["kpool"], v["dense"]) and len(v["tail"]) == 0
+    o = vc.kpool_overlap(ind, topk=10)
+    assert o["overlap"] == pytest.approx(1.0) and o["queries"] == 50  # t + 1 >= 11
+    assert o["chance"] == pytest.approx(float((10 / torch.arange(11, 61)).mean()), rel=1e-5)
+
+
+def test_kpool_overlap_and_plot():
+    import matplotlib.pyplot as plt
+
+    ind = vc.toy_indexer(120, pool=8, hidden=16, heads=2, dim=8, seed=4)
+    o = vc.kpool_overlap(ind, topk=16)
+    assert 0 <= o["overlap"] <= 1 and 0 < o["chance"] < 1 and o["queries"] == 120 - 24 + 1
+    with pytest.raises(ValueError, match="no query chooses"):
+        vc.kpool_overlap(vc.toy_indexer(20, pool=8), topk=16)
+    v = vc.kpool_query(ind, topk=16, t=100)
+    axes = vc.plot_kpool_query(v)
+    assert len(axes[1].patches) >= 12  # a bar per candidate pool (12 complete by t = 100) and the shading
+    assert "best 2 pools" in axes[1].get_title() and "tail (5 tokens)" in axes[1].get_title()
+    plt.close("all")
+
+
 def _history(steps=20, layers=3, experts=8):
     from glmkit.train import History
 
