@@ -191,14 +191,14 @@ def test_default_block_m():
 # ================================================================ moe_experts on the kernels (impl="triton")
 
 
-def _check_experts(N, k, E, H, I, mode, dtype, device=DEV, key=(), limit=None):
+def _check_experts(N, k, E, H, I, mode, dtype, device=DEV, key=(), clamped=False):
     g = _gen("experts", N, k, E, H, I, mode, dtype, key)
     idx = routing(N, k, E, mode, g).to(device)
     x = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
     w = torch.softmax(torch.randn(N, k, generator=g), -1).to(device).requires_grad_()
     w_gate_up, w_down = (t.requires_grad_() for t in _weights(E, H, I, dtype, g, device))
-    if limit is not None:  # the clamp must bite on both halves: pre-activations have std ~1
-        limit = clear_limit(x, idx, w_gate_up, dtype)
+    limit = clear_limit(x, idx, w_gate_up, dtype) if clamped else None
+    if clamped:  # the clamp must bite on both halves: pre-activations have std ~1
         h = (x.detach().float() @ w_gate_up.detach().float().flatten(0, 1).T).abs()
         assert 0.1 < (h > limit).float().mean() < 0.9
     with backend.audit() as a:
@@ -208,7 +208,7 @@ def _check_experts(N, k, E, H, I, mode, dtype, device=DEV, key=(), limit=None):
     dy = torch.randn(N, H, generator=g).to(device, dtype)
     grads = torch.autograd.grad(y, (x, w, w_gate_up, w_down), dy)
     leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, w_gate_up, w_down)]
-    y_ref = experts_reference(leaves[0], idx.cpu(), *leaves[1:], limit=limit, round_to=dtype if limit else None)
+    y_ref = experts_reference(leaves[0], idx.cpu(), *leaves[1:], limit=limit, round_to=dtype if clamped else None)
     ref_grads = torch.autograd.grad(y_ref, leaves, dy.double().cpu())
     assert_close("moe_experts forward", y_ref, y)
     with torch.no_grad():  # the inference path: no pre-activation kept, no autograd
@@ -240,7 +240,7 @@ def test_triton_forward_backward(N, k, E, H, I, mode, dtype, poison):
 def test_triton_clamped_swiglu(N, k, E, H, I, mode, dtype, poison):
     """glm5_next's clamped SwiGLU in the kernels' epilogues: forward and all four gradients against the loop written
     here with the clamp (a limit near 0.5, from ``clear_limit``: a third to a half of the pre-activations clamped)."""
-    _check_experts(N, k, E, H, I, mode, dtype, key="clamp", limit=0.5)
+    _check_experts(N, k, E, H, I, mode, dtype, key="clamp", clamped=True)
 
 
 def test_triton_decode_batch(poison):
@@ -445,7 +445,7 @@ def test_gpu_moe_experts(dtype, mode, poison):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_moe_experts_clamped(dtype, poison):
-    _check_experts(512, 4, 16, 256, 192, "zipf", dtype, device="cuda", key="clamp", limit=0.5)
+    _check_experts(512, 4, 16, 256, 192, "zipf", dtype, device="cuda", key="clamp", clamped=True)
 
 
 @pytest.mark.gpu
