@@ -344,6 +344,11 @@ def main():
         ("sparse forward TFLOP/s (best T)", best_tf, TARGET_TFLOPS, ""),
         ("decode, share of copy bandwidth (worst B ≥ 32)", min(big) if big else None, TARGET_DECODE, ""),
     ]
+    import glmkit.kernels.sparse_mla as ksm
+
+    tuned = {name: getattr(getattr(ksm, name), "cache", {}) for name in ("_fwd_tuned", "_bwd_tuned")}
+    if any(tuned.values()):
+        sections += ["", "Autotune choices (key → config): " + "; ".join(f"{n}: {c}" for n, c in tuned.items() if c)]
     sections += ["", "## Against the targets", "", "| ratio | measured | target | met |", "|---|---|---|---|"]
     for name, got, want, unit in lines:
         met = "n/a" if got is None else ("yes" if got >= want else "no")

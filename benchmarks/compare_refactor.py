@@ -36,10 +36,15 @@ ROWS = [
 ]
 
 
-def worker(version: str) -> dict[str, float]:
-    """Milliseconds per call (tokens/s for the train rows) of each row, with the API of ``version``."""
+def worker(version: str, rows: list[str], profile_dir: str | None) -> dict[str, float]:
+    """Milliseconds per call (tokens/s for the train rows) of each row in ``rows``, with the API of ``version``.
+    ``profile_dir``: also profile 5 training steps of each train row (torch.profiler) and write the kernels' GPU
+    time, the step's wall time and the top kernels there, one file per version and row."""
     import torch
     import triton
+
+    def want(*names):
+        return any(n in rows for n in names)
 
     torch.manual_seed(0)
     dev, bf = "cuda", torch.bfloat16
@@ -92,46 +97,55 @@ def worker(version: str) -> dict[str, float]:
             do = torch.randn(B, H, T, D, device=dev, dtype=bf)
             out[name_bwd] = bench(lambda: torch.autograd.grad(attention(q, k, v, sep), (q, k, v), do))
 
-    attn_rows(ROWS[0], ROWS[1], 4, 16, 16, 2048, 128, 0)
-    attn_rows(ROWS[2], None, 4, 16, 16, 2048, 128, 1024)
-    q = torch.randn(2, 32, 4096, 128, device=dev, dtype=bf, requires_grad=True)
-    k = torch.randn(2, 4, 4096, 128, device=dev, dtype=bf, requires_grad=True)
-    v = torch.randn(2, 4, 4096, 128, device=dev, dtype=bf, requires_grad=True)
-    sep0, do = torch.zeros(2, device=dev, dtype=torch.long), torch.randn_like(q)
-    out[ROWS[3]] = bench(lambda: torch.autograd.grad(attention(q, k, v, sep0), (q, k, v), do))
+    if want(ROWS[0], ROWS[1]):
+        attn_rows(ROWS[0], ROWS[1], 4, 16, 16, 2048, 128, 0)
+    if want(ROWS[2]):
+        attn_rows(ROWS[2], None, 4, 16, 16, 2048, 128, 1024)
+    if want(ROWS[3]):
+        q = torch.randn(2, 32, 4096, 128, device=dev, dtype=bf, requires_grad=True)
+        k = torch.randn(2, 4, 4096, 128, device=dev, dtype=bf, requires_grad=True)
+        v = torch.randn(2, 4, 4096, 128, device=dev, dtype=bf, requires_grad=True)
+        sep0, do = torch.zeros(2, device=dev, dtype=torch.long), torch.randn_like(q)
+        out[ROWS[3]] = bench(lambda: torch.autograd.grad(attention(q, k, v, sep0), (q, k, v), do))
 
-    x = torch.randn(16384, 4096, device=dev, dtype=bf, requires_grad=True)
-    w = torch.ones(4096, device=dev, dtype=bf, requires_grad=True)
-    with torch.no_grad():
-        out[ROWS[4]] = bench(lambda: rmsnorm(x, w, 1e-5))
-    dy = torch.randn_like(x)
-    out[ROWS[5]] = bench(lambda: torch.autograd.grad(rmsnorm(x, w, 1e-5), (x, w), dy))
-    gu = torch.randn(16384, 2 * 5632, device=dev, dtype=bf, requires_grad=True)
-    with torch.no_grad():
-        out[ROWS[6]] = bench(lambda: swiglu(gu))
-    dy = torch.randn(16384, 5632, device=dev, dtype=bf)
-    out[ROWS[7]] = bench(lambda: torch.autograd.grad(swiglu(gu), gu, dy))
-    q = torch.randn(4, 32, 4096, 128, device=dev, dtype=bf, requires_grad=True)
-    k = torch.randn(4, 8, 4096, 128, device=dev, dtype=bf, requires_grad=True)
-    cos, sin = rope_cos_sin(torch.arange(4096, device=dev), 64, 1e6)
-    gq, gk = torch.randn_like(q), torch.randn_like(k)
-    out[ROWS[8]] = bench(lambda: torch.autograd.grad(rope(q, k, cos, sin, 64, "half"), (q, k), (gq, gk)))
+    if want(ROWS[4], ROWS[5]):
+        x = torch.randn(16384, 4096, device=dev, dtype=bf, requires_grad=True)
+        w = torch.ones(4096, device=dev, dtype=bf, requires_grad=True)
+        with torch.no_grad():
+            out[ROWS[4]] = bench(lambda: rmsnorm(x, w, 1e-5))
+        dy = torch.randn_like(x)
+        out[ROWS[5]] = bench(lambda: torch.autograd.grad(rmsnorm(x, w, 1e-5), (x, w), dy))
+    if want(ROWS[6], ROWS[7]):
+        gu = torch.randn(16384, 2 * 5632, device=dev, dtype=bf, requires_grad=True)
+        with torch.no_grad():
+            out[ROWS[6]] = bench(lambda: swiglu(gu))
+        dy = torch.randn(16384, 5632, device=dev, dtype=bf)
+        out[ROWS[7]] = bench(lambda: torch.autograd.grad(swiglu(gu), gu, dy))
+    if want(ROWS[8]):
+        q = torch.randn(4, 32, 4096, 128, device=dev, dtype=bf, requires_grad=True)
+        k = torch.randn(4, 8, 4096, 128, device=dev, dtype=bf, requires_grad=True)
+        cos, sin = rope_cos_sin(torch.arange(4096, device=dev), 64, 1e6)
+        gq, gk = torch.randn_like(q), torch.randn_like(k)
+        out[ROWS[8]] = bench(lambda: torch.autograd.grad(rope(q, k, cos, sin, 64, "half"), (q, k), (gq, gk)))
 
-    N, Hm, Im, E, kk = 8192, 2048, 1024, 64, 8
-    xm = torch.randn(N, Hm, device=dev, dtype=bf, requires_grad=True)
-    idx = torch.rand(N, E, device=dev).topk(kk, dim=-1).indices
-    wt = torch.rand(N, kk, device=dev, requires_grad=True)
-    wgu = (torch.randn(E, 2 * Im, Hm, device=dev, dtype=bf) * 0.02).requires_grad_()
-    wd = (torch.randn(E, Hm, Im, device=dev, dtype=bf) * 0.02).requires_grad_()
-    with torch.no_grad():
-        out[ROWS[9]] = bench(lambda: moe_experts(xm, idx, wt, wgu, wd))
-    dym = torch.randn(N, Hm, device=dev, dtype=bf)
-    out[ROWS[10]] = bench(lambda: torch.autograd.grad(moe_experts(xm, idx, wt, wgu, wd), (xm, wt, wgu, wd), dym))
+    if want(ROWS[9], ROWS[10]):
+        N, Hm, Im, E, kk = 8192, 2048, 1024, 64, 8
+        xm = torch.randn(N, Hm, device=dev, dtype=bf, requires_grad=True)
+        idx = torch.rand(N, E, device=dev).topk(kk, dim=-1).indices
+        wt = torch.rand(N, kk, device=dev, requires_grad=True)
+        wgu = (torch.randn(E, 2 * Im, Hm, device=dev, dtype=bf) * 0.02).requires_grad_()
+        wd = (torch.randn(E, Hm, Im, device=dev, dtype=bf) * 0.02).requires_grad_()
+        with torch.no_grad():
+            out[ROWS[9]] = bench(lambda: moe_experts(xm, idx, wt, wgu, wd))
+        dym = torch.randn(N, Hm, device=dev, dtype=bf)
+        out[ROWS[10]] = bench(lambda: torch.autograd.grad(moe_experts(xm, idx, wt, wgu, wd), (xm, wt, wgu, wd), dym))
 
     for row, make in (
         (ROWS[11], lambda: Dense(dense_config("gpu-small"))),
         (ROWS[12], lambda: MoEModel(moe_config("gpu-moe"))),
     ):
+        if not want(row):
+            continue
         torch.manual_seed(0)
         model = make().to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
@@ -158,7 +172,39 @@ def worker(version: str) -> dict[str, float]:
             step(i)
         torch.cuda.synchronize()
         out[row] = tokens * n / (time.perf_counter() - t0)
+        if profile_dir:
+            profile_steps(row, version, step, profile_dir)
     return out
+
+
+def profile_steps(row: str, version: str, step, profile_dir: str, n: int = 5) -> None:
+    """Profile n training steps: is the step bound by the GPU (kernel time ≈ wall time) or by the host?"""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(100, 100 + n):
+            step(i)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    events = prof.key_averages()
+
+    def dev_time(e):  # µs of this op's own GPU kernels
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    gpu = sum(dev_time(e) for e in events) / n / 1e3
+    launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / n
+    name = f"{version}_{row.split(',')[-1].strip().split(' ')[0]}.txt"
+    text = (
+        f"{version} {row}: wall {wall * 1e3:.2f} ms/step under the profiler, GPU kernels {gpu:.2f} ms/step, "
+        f"{launches:.0f} kernel launches/step\n\n"
+        + events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    )
+    Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    (Path(profile_dir) / name).write_text(text)
+    print(text.splitlines()[0], flush=True)
 
 
 def main() -> None:
@@ -166,9 +212,15 @@ def main() -> None:
     p.add_argument("--old", default=".old", help="folder holding the old glmkit/ and kernels/")
     p.add_argument("--worker", choices=("old", "new"), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rows", default="", help="comma-separated substrings: only the rows that contain one of them")
+    p.add_argument("--profile", metavar="DIR", help="also profile the training rows' steps into DIR")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refactor_h200.md"))
     args = p.parse_args()
+    rows = [r for r in ROWS if not args.rows or any(s.strip() and s.strip() in r for s in args.rows.split(","))]
+    if not rows:
+        raise SystemExit(f"--rows {args.rows!r} matches no row of {ROWS}")
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker)))
+        print("RESULT " + json.dumps(worker(args.worker, rows, args.profile)))
         return
     import torch
     import triton
@@ -178,12 +230,14 @@ def main() -> None:
         for version in ("old", "new"):
             env = {**os.environ, "PYTHONPATH": str(Path(args.old).resolve() if version == "old" else ROOT)}
             res = subprocess.run(
-                [sys.executable, __file__, "--worker", version],
+                [sys.executable, __file__, "--worker", version, "--rows", args.rows]
+                + (["--profile", str(Path(args.profile).resolve())] if args.profile else []),
                 env=env,
                 capture_output=True,
                 text=True,
                 cwd=ROOT if version == "new" else args.old,
             )
+            print(*(ln for ln in res.stdout.splitlines() if not ln.startswith("RESULT ")), sep="\n", flush=True)
             line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(res.stdout[-3000:], res.stderr[-3000:])
@@ -198,7 +252,7 @@ def main() -> None:
         "| what | 0.1 | 0.2 | 0.2 / 0.1 (higher = faster) |",
         "|---|---|---|---|",
     ]
-    for row in ROWS:
+    for row in rows:
         rate = "tokens/s" in row
         old = max(r[row] for r in runs["old"]) if rate else min(r[row] for r in runs["old"])
         new = max(r[row] for r in runs["new"]) if rate else min(r[row] for r in runs["new"])
@@ -208,7 +262,7 @@ def main() -> None:
     lines.append("\nEvery round: " + json.dumps(runs))
     text = "\n".join(lines) + "\n"
     print(text)
-    (ROOT / "benchmarks" / "results" / "refactor_h200.md").write_text(text)
+    Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":
