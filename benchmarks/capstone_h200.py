@@ -48,6 +48,11 @@ from pathlib import Path
 
 import torch
 
+# transformers binds fla's chunk_kda Triton kernel for glm5_next's KDA layers when the fla package imports, and that
+# kernel's dots do not follow torch's "TF32 off": the export check wants transformers' fp32 torch reference
+# (benchmarks/capstone_export_kda_path.py measures the difference). Nothing in this script uses fla.
+sys.modules.setdefault("fla", None)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # bench_capstone, common
@@ -147,6 +152,7 @@ def export_parity(model, folder: Path, windows: list[list[int]], gen_check: int,
         hf = hf.to(device).eval()
         x = torch.tensor(windows, device=device)
         out = {"seq_len": x.shape[1], "rows": x.shape[0], "dtype": "float32", "transformers": transformers.__version__}
+        out["transformers_kda"] = "torch reference" if sys.modules.get("fla", 0) is None else "fla, if installed"
         with torch.no_grad():
             theirs = hf(x).logits.float()
             for path in ("torch", "auto"):
@@ -327,7 +333,8 @@ def main() -> int:
         report["export_parity"] = parity
         lines = [
             "glm5_next export of the trained capstone (glmkit.hf.save_hf) loaded by transformers "
-            f"{parity['transformers']} Glm5NextForConditionalGeneration, fp32, TF32 off, on {report['device']}",
+            f"{parity['transformers']} Glm5NextForConditionalGeneration, fp32, TF32 off, on {report['device']}; "
+            f"transformers' KDA: {parity['transformers_kda']}",
             f"logits on {parity['rows']} held-out windows of {parity['seq_len']} tokens (largest |logit| "
             f"{parity['logit_scale']:.2f}):",
         ]
