@@ -348,7 +348,8 @@ def main():
 
     tuned = {name: getattr(getattr(ksm, name), "cache", {}) for name in ("_fwd_tuned", "_bwd_tuned")}
     if any(tuned.values()):
-        sections += ["", "Autotune choices (key → config): " + "; ".join(f"{n}: {c}" for n, c in tuned.items() if c)]
+        chosen = [f"{n} {key[:4]} → {cfg}" for n, c in tuned.items() for key, cfg in c.items()]  # key: H, R, DR, …
+        sections += ["", "Autotune choices: " + "; ".join(chosen)]
     sections += ["", "## Against the targets", "", "| ratio | measured | target | met |", "|---|---|---|---|"]
     for name, got, want, unit in lines:
         met = "n/a" if got is None else ("yes" if got >= want else "no")

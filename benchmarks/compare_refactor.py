@@ -191,10 +191,14 @@ def profile_steps(row: str, version: str, step, profile_dir: str, n: int = 5) ->
         wall = (time.perf_counter() - t0) / n
     events = prof.key_averages()
 
-    def dev_time(e):  # µs of this op's own GPU kernels
+    from torch.autograd import DeviceType
+
+    def kernel_time(e):  # µs of GPU kernels, counted once: device events, not the CPU ops or annotations above them
+        if e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False):
+            return 0.0
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
-    gpu = sum(dev_time(e) for e in events) / n / 1e3
+    gpu = sum(kernel_time(e) for e in events) / n / 1e3
     launches = sum(e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))) / n
     name = f"{version}_{row.split(',')[-1].strip().split(' ')[0]}.txt"
     text = (
