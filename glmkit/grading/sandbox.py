@@ -44,6 +44,10 @@ _DTYPES = {
     "float64": torch.float64,
 }
 MAX_ELEMENTS = 20_000_000  # no answer of an exercise is bigger; refuse to build anything larger
+# s: how long the grader waits for a new sandbox's hello (the sandbox and a bare interpreter, before any student code
+# runs). It is the grader's own start-up, so it is not charged to the student: on a loaded machine (a class graded
+# with several jobs beside hostile submissions) it can take longer than a student's whole budget.
+HELLO_TIMEOUT = 60.0
 
 
 @dataclass
@@ -207,19 +211,25 @@ class Worker:
         self.output_total = 0
         self._buf = bytearray()
         self.exit_signal: str | None = None  # the signal that ended it, if one did
+        self.hello_seconds = 0.0  # how long the sandbox took to say hello (not charged to the student)
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self, deadline: float) -> StartInfo:
+        """Start the sandbox, wait for its hello (up to HELLO_TIMEOUT), then import the student's file by
+        ``deadline`` moved on by the time the hello took."""
+        t0 = time.monotonic()
         self.box = Box(self.iso, self.limits, {f"{self.module}.py": self.source.encode("utf-8", "replace")})
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = self.box.spawn([sys.executable, "-I", "-B", "-c", WORKER_SOURCE], env)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             os.set_blocking(f.fileno(), False)
         try:  # the worker says hello before any student code can run
-            hello = self._exchange(b"", deadline, "while starting the sandbox")
+            hello = self._exchange(b"", max(deadline, t0 + HELLO_TIMEOUT), "while starting the sandbox")
         except WorkerError as e:
             said = self.output.decode(errors="replace").strip()[-600:]
             raise WorkerError("sandbox", f"the grader's sandbox did not start ({e.message}): {said}") from None
+        self.hello_seconds = time.monotonic() - t0
+        deadline += self.hello_seconds
         if hello.get("hello") is not True:
             raise WorkerError("sandbox", "the worker's first message was not its hello")
         self.box.attach()

@@ -448,3 +448,30 @@ def test_numpy_too_new_for_the_interpreter_is_named_before_grading():
     w = numpy_warning("2.5.2")
     assert w is not None and "numpy 2.5.2" in w and "numpy>=1.24,<2.4" in w and "exercises 03, 04" in w
     assert numpy_warning("2.3.5") is None
+
+
+def test_a_slow_sandbox_start_is_not_charged_to_the_learner(tmp_path, monkeypatch):
+    """The sandbox's own start-up (before any learner code runs) can outlast a learner's whole budget on a loaded
+    machine; the budget starts at the sandbox's hello, so a correct submission still gets every point."""
+    import time
+
+    from glmkit.grading import sandbox
+
+    exchange = sandbox.Worker._exchange
+    waited = []
+
+    def slow_hello(self, data, deadline, during):
+        if during == "while starting the sandbox":
+            time.sleep(11.0)  # longer than the whole budget below
+            waited.append(during)
+        return exchange(self, data, deadline, during)
+
+    monkeypatch.setattr(sandbox.Worker, "_exchange", slow_hello)
+    subs = tmp_path / "subs"
+    (subs / "alice").mkdir(parents=True)
+    (subs / "alice" / "ex01.py").write_text((EX01 / "ex01.py").read_text())
+    out = tmp_path / "out"
+    limits = {"total_timeout": 10, "startup_timeout": 10}
+    autograde(subs, out, exercises_dir=EXERCISES, ids=["01"], jobs=1, limits=limits, out=io.StringIO())
+    row = _book(out)["alice"]
+    assert waited and (row["points"], row["status"]) == ("21", "graded"), row
