@@ -80,10 +80,10 @@ def main():
     for bt, bl, w, s in cfgs:
         print(compile_one(li._indexer_logits_kernel, dtype, {**base, "BLOCK_T": bt, "BLOCK_L": bl}, w, s), flush=True)
     dims = sm._dims(64, 512, 64)
-    fwd = [(dims["BLOCK_H"], 16, 4, 1)] if dtype == "fp32" else sm._FWD_CONFIGS
+    fwd = [(16, 4, 1)] if dtype == "fp32" else sm._FWD_CONFIGS
     for split in (False, True):
-        for bh, bn, w, s in fwd:
-            consts = dict(SPLIT=split, DOT_PRECISION=prec, BLOCK_N=bn, **{**dims, "BLOCK_H": bh})
+        for bn, w, s in fwd:
+            consts = dict(SPLIT=split, DOT_PRECISION=prec, BLOCK_N=bn, **dims)
             print(compile_one(sm._sparse_mla_fwd_kernel, dtype, consts, w, s), flush=True)
     consts = dict(BLOCK_H=dims["BLOCK_H"], BLOCK_R=dims["BLOCK_R"])
     print(compile_one(sm._combine_kernel, dtype, consts, 4, 1), flush=True)

@@ -328,33 +328,17 @@ def _sparse_mla_bwd_kernel(
 
 
 # ---- launchers ------------------------------------------------------------------------------------------------
-# CUDA bf16/fp16 configurations, autotuned per (H, R, DR, dtype). ptxas report at R = 512, DR = 64
-# (benchmarks/compile_report_dsa.py): with all 64 heads in one program the [64, 512] fp32 accumulator spills
-# (470-2600 B) but the dots are wgmma; 32 heads do not spill (w8: 244 registers) but fall back to mma.sync and read
-# each selected row twice (the second time from L2). num_stages > 1 changes nothing here: the gathered row loads are
-# not pipelined (same shared memory). Which wins is measured, not assumed: both kinds are in the list.
-_FWD_CONFIGS = [
-    (64, 32, 8, 1),
-    (64, 16, 8, 1),
-    (64, 32, 16, 1),
-    (64, 64, 8, 1),
-    (32, 32, 8, 1),
-    (32, 16, 8, 1),
-]  # (BLOCK_H, BLOCK_N, num_warps, num_stages)
+# CUDA bf16/fp16 configurations, autotuned per (H, R, DR, dtype). At R = 512, DR = 64 the [64 heads, 512] fp32
+# accumulator spills 470-2600 B in each of them (ptxas report: benchmarks/compile_report_dsa.py), and num_stages > 1
+# would not pipeline the gathered row loads (same shared memory). 32-head blocks (no spills, but mma.sync and every
+# selected row read twice) were tried as candidates on the H200 on 2026-12-03: the forward stayed at 126-128 TFLOP/s
+# (benchmarks/results/dsa_h200.md), so they were left out again.
+_FWD_CONFIGS = [(32, 8, 1), (16, 8, 1), (32, 16, 1), (64, 8, 1)]  # (BLOCK_N, num_warps, num_stages)
 _BWD_CONFIGS = [(16, 16, 8, 1), (16, 16, 4, 1), (32, 16, 8, 1)]  # (BLOCK_H, BLOCK_N, num_warps, num_stages)
 
-
-def _head_blocks_that_fit(configs, named_args, **kwargs):
-    """Drop head blocks wider than the heads need (H = 16 gets 16-wide blocks, not 64 with 48 masked rows)."""
-    need = max(16, triton.next_power_of_2(named_args["H"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_H"] <= need]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_H"])]
-
-
 _fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bh, bn, w, s in _FWD_CONFIGS],
+    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in _FWD_CONFIGS],
     key=["H", "BLOCK_R", "BLOCK_DR", "SPLIT", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _head_blocks_that_fit},
 )(_sparse_mla_fwd_kernel)
 _bwd_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bh, bn, w, s in _BWD_CONFIGS],
@@ -403,8 +387,7 @@ def _launch_fwd(q_nope, q_rope, c_kv, k_rope, idx, scale, num_splits):
     grid = (B * T, triton.cdiv(H, dims["BLOCK_H"]), num_splits)
     consts = dict(SPLIT=split, DOT_PRECISION=_precision(q_nope.dtype), **dims)
     if not interp and q_nope.dtype != torch.float32:
-        consts.pop("BLOCK_H")  # tuned
-        _fwd_tuned[lambda meta: (B * T, triton.cdiv(H, meta["BLOCK_H"]), num_splits)](*args, **consts)
+        _fwd_tuned[grid](*args, **consts)
     elif not interp:  # fp32 on CUDA: the checking dtype, small fixed tiles
         _sparse_mla_fwd_kernel[grid](*args, BLOCK_N=16, num_warps=4, num_stages=1, **consts)
     else:
